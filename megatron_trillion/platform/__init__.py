@@ -1,0 +1,1 @@
+"""Device detection, the CPU/gloo compatibility layer and the distributed bootstrap."""

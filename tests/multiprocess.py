@@ -1,0 +1,116 @@
+"""Run a test body under N gloo processes and surface every rank's failure.
+
+``run_distributed(fn, world_size, **kwargs)`` spawns ``world_size`` processes, sets the
+torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port),
+calls ``fn(**kwargs)`` in each and returns the per-rank return values. A rank that raises makes
+the call raise with that rank's traceback; a run that exceeds ``timeout`` (a hung collective)
+is killed and reported instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        value = fn(**kwargs)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron_trillion.platform.distributed import destroy_distributed
+
+            destroy_distributed()
+        except Exception:  # noqa: BLE001 - teardown after a failure must not mask it
+            pass
+
+
+class DistributedTestError(AssertionError):
+    pass
+
+
+def run_distributed(fn: Callable, world_size: int, timeout: float = 300.0, **kwargs: Any) -> list:
+    """Run ``fn(**kwargs)`` on ``world_size`` gloo ranks; return results ordered by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, kwargs, results),
+                    daemon=False)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs)
+                        if not p.is_alive() and i not in outcomes and p.exitcode not in (0, None)]
+                if dead:
+                    # A rank died without reporting (segfault, os._exit): give the queue a
+                    # moment, then report it.
+                    time.sleep(0.5)
+                    while not results.empty():
+                        rank, ok, value = results.get()
+                        outcomes[rank] = (ok, value)
+                    for i in dead:
+                        outcomes.setdefault(
+                            i, (False, f"rank {i} exited with code {procs[i].exitcode}")
+                        )
+                continue
+            outcomes[rank] = (ok, value)
+            if not ok:
+                # One failure usually leaves the other ranks blocked in a collective.
+                deadline = min(deadline, time.monotonic() + 10.0)
+    finally:
+        for proc in procs:
+            proc.join(timeout=max(0.0, min(5.0, deadline - time.monotonic() + 5.0)))
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok]
+    missing = [r for r in range(world_size) if r not in outcomes]
+    if failures:
+        raise DistributedTestError("\n".join(failures))
+    if missing:
+        raise DistributedTestError(
+            f"ranks {missing} did not finish within {timeout:.0f}s (hung collective?)"
+        )
+    return [outcomes[r][1] for r in range(world_size)]
