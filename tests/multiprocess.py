@@ -34,9 +34,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, r
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    import warnings
+
     import torch
 
     torch.set_num_threads(1)
+    # megatron-core warns at import about missing TE/apex in every rank; that is expected here.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         value = fn(**kwargs)
         results.put((rank, True, value))

@@ -42,11 +42,14 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.rerun_state_machine",
     "megatron.core.transformer.utils",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex)
 )
 
 # Functions whose body checks ``tensor.type() == 'torch.cuda.FloatTensor'``.
 _TYPE_CHECK_FUNCTIONS = (
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    # optimizer.py binds its own name at import (MegatronOptimizer / ChainedOptimizer clipping)
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
      "_build_model_and_main_param_groups"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
@@ -130,16 +133,17 @@ def _resolve_targets() -> dict:
 
     type_checks = []
     for module_name, *path in _TYPE_CHECK_FUNCTIONS:
+        where = f"{module_name}.{'.'.join(path)}"
         owner: Any = _import(module_name)
         for part in path[:-1]:
             owner = getattr(owner, part, None)
             if owner is None:
-                raise _missing(f"{module_name}.{'.'.join(path)}")
-        if not isinstance(owner, type) and not hasattr(owner, path[-1]):
-            raise _missing(f"{module_name}.{'.'.join(path)}")
-        if isinstance(owner, type) and path[-1] not in owner.__dict__:
-            raise _missing(f"{module_name}.{'.'.join(path)}")
-        type_checks.append((owner, path[-1]))
+                raise _missing(where)
+        name = path[-1]
+        found = name in owner.__dict__ if isinstance(owner, type) else hasattr(owner, name)
+        if not found:
+            raise _missing(where)
+        type_checks.append((owner, name))
 
     random = _import("megatron.core.tensor_parallel.random")
     for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
@@ -301,15 +305,15 @@ def _cpu_type_names():
 
 
 def _with_cpu_type_names(raw: Any) -> Any:
-    is_static = isinstance(raw, staticmethod)
-    fn = raw.__func__ if is_static else raw
+    descriptor = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+    fn = raw.__func__ if descriptor else raw
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
         with _cpu_type_names():
             return fn(*args, **kwargs)
 
-    return staticmethod(wrapper) if is_static else wrapper
+    return descriptor(wrapper) if descriptor else wrapper
 
 
 # --------------------------------------------------------------------------------------------
