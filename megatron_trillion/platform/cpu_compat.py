@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import types
 from typing import Any, Callable
 
@@ -320,7 +321,16 @@ def _with_cpu_type_names(raw: Any) -> Any:
 # 5. RNG tracker
 
 
+class _SameGeneratorFilter(logging.Filter):
+    """The tracker warns when the CPU RNG moves inside a device-RNG fork; here the device RNG
+    *is* the CPU RNG, so it always moves and the warning says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def _patch_rng(random: types.ModuleType) -> None:
+    logging.getLogger(random.__name__).addFilter(_SameGeneratorFilter())
     random._get_cuda_rng_state = lambda device=-1, clone=False, graph_safe=False: (
         torch.get_rng_state()
     )

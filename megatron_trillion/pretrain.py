@@ -1,0 +1,477 @@
+"""Pretraining entry point: ``torchrun --nproc-per-node N -m megatron_trillion.pretrain FLAGS``.
+
+The order is the order of a run: parse and validate every flag (before any process group),
+bring up the process groups, build the tokenizer, model chunks, weights, DDP, optimizer,
+schedules and data, resume from ``--load``, train, save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_trillion.training.arguments import PretrainConfig, parse_args, to_flat_dict
+from megatron_trillion.training.validation import (
+    ConfigError,
+    RunShape,
+    transformer_engine_available,
+    validate,
+    world_size_from_env,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# pieces of setup
+
+
+def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = None):
+    from megatron_trillion.models.presets import resolve_preset
+
+    overrides = config.model.preset_overrides()
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return resolve_preset(config.model.preset, overrides)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_tokenizer(config: PretrainConfig):
+    from megatron_trillion.data.tokenizers import TokenizerConfig
+    from megatron_trillion.data.tokenizers import build_tokenizer as build
+
+    data = config.data
+    if data.mock_data or data.tokenizer_type == "NullTokenizer":
+        return None
+    return build(TokenizerConfig(tokenizer_type=data.tokenizer_type,
+                                 tokenizer_model=data.tokenizer_model,
+                                 vocab_file=data.vocab_file, merge_file=data.merge_file))
+
+
+def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
+    from megatron_trillion.models.config import build_transformer_config as build
+
+    train = config.training
+    kwargs = dict(
+        sequence_parallel=config.parallel.sequence_parallel,
+        calculate_per_token_loss=True,
+        hidden_dropout=config.model.hidden_dropout,
+        attention_dropout=config.model.attention_dropout,
+        bf16=train.bf16,
+        recompute_granularity=train.recompute_granularity,
+        recompute_method=train.recompute_method,
+        recompute_num_layers=train.recompute_num_layers,
+    )
+    if train.fp8_format:
+        kwargs.update(fp8=train.fp8_format, fp8_amax_history_len=train.fp8_amax_history_len,
+                      fp8_amax_compute_algo=train.fp8_amax_compute_algo)
+    return build(preset, None, **kwargs)
+
+
+def build_model_chunks(config: PretrainConfig, preset, transformer_config, shape: RunShape):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_trillion.models.config import build_model
+    from megatron_trillion.models.init import initialize_weights
+
+    stages = shape.parallel.virtual_pipeline or 1
+    chunks = [
+        build_model(preset, config=transformer_config,
+                    vp_stage=(stage if stages > 1 else None),
+                    transformer_impl=config.model.transformer_impl,
+                    attention_masking=config.data.attention_masking)
+        for stage in range(stages)
+    ]
+    initialize_weights(chunks, seed=config.training.seed)
+    par = config.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=(par.use_distributed_optimizer
+                                   and config.optimizer.optimizer == "adam"),
+        check_for_nan_in_grad=False,  # the NaN guard decides what happens to such a step
+    )
+    wrapped = [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
+    return wrapped
+
+
+def build_optimizer(config: PretrainConfig, model_chunks: list):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt = config.optimizer
+    optimizer_config = OptimizerConfig(
+        optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+        clip_grad=config.training.clip_grad, bf16=config.training.bf16,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        overlap_param_gather=config.parallel.overlap_param_gather,
+        muon_momentum=opt.muon_momentum,
+    )
+    if opt.optimizer == "muon":
+        from megatron_trillion.training.muon import get_muon_optimizer
+
+        return get_muon_optimizer(optimizer_config, model_chunks, muon_lr=opt.muon_lr)
+    return get_megatron_optimizer(optimizer_config, model_chunks)
+
+
+def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
+    from megatron_trillion.training.schedules import (
+        BatchSizeRampup,
+        LRScheduleConfig,
+        ParamScheduler,
+        anneal_config_for,
+    )
+
+    lr_config = LRScheduleConfig(
+        max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
+        total_steps=shape.train_samples,
+        warmup_steps=config.schedule.lr_warmup_iters * shape.global_batch_size,
+        style=config.schedule.lr_decay_style,
+        wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
+        wsd_decay_style=config.schedule.lr_wsd_decay_style,
+    )
+    anneal = None
+    if lr_config.style == "wsd":
+        mtp_alpha = preset.mtp_loss_scaling_factor
+        anneal = anneal_config_for(
+            lr_config,
+            weight_decay=(config.optimizer.weight_decay, config.anneal.anneal_weight_decay),
+            mtp_loss_scaling=(mtp_alpha, config.anneal.anneal_mtp_loss_scaling_factor
+                              if preset.mtp_num_layers else mtp_alpha),
+        )
+    scheduler = ParamScheduler(optimizer, lr_config, anneal, config.optimizer.weight_decay)
+    rampup = BatchSizeRampup.from_flag(config.batch.rampup_batch_size, shape.global_batch_size,
+                                       config.batch.micro_batch_size, shape.data_parallel_size)
+    return scheduler, rampup, anneal
+
+
+def data_sources(config: PretrainConfig, vocab_size: int, workdir: str):
+    from megatron_trillion.training.data import parse_data_path, write_mock_datasets
+
+    if config.data.mock_data:
+        directory = os.path.join(workdir, "mock-data")
+        if torch.distributed.get_rank() == 0:
+            write_mock_datasets(directory, vocab_size, config.training.seed)
+        torch.distributed.barrier()
+        return write_mock_datasets(directory, vocab_size, config.training.seed)
+    return parse_data_path(config.data.data_path)
+
+
+def build_dataset(config: PretrainConfig, sources, shape: RunShape, eod: int, workdir: str,
+                  **changes):
+    """The XLDA-packed dataset over ``sources``; ``changes`` override the flags' values."""
+    from megatron_trillion.data.xlda_packing import build_xlda_dataset
+
+    kwargs = _dataset_kwargs(config, sources, shape, eod, workdir)
+    kwargs.update(changes)
+    return build_xlda_dataset(**kwargs)
+
+
+def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: int,
+                       workdir: str, dp_rank: int) -> dict:
+    """Micro-batches of held-out data per language (this rank's share)."""
+    from megatron_trillion.training.data import StepBatches
+
+    if config.eval.eval_interval is None:
+        return {}
+    by_language: dict = {}
+    for entry in sources:
+        by_language.setdefault(entry[2], []).append(entry)
+    micro, dp = config.batch.micro_batch_size, shape.data_parallel_size
+    samples = config.eval.eval_iters * micro * dp
+    batches = {}
+    for language, entries in sorted(by_language.items()):
+        # One language per dataset: no cross-lingual blocks to form, so XLDA falls back to its
+        # per-document blocks.
+        masking = config.data.attention_masking
+        dataset = build_dataset(config, entries, shape, eod, workdir, num_samples=samples,
+                                rho=0.0, anchor_language=language,
+                                masking="document" if masking == "xlda" else masking)
+        batches[language] = StepBatches(dataset, micro, dp_rank, dp).for_step(0, samples)
+    return batches
+
+
+def model_signature(preset) -> dict:
+    fields = dataclasses.asdict(preset)
+    fields["num_query_groups"] = preset.query_groups
+    fields["kv_channels"] = preset.head_dim
+    return fields
+
+
+def make_step_flops(preset, data_parallel_size: int):
+    from megatron_trillion.training.flops import training_flops
+
+    def step_flops(batches: list) -> float:
+        blocks = []
+        for batch in batches:
+            cu = batch["packed_seq_params"].cu_seqlens_q.tolist()
+            blocks.append([b - a for a, b in zip(cu[:-1], cu[1:])])
+        return training_flops(preset, blocks) * data_parallel_size
+
+    return step_flops
+
+
+class ExitSignal:
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) -> save at the next step, then exit 0."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank received the signal (a collective)."""
+        flag = torch.tensor([1 if self.received else 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def pretrain(config: PretrainConfig, log=print, on_step=None):
+    from megatron.core import parallel_state as ps
+
+    from megatron_trillion.models.config import set_mtp_loss_scaling_factor
+    from megatron_trillion.models.specs import transformer_engine_available as te_available
+    from megatron_trillion.platform.distributed import initialize_distributed
+    from megatron_trillion.training import checkpointing
+    from megatron_trillion.training.data import StepBatches, parse_data_path
+    from megatron_trillion.training.loop import Run, TrainState, train
+    from megatron_trillion.training.numerics import NumericsGuard
+    from megatron_trillion.training.reporting import MetricWriters
+
+    # 1. everything that can be checked without process groups
+    tokenizer = build_tokenizer(config)
+    tp = config.parallel.tensor_model_parallel_size
+    base_vocab = (tokenizer.vocab_size if tokenizer is not None
+                  else config.data.vocab_size or resolve_model_preset(config).vocab_size)
+    vocab = padded_vocab_size(base_vocab, config.model.make_vocab_size_divisible_by, tp)
+    preset = resolve_model_preset(config, vocab)
+    shape = validate(config, preset, world_size_from_env(), te_available())
+
+    # 2. process groups, model, optimizer, schedules
+    initialize_distributed(shape.parallel, seed=config.training.seed,
+                           num_layers=preset.num_layers,
+                           num_attention_heads=preset.num_attention_heads,
+                           num_query_groups=preset.query_groups,
+                           num_moe_experts=preset.num_experts)
+    rank = torch.distributed.get_rank()
+    say = log if rank == 0 else (lambda line: None)
+    if rank == 0:
+        say(f" building {preset.name}: {preset.num_layers} layers, hidden {preset.hidden_size}, "
+            f"vocab {vocab} (tokenizer {base_vocab}); TP {shape.parallel.tensor} x PP "
+            f"{shape.parallel.pipeline} x DP {shape.data_parallel_size}"
+            + (f" x EP {shape.parallel.expert}" if shape.parallel.expert > 1 else ""))
+    transformer_config = build_transformer_config(config, preset, shape)
+    model = build_model_chunks(config, preset, transformer_config, shape)
+    _connect_ddp_to_schedule(model, config)
+    optimizer = build_optimizer(config, model)
+    scheduler, rampup, anneal = build_schedules(config, optimizer, shape, preset)
+
+    # 3. data
+    workdir = config.checkpoint.save or os.path.join(tempfile.gettempdir(),
+                                                     "megatron-trillion")
+    eod = tokenizer.eod if tokenizer is not None else 0
+    sources = data_sources(config, vocab, workdir)
+    state = TrainState()
+    guard = NumericsGuard(max_consecutive_bad_steps=config.training.max_consecutive_nonfinite_steps)
+    common = None
+    if config.checkpoint.load:
+        loaded = checkpointing.load_checkpoint(
+            config.checkpoint.load, model, optimizer, model_signature(preset),
+            load_optimizer=not (config.checkpoint.no_load_optim or config.checkpoint.finetune),
+            load_rng=not (config.checkpoint.no_load_rng or config.checkpoint.finetune), log=say)
+        if loaded is not None and not config.checkpoint.finetune:
+            common = loaded.common
+            state.load_state_dict(common["train_state"])
+            scheduler.load_state_dict(common["scheduler"])
+            guard.load_state_dict(common["numerics"])
+    dataset = _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common, say)
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
+                          shape.data_parallel_size)
+    if config.data.mock_data:
+        valid_sources = sources
+    elif config.data.valid_data_path:
+        valid_sources = parse_data_path(config.data.valid_data_path, "--valid-data-path")
+    else:
+        valid_sources = []
+    eval_batches = build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank) \
+        if valid_sources else {}
+    if scheduler.mtp_loss_scaling is not None and preset.mtp_num_layers:
+        set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
+
+    # 4. train
+    signals = ExitSignal(config.checkpoint.exit_signal_handler)
+    run_config = to_flat_dict(config)
+
+    def save(train_state: TrainState) -> None:
+        checkpointing.save_checkpoint(
+            config.checkpoint.save, train_state.iteration, model, optimizer,
+            common={"train_state": train_state.state_dict(),
+                    "scheduler": scheduler.state_dict(), "numerics": guard.state_dict(),
+                    "data": run.train_batches.dataset.state_dict(train_state.consumed_samples),
+                    "model": model_signature(preset), "config": run_config},
+            log=say)
+
+    def on_anneal_switch(switches, train_state: TrainState) -> None:
+        if preset.mtp_num_layers and scheduler.mtp_loss_scaling is not None:
+            set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
+        if config.anneal.anneal_data_path:
+            run.train_batches = StepBatches(
+                _anneal_dataset(config, run.train_batches.dataset, shape, eod, workdir,
+                                train_state.consumed_samples, say),
+                config.batch.micro_batch_size, dp_rank, shape.data_parallel_size)
+
+    writers = MetricWriters(config.logging.tensorboard_dir, config.logging.wandb_project,
+                            config.logging.wandb_exp_name, run_config) if rank == 0 else None
+    run = Run(
+        model=model, optimizer=optimizer, scheduler=scheduler, rampup=rampup, guard=guard,
+        train_batches=batches, train_iters=shape.train_iters,
+        tokens_per_microbatch=config.batch.micro_batch_size * shape.seq_length,
+        step_flops=make_step_flops(preset, shape.data_parallel_size),
+        world_size=torch.distributed.get_world_size(),
+        log_interval=config.logging.log_interval, eval_interval=config.eval.eval_interval,
+        eval_batches=eval_batches, on_anneal_switch=on_anneal_switch, anneal=anneal,
+        save=save if config.checkpoint.save else None,
+        save_interval=config.checkpoint.save_interval,
+        exit_requested=signals.agreed if config.checkpoint.exit_signal_handler
+        else (lambda: False),
+        device_peak_tflops=config.logging.device_peak_tflops or _default_peak(),
+        writers=writers, progress=not config.logging.no_progress_bar, log=say, state=state,
+        on_step=on_step,
+    )
+    try:
+        final = train(run)
+        if config.checkpoint.save and not (config.checkpoint.save_interval and
+                                           final.iteration % config.checkpoint.save_interval == 0):
+            save(final)
+    finally:
+        if writers is not None:
+            writers.close()
+    return final, run
+
+
+def _connect_ddp_to_schedule(model: list, config: PretrainConfig) -> None:
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    transformer_config = model[0].config
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    if config.parallel.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in model]
+        transformer_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if config.parallel.overlap_param_gather:
+        sync = [chunk.start_param_sync for chunk in model]
+        transformer_config.param_sync_func = sync[0] if len(sync) == 1 else sync
+
+
+def _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common, say):
+    """The training dataset; after a resume past the anneal boundary, the anneal mixture."""
+    from megatron_trillion.data.xlda_packing import resume_xlda_dataset
+
+    in_anneal = (anneal is not None and config.anneal.anneal_data_path
+                 and scheduler.num_steps >= anneal.start_step)
+    if in_anneal:
+        from megatron_trillion.training.data import parse_data_path
+
+        sources = parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
+    if common is None or "data" not in common:
+        return build_dataset(config, sources, shape, eod, workdir)
+    kwargs = _dataset_kwargs(config, sources, shape, eod, workdir)
+    dataset, changes = resume_xlda_dataset(common["data"], common["train_state"][
+        "consumed_samples"], **kwargs)
+    for change in changes:
+        say(f" data mixture changed since the checkpoint: {change}")
+    return dataset
+
+
+def _dataset_kwargs(config, sources, shape, eod, workdir) -> dict:
+    from megatron_trillion.training.data import parse_lang_beta
+
+    data = config.data
+    return dict(sources=sources, seq_length=shape.seq_length, num_samples=shape.train_samples,
+                masking=data.attention_masking, rho=data.xlda_mixing_prob,
+                anchor_language=data.anchor_language, alpha=data.lang_alpha,
+                beta=parse_lang_beta(data.lang_beta), seed=config.training.seed,
+                cache_dir=data.data_cache_path or (os.path.join(workdir, "index-cache")
+                                                   if data.mock_data else None),
+                eod_token=eod)
+
+
+def _anneal_dataset(config, current, shape, eod, workdir, consumed, say):
+    from megatron_trillion.data.xlda_packing import resume_xlda_dataset
+    from megatron_trillion.training.data import parse_data_path
+
+    sources = parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
+    dataset, changes = resume_xlda_dataset(current.state_dict(consumed), consumed,
+                                           **_dataset_kwargs(config, sources, shape, eod,
+                                                             workdir))
+    for change in changes:
+        say(f" anneal data mixture: {change}")
+    return dataset
+
+
+def _default_peak() -> Optional[float]:
+    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
+        return 989.0  # H100 SXM dense BF16 TFLOP/s
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def quiet_known_warnings() -> None:
+    """megatron-core warns on every rank about what a CPU host lacks (TE, apex) and about a
+    `.grad` probe of its own; neither is actionable for a user."""
+    import warnings
+
+    for message in (".*Transformer Engine.*", ".*Apex is not installed.*",
+                    ".*The .grad attribute of a Tensor that is not a leaf.*",
+                    ".*full scope is deprecated.*", ".*Please use DTensor instead.*",
+                    ".*`load_state_dict` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet_known_warnings()
+    try:
+        config = parse_args(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        pretrain(config)
+    except (ConfigError, ValueError) as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_trillion.platform.distributed import destroy_distributed
+
+        if torch.distributed.is_initialized():
+            destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

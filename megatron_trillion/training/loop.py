@@ -1,0 +1,309 @@
+"""The training loop: ``train()`` reads top to bottom, one ``train_step()`` per iteration.
+
+A step is megatron-core's pipeline schedule (``get_forward_backward_func``: no pipelining,
+1F1B, or interleaved 1F1B with virtual stages) over this rank's micro-batches, then
+``finalize_model_grads`` (inside the schedule: DP all-reduce or reduce-scatter, embedding and
+MoE expert-bias updates), then the optimizer step behind the NaN/inf guard. Losses are summed
+per token (``calculate_per_token_loss``) so that any DP size and micro-batch split gives the
+loss and gradients of one process on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_trillion.training.reporting import (
+    MetricWriters,
+    ProgressBar,
+    Stopwatch,
+    format_iteration_line,
+    format_validation_line,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# one micro-batch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss sum and token count (megatron-core normalises by the global count)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core's forward-step contract: (output, loss function of the output)."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], None,
+        labels=batch["labels"], loss_mask=batch["loss_mask"],
+        packed_seq_params=batch["packed_seq_params"],
+    )
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+# --------------------------------------------------------------------------------------------
+# state and context
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    floating_point_operations: float = 0.0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``megatron_trillion.pretrain.setup``."""
+
+    model: list  # DDP-wrapped model chunks (one per virtual pipeline stage)
+    optimizer: Any
+    scheduler: Any  # training.schedules.ParamScheduler (steps counted in samples)
+    rampup: Any  # training.schedules.BatchSizeRampup
+    guard: Any  # training.numerics.NumericsGuard
+    train_batches: Any  # training.data.StepBatches
+    train_iters: int
+    tokens_per_microbatch: int
+    step_flops: Callable[[list], float]  # batches -> model FLOPs of the step on all ranks
+    world_size: int
+    log_interval: int = 1
+    eval_interval: Optional[int] = None
+    eval_batches: dict = field(default_factory=dict)  # language -> list of micro-batches
+    on_anneal_switch: Optional[Callable[[list, "TrainState"], None]] = None
+    anneal: Any = None  # training.schedules.AnnealConfig
+    save: Optional[Callable[["TrainState"], None]] = None
+    save_interval: Optional[int] = None
+    exit_requested: Callable[[], bool] = lambda: False
+    device_peak_tflops: Optional[float] = None
+    writers: Optional[MetricWriters] = None
+    progress: bool = True
+    log: Callable[[str], None] = print
+    on_step: Optional[Callable[["TrainState", dict], None]] = None  # e.g. tests record losses
+    state: TrainState = field(default_factory=TrainState)
+
+
+# --------------------------------------------------------------------------------------------
+# one step
+
+
+def _reduce_lm_loss(outputs: list, key: str = "lm loss") -> torch.Tensor:
+    """[loss sum, tokens] of this step over all micro-batches and DP ranks, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2)
+    for out in outputs:
+        total += out[key].float()
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(
+            with_context_parallel=True))
+    # Only the last pipeline stage holds the loss; share it so rank 0 can log it.
+    torch.distributed.broadcast(total, ps.get_pipeline_model_parallel_last_rank(),
+                                group=ps.get_pipeline_model_parallel_group())
+    return total
+
+
+def train_step(run: Run, batches: list) -> dict:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_trillion.training.numerics import guarded_optimizer_step
+
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    iterators = [iter(batches) for _ in run.model]
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=run.model,
+        num_microbatches=len(batches),
+        seq_length=run.tokens_per_microbatch,  # THD: a micro-batch is one row of B*S tokens
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    loss_sum, tokens = _reduce_lm_loss(outputs).tolist()
+    loss = loss_sum / max(tokens, 1.0)
+    decision, updated, grad_norm, _ = guarded_optimizer_step(
+        run.optimizer, run.guard, run.state.iteration + 1, torch.tensor(loss),
+        samples=_sample_refs(batches),
+    )
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    return {"lm loss": loss, "grad_norm": grad_norm, "skipped": not decision.proceed,
+            "updated": bool(updated), "tokens": tokens}
+
+
+def _sample_refs(batches: list) -> tuple:
+    from megatron_trillion.training.numerics import SampleRef
+
+    refs = []
+    for batch in batches:
+        for index, docs in zip(batch["indices"], batch["document_ids"]):
+            refs.append(SampleRef(dataset=f"sample {index}",
+                                  document_ids=tuple(int(d) for d in docs.reshape(-1).tolist())))
+    return tuple(refs)
+
+
+def evaluate(run: Run) -> dict:
+    """Validation loss per language (and overall), forward only."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in run.model:
+        chunk.eval()
+    losses, total = {}, torch.zeros(2)
+    try:
+        with torch.no_grad():
+            for language, batches in run.eval_batches.items():
+                iterators = [iter(batches) for _ in run.model]
+                outputs = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                    model=run.model, num_microbatches=len(batches),
+                    seq_length=run.tokens_per_microbatch, micro_batch_size=1,
+                    forward_only=True,
+                )
+                reduced = _reduce_lm_loss(outputs)
+                total += reduced
+                losses[f"lm loss [{language}]"] = float(reduced[0] / reduced[1].clamp(min=1))
+    finally:
+        for chunk in run.model:
+            chunk.train()
+    return {"lm loss": float(total[0] / total[1].clamp(min=1)), **losses}
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(run: Run) -> TrainState:
+    state = run.state
+    is_logging_rank = torch.distributed.get_rank() == 0
+    bar = ProgressBar(run.train_iters, state.iteration, enabled=run.progress and is_logging_rank)
+    say = bar.write if is_logging_rank else (lambda line: None)
+    watch = Stopwatch()
+    window = {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0}
+    try:
+        while state.iteration < run.train_iters:
+            global_batch = run.rampup.global_batch_size_at(state.consumed_samples)
+            batches = run.train_batches.for_step(state.consumed_samples, global_batch)
+            step_flops = run.step_flops(batches)
+            result = train_step(run, batches)
+
+            previous = run.scheduler.num_steps
+            state.iteration += 1
+            state.consumed_samples += global_batch
+            state.floating_point_operations += step_flops
+            if result["skipped"]:
+                state.skipped_iterations += 1
+                state.nan_iterations += 1
+            run.scheduler.step(global_batch)
+            if run.anneal is not None:
+                switches = run.anneal.switches(previous, run.scheduler.num_steps)
+                if switches:
+                    for switch in switches:
+                        say(f" anneal: {switch.describe(state.iteration)}")
+                    if run.on_anneal_switch is not None:
+                        run.on_anneal_switch(switches, state)
+
+            elapsed = watch.lap()
+            window["time"] += elapsed
+            window["iters"] += 1
+            window["flops"] += step_flops
+            window["tokens"] += result["tokens"]
+            tokens_per_second = result["tokens"] / max(elapsed, 1e-9)
+            bar.update(result["lm loss"], run.scheduler.lr, tokens_per_second)
+            if run.on_step is not None:
+                run.on_step(state, result)
+
+            if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
+                _log_iteration(run, state, result, window, global_batch, say)
+                window = {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0}
+            if run.eval_interval and run.eval_batches and (
+                    state.iteration % run.eval_interval == 0
+                    or state.iteration == run.train_iters):
+                say(format_validation_line(state.iteration, evaluate(run)))
+            if run.save is not None and run.save_interval and \
+                    state.iteration % run.save_interval == 0:
+                run.save(state)
+            if run.exit_requested():
+                say(f" exiting at iteration {state.iteration} on request (signal)")
+                if run.save is not None and not (run.save_interval and
+                                                 state.iteration % run.save_interval == 0):
+                    run.save(state)
+                break
+    finally:
+        bar.close()
+    return state
+
+
+def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, global_batch: int,
+                   say: Callable[[str], None]) -> None:
+    iters = max(window["iters"], 1)
+    seconds = max(window["time"], 1e-9)
+    tflops = window["flops"] / seconds / run.world_size / 1e12
+    mfu = tflops / run.device_peak_tflops if run.device_peak_tflops else None
+    losses = {"lm loss": result["lm loss"]}
+    losses.update(_mtp_and_moe_losses(run))
+    line = format_iteration_line(
+        iteration=state.iteration, train_iters=run.train_iters,
+        consumed_samples=state.consumed_samples, elapsed_ms=1000 * seconds / iters,
+        learning_rate=run.scheduler.lr, global_batch_size=global_batch, losses=losses,
+        grad_norm=result["grad_norm"], skipped_iterations=state.skipped_iterations,
+        nan_iterations=state.nan_iterations, tflops_per_device=tflops, mfu=mfu,
+        tokens_per_second=window["tokens"] / seconds,
+    )
+    say(line)
+    if run.writers is not None and torch.distributed.get_rank() == 0:
+        scalars = {k: v for k, v in losses.items() if math.isfinite(v)}
+        scalars.update({"learning-rate": run.scheduler.lr, "batch-size": global_batch,
+                        "throughput/tflops-per-device": tflops,
+                        "throughput/tokens-per-second": window["tokens"] / seconds})
+        if result["grad_norm"] is not None and math.isfinite(result["grad_norm"]):
+            scalars["grad-norm"] = result["grad_norm"]
+        run.writers.scalars(scalars, state.iteration)
+
+
+def _mtp_and_moe_losses(run: Run) -> dict:
+    """MTP losses tracked by megatron-core since the last log line (a collective: all ranks)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    config = _unwrap(run.model[0]).config
+    num_mtp = config.mtp_num_layers or 0
+    if not num_mtp:
+        return {}
+    values = torch.zeros(num_mtp)
+    if "values" in MTPLossLoggingHelper.tracker:  # only the last stage holds the MTP block
+        totals: dict = {}
+        MTPLossLoggingHelper.track_mtp_metrics(1.0, run.state.iteration, None,
+                                               total_loss_dict=totals)
+        values = torch.tensor([float(totals[f"mtp_{i + 1} loss"]) for i in range(num_mtp)])
+    torch.distributed.broadcast(values, ps.get_pipeline_model_parallel_last_rank(),
+                                group=ps.get_pipeline_model_parallel_group())
+    # megatron-core sums one per-token mean per micro-batch: report their mean.
+    micro = max(1, run.rampup.num_microbatches_at(run.state.consumed_samples) *
+                run.log_interval)
+    return {f"mtp_{i + 1} loss": v / micro for i, v in enumerate(values.tolist())}
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model

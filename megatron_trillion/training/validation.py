@@ -1,0 +1,205 @@
+"""Up-front validation of a whole run, before any process group exists.
+
+Every conflict is collected and reported at once, each naming the flags involved, so a user
+fixes a configuration in one round instead of one crash per conflict on a 256-GPU allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from megatron_trillion.models.presets import ModelPreset
+from megatron_trillion.platform.distributed import ParallelSizes, validate_parallel_sizes
+from megatron_trillion.training.arguments import PretrainConfig
+
+
+class ConfigError(ValueError):
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid configuration (%d problem%s):\n  - %s" % (
+            len(errors), "" if len(errors) == 1 else "s", "\n  - ".join(errors)))
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Sizes derived from the flags and the world size."""
+
+    parallel: ParallelSizes
+    data_parallel_size: int
+    global_batch_size: int
+    train_samples: int
+    train_iters: int
+    seq_length: int
+
+
+def parallel_sizes(config: PretrainConfig, num_layers: int) -> ParallelSizes:
+    p = config.parallel
+    vpp = None
+    if p.num_layers_per_virtual_pipeline_stage:
+        per_stage = num_layers // max(p.pipeline_model_parallel_size, 1)
+        vpp = max(1, per_stage // p.num_layers_per_virtual_pipeline_stage)
+    return ParallelSizes(
+        tensor=p.tensor_model_parallel_size, pipeline=p.pipeline_model_parallel_size,
+        virtual_pipeline=vpp, expert=p.expert_model_parallel_size,
+        context=p.context_parallel_size, expert_tensor=p.expert_tensor_parallel_size,
+    )
+
+
+def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
+             transformer_engine_available: bool) -> RunShape:
+    """Return the run's derived sizes or raise :class:`ConfigError` listing every problem."""
+    from megatron_trillion.training.schedules import BatchSizeRampup, LRScheduleConfig
+
+    errors: list[str] = []
+    par, batch, train = config.parallel, config.batch, config.training
+    sizes = parallel_sizes(config, preset.num_layers)
+    errors += validate_parallel_sizes(
+        sizes, world_size, num_layers=preset.num_layers,
+        num_attention_heads=preset.num_attention_heads, num_query_groups=preset.query_groups,
+        num_moe_experts=preset.num_experts,
+    )
+    if par.num_layers_per_virtual_pipeline_stage:
+        per_stage = preset.num_layers // max(par.pipeline_model_parallel_size, 1)
+        if per_stage % par.num_layers_per_virtual_pipeline_stage:
+            errors.append(
+                f"--num-layers ({preset.num_layers}) / --pipeline-model-parallel-size "
+                f"({par.pipeline_model_parallel_size}) = {per_stage} layers per stage is not "
+                f"divisible by --num-layers-per-virtual-pipeline-stage "
+                f"({par.num_layers_per_virtual_pipeline_stage})")
+        if par.pipeline_model_parallel_size < 2:
+            errors.append("--num-layers-per-virtual-pipeline-stage needs "
+                          "--pipeline-model-parallel-size >= 2")
+    if par.sequence_parallel and par.tensor_model_parallel_size < 2:
+        errors.append("--sequence-parallel needs --tensor-model-parallel-size >= 2")
+    if par.context_parallel_size > 1 and not transformer_engine_available:
+        errors.append("--context-parallel-size > 1 needs Transformer Engine's attention "
+                      "(GPU); the CPU XLDA attention does not split sequences")
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        errors.append("--overlap-param-gather needs --use-distributed-optimizer")
+    if config.optimizer.optimizer == "muon" and par.overlap_param_gather:
+        errors.append("--overlap-param-gather is not supported with --optimizer muon")
+
+    mp = sizes.model_parallel()
+    dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
+    if batch.micro_batch_size < 1:
+        errors.append(f"--micro-batch-size must be >= 1, got {batch.micro_batch_size}")
+    global_batch = batch.global_batch_size or batch.micro_batch_size * dp
+    rampup = None
+    try:
+        rampup = BatchSizeRampup.from_flag(batch.rampup_batch_size, global_batch,
+                                           max(batch.micro_batch_size, 1), dp)
+    except ValueError as exc:
+        errors.append(str(exc).replace("\n", " "))
+    if sizes.virtual_pipeline and sizes.virtual_pipeline > 1 and rampup is not None:
+        smallest = rampup.num_microbatches_at(0)
+        if smallest % par.pipeline_model_parallel_size:
+            errors.append(
+                f"interleaved pipelining needs the number of micro-batches per step "
+                f"({smallest} at the start) to be a multiple of "
+                f"--pipeline-model-parallel-size ({par.pipeline_model_parallel_size})")
+
+    if (train.train_iters is None) == (train.train_samples is None):
+        errors.append("give exactly one of --train-iters and --train-samples")
+        train_samples = train_iters = 0
+    elif train.train_iters is not None:
+        if batch.rampup_batch_size:
+            errors.append("--rampup-batch-size counts samples: use --train-samples, "
+                          "not --train-iters")
+        train_iters = train.train_iters
+        train_samples = train_iters * global_batch
+    else:
+        train_samples = train.train_samples
+        train_iters = _iters_for_samples(rampup, train_samples) if rampup else 0
+    if train_samples is not None and train_samples <= 0 and not errors:
+        errors.append("--train-iters / --train-samples must be positive")
+
+    seq_length = config.model.seq_length or preset.seq_length
+    if seq_length < 2:
+        errors.append(f"--seq-length must be >= 2, got {seq_length}")
+    if par.sequence_parallel and seq_length % par.tensor_model_parallel_size:
+        errors.append(f"--seq-length ({seq_length}) must be divisible by "
+                      f"--tensor-model-parallel-size ({par.tensor_model_parallel_size}) with "
+                      "--sequence-parallel")
+
+    prec = train
+    if prec.fp8_format and not transformer_engine_available:
+        errors.append("--fp8-format needs Transformer Engine (GPU image); it is not installed")
+    if config.model.transformer_impl == "transformer_engine" and not transformer_engine_available:
+        errors.append("--transformer-impl transformer_engine: Transformer Engine is not installed")
+    if prec.fp8_format and not prec.bf16:
+        errors.append("--fp8-format needs --bf16")
+
+    if train_samples and train_samples > 0:
+        try:
+            warmup = config.schedule.lr_warmup_iters * global_batch
+            LRScheduleConfig(
+                max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
+                total_steps=train_samples, warmup_steps=warmup,
+                style=config.schedule.lr_decay_style,
+                wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
+                wsd_decay_style=config.schedule.lr_wsd_decay_style,
+            )
+        except ValueError as exc:
+            errors += [e.strip(" -") for e in str(exc).splitlines()[1:]] or [str(exc)]
+
+    data = config.data
+    if not data.mock_data and not data.data_path:
+        errors.append("give --data-path (or --mock-data for a synthetic run)")
+    if data.data_path and data.mock_data:
+        errors.append("--data-path and --mock-data are mutually exclusive")
+    if data.data_path:
+        from megatron_trillion.training.data import parse_data_path, parse_lang_beta
+
+        for flag_name, tokens in (("--data-path", data.data_path),
+                                  ("--anneal-data-path", config.anneal.anneal_data_path),
+                                  ("--valid-data-path", data.valid_data_path)):
+            if tokens:
+                try:
+                    parse_data_path(tokens, flag_name)
+                except ValueError as exc:
+                    errors.append(str(exc))
+        try:
+            parse_lang_beta(data.lang_beta)
+        except ValueError as exc:
+            errors.append(str(exc))
+    if not 0.0 <= data.xlda_mixing_prob <= 1.0:
+        errors.append(f"--xlda-mixing-prob must be in [0, 1], got {data.xlda_mixing_prob}")
+    if data.lang_alpha is not None and not 0.0 <= data.lang_alpha <= 1.0:
+        errors.append(f"--lang-alpha must be in [0, 1], got {data.lang_alpha}")
+    if not data.mock_data and data.tokenizer_type != "NullTokenizer" and not (
+            data.tokenizer_model or data.vocab_file):
+        errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
+                      "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
+
+    ckpt = config.checkpoint
+    if ckpt.save_interval and not ckpt.save:
+        errors.append("--save-interval needs --save")
+    if config.eval.eval_interval and not data.valid_data_path and not data.mock_data:
+        errors.append("--eval-interval needs --valid-data-path")
+    if errors:
+        raise ConfigError(errors)
+    return RunShape(parallel=sizes, data_parallel_size=dp, global_batch_size=global_batch,
+                    train_samples=train_samples, train_iters=train_iters, seq_length=seq_length)
+
+
+def _iters_for_samples(rampup, train_samples: int) -> int:
+    consumed, iters = 0, 0
+    while consumed < train_samples:
+        consumed += rampup.global_batch_size_at(consumed)
+        iters += 1
+    return iters
+
+
+def world_size_from_env() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def transformer_engine_available() -> bool:
+    from megatron_trillion.models.specs import transformer_engine_available as available
+
+    return available()
+
+
+__all__ = ["ConfigError", "RunShape", "validate", "parallel_sizes", "world_size_from_env",
+           "transformer_engine_available"]
