@@ -1,0 +1,186 @@
+"""The NaN/inf guard: skip a step whose loss or grad norm is not finite, stop after N in a row.
+
+Public interface (the training loop calls these)::
+
+    SampleRef(dataset: str, document_ids: tuple[int, ...])   # what one step trained on
+    NumericsGuard(max_consecutive_bad_steps=5)
+        .check(iteration, loss, grad_norm, samples=(), group=None) -> StepDecision
+            # StepDecision.proceed is False for a step to skip; raises NonFiniteTrainingError
+            # when this is the N-th bad step in a row
+        .consecutive_bad_steps, .total_skipped_steps, .skipped_steps (list[SkippedStep])
+        .state_dict() / .load_state_dict(state)
+    guarded_optimizer_step(optimizer, guard, iteration, loss, samples=(), group=None)
+        -> (StepDecision, update_successful, grad_norm, num_zeros_in_grad)
+            # a megatron-core MegatronOptimizer step that never applies a non-finite update
+
+Why the decision is all-reduced: with pipeline parallelism only the last stage has the loss,
+and every rank must skip the same step (a rank that steps while another skips desynchronises
+the replicas). ``check`` reduces the "bad" flag with MAX over ``group`` (default: the world),
+so one rank's NaN loss makes every rank skip. The grad norm megatron-core returns is already
+reduced over the model-parallel group, so it agrees by construction.
+
+Why ``guarded_optimizer_step`` asks for the grad norm before ``optimizer.step()``:
+megatron-core's step clips with ``clip_coeff = max_norm / norm``, which is NaN for a NaN norm
+and then compares False against 1.0, so the NaN gradients reach Adam/Muon and poison every
+weight. Only fp16's dynamic loss scaler skips such steps itself. The guard therefore calls
+``prepare_grads()`` + ``get_grad_norm()`` first (both idempotent without a loss scaler:
+``prepare_grads`` only copies main grads), decides, and only then calls ``optimizer.step()``,
+which recomputes the norm (one extra norm pass and one scalar all-reduce per step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after too many consecutive steps with a non-finite loss or grad norm."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Which documents of which dataset went into a step (supplied by the data loader)."""
+
+    dataset: str
+    document_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SkippedStep:
+    iteration: int
+    loss: Optional[float]
+    grad_norm: Optional[float]
+    reason: str
+    samples: tuple[SampleRef, ...]
+
+    def describe(self) -> str:
+        docs = "; ".join(f"{s.dataset}: docs {list(s.document_ids)}" for s in self.samples)
+        return (f"skipped iteration {self.iteration}: {self.reason}"
+                + (f" | samples: {docs}" if docs else ""))
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    proceed: bool
+    reason: str = ""
+    """Why the step is skipped ("" when it proceeds)."""
+    skipped: Optional[SkippedStep] = None
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        return float(value.detach().float().cpu())
+    return float(value)
+
+
+@dataclass
+class NumericsGuard:
+    """Counts non-finite steps; see the module docstring.
+
+    ``max_consecutive_bad_steps`` (--max-consecutive-nonfinite-steps): the run stops with
+    ``NonFiniteTrainingError`` at the N-th bad step in a row; any good step resets the count.
+    """
+
+    max_consecutive_bad_steps: int = 5
+    consecutive_bad_steps: int = 0
+    total_skipped_steps: int = 0
+    skipped_steps: list[SkippedStep] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive_bad_steps < 1:
+            raise ValueError("--max-consecutive-nonfinite-steps must be >= 1, got "
+                             f"{self.max_consecutive_bad_steps}")
+
+    def check(self, iteration: int, loss: Any, grad_norm: Any,
+              samples: Sequence[SampleRef] = (), group: Any = None) -> StepDecision:
+        """Decide whether step ``iteration`` may update the weights.
+
+        ``loss`` / ``grad_norm`` may be floats, 0-d tensors or None (a pipeline stage without
+        the loss). With torch.distributed initialised the decision is agreed over ``group``
+        (a collective: every rank of the group must call ``check`` for the same iteration).
+        """
+        loss_f, norm_f = _as_float(loss), _as_float(grad_norm)
+        reasons = []
+        if loss_f is not None and not math.isfinite(loss_f):
+            reasons.append(f"loss is {loss_f}")
+        if norm_f is not None and not math.isfinite(norm_f):
+            reasons.append(f"grad norm is {norm_f}")
+        local_bad = bool(reasons)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if local_bad else 0], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+            if flag.item() and not local_bad:
+                reasons.append("another rank saw a non-finite loss or grad norm")
+            local_bad = bool(flag.item())
+        if not local_bad:
+            self.consecutive_bad_steps = 0
+            return StepDecision(proceed=True)
+
+        reason = ", ".join(reasons)
+        skipped = SkippedStep(iteration, loss_f, norm_f, reason, tuple(samples))
+        self.consecutive_bad_steps += 1
+        self.total_skipped_steps += 1
+        self.skipped_steps.append(skipped)
+        if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
+            recent = "\n  ".join(s.describe() for s in
+                                 self.skipped_steps[-self.consecutive_bad_steps:])
+            raise NonFiniteTrainingError(
+                f"stopping at iteration {iteration}: {self.consecutive_bad_steps} consecutive "
+                f"steps had a non-finite loss or grad norm (limit "
+                f"--max-consecutive-nonfinite-steps={self.max_consecutive_bad_steps}).\n  "
+                f"{recent}\nLower --lr, check the data of the listed documents, or resume from "
+                "an earlier checkpoint."
+            )
+        return StepDecision(proceed=False, reason=reason, skipped=skipped)
+
+    def state_dict(self) -> dict:
+        return {
+            "consecutive_bad_steps": self.consecutive_bad_steps,
+            "total_skipped_steps": self.total_skipped_steps,
+            "skipped_steps": [
+                {"iteration": s.iteration, "loss": s.loss, "grad_norm": s.grad_norm,
+                 "reason": s.reason,
+                 "samples": [(r.dataset, list(r.document_ids)) for r in s.samples]}
+                for s in self.skipped_steps
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive_bad_steps = int(state["consecutive_bad_steps"])
+        self.total_skipped_steps = int(state["total_skipped_steps"])
+        self.skipped_steps = [
+            SkippedStep(s["iteration"], s["loss"], s["grad_norm"], s["reason"],
+                        tuple(SampleRef(d, tuple(ids)) for d, ids in s["samples"]))
+            for s in state.get("skipped_steps", [])
+        ]
+
+
+def guarded_optimizer_step(optimizer: Any, guard: NumericsGuard, iteration: int, loss: Any,
+                           samples: Sequence[SampleRef] = (), group: Any = None):
+    """Step a megatron-core optimizer unless the loss or grad norm is non-finite.
+
+    Returns ``(decision, update_successful, grad_norm, num_zeros_in_grad)``; on a skipped
+    step the gradients are zeroed, nothing is updated and the last three are
+    ``(False, grad_norm, None)``. Call it on every rank (it holds collectives).
+    """
+    if getattr(optimizer, "get_loss_scale", None) is not None:
+        scale = optimizer.get_loss_scale()
+        if float(scale) != 1.0:
+            raise ValueError(
+                "guarded_optimizer_step needs an optimizer without loss scaling (bf16/fp32): "
+                "with --fp16 megatron-core's dynamic loss scaler already skips non-finite steps"
+            )
+    optimizer.prepare_grads()
+    grad_norm = optimizer.get_grad_norm()
+    decision = guard.check(iteration, loss, grad_norm, samples, group=group)
+    if not decision.proceed:
+        optimizer.zero_grad()
+        return decision, False, grad_norm, None
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    return decision, update_successful, grad_norm, num_zeros

@@ -1,0 +1,118 @@
+"""The NaN/inf guard: skip decisions, the consecutive limit, sample records, optimizer step."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_trillion.training.numerics import (
+    NonFiniteTrainingError,
+    NumericsGuard,
+    SampleRef,
+    guarded_optimizer_step,
+)
+
+
+def test_finite_steps_proceed_and_reset_count():
+    guard = NumericsGuard(max_consecutive_bad_steps=3)
+    assert guard.check(1, 2.5, 1.0).proceed
+    bad = guard.check(2, float("nan"), 1.0, samples=[SampleRef("ko", (17, 42))])
+    assert not bad.proceed and bad.reason == "loss is nan"
+    assert guard.consecutive_bad_steps == 1
+    assert guard.check(3, torch.tensor(2.4), torch.tensor(0.9)).proceed
+    assert guard.consecutive_bad_steps == 0
+    assert guard.total_skipped_steps == 1
+    assert guard.skipped_steps[0].samples == (SampleRef("ko", (17, 42)),)
+    assert guard.skipped_steps[0].describe() == (
+        "skipped iteration 2: loss is nan | samples: ko: docs [17, 42]")
+
+
+def test_grad_norm_inf_and_missing_loss_on_other_stages():
+    guard = NumericsGuard()
+    decision = guard.check(7, None, float("inf"))  # a pipeline stage without the loss
+    assert not decision.proceed and decision.reason == "grad norm is inf"
+    assert guard.check(8, None, 3.0).proceed
+
+
+def test_raises_after_n_consecutive_bad_steps_naming_iteration_and_limit():
+    guard = NumericsGuard(max_consecutive_bad_steps=3)
+    assert not guard.check(10, math.inf, 1.0, [SampleRef("en", (1,))]).proceed
+    assert not guard.check(11, 1.0, math.nan, [SampleRef("en", (2,))]).proceed
+    with pytest.raises(NonFiniteTrainingError) as err:
+        guard.check(12, math.nan, math.nan, [SampleRef("ja", (3, 4)), SampleRef("en", (5,))])
+    message = str(err.value)
+    assert "stopping at iteration 12" in message
+    assert "3 consecutive steps" in message
+    assert "--max-consecutive-nonfinite-steps=3" in message
+    assert "skipped iteration 10: loss is inf | samples: en: docs [1]" in message
+    assert "ja: docs [3, 4]; en: docs [5]" in message
+
+
+def test_state_round_trip():
+    guard = NumericsGuard(max_consecutive_bad_steps=4)
+    guard.check(1, math.nan, 1.0, [SampleRef("en", (9,))])
+    guard.check(2, math.nan, 1.0)
+    restored = NumericsGuard(max_consecutive_bad_steps=4)
+    restored.load_state_dict(guard.state_dict())
+    assert restored == guard
+    restored.check(3, math.nan, 1.0)
+    with pytest.raises(NonFiniteTrainingError, match="iteration 4"):
+        restored.check(4, math.nan, 1.0)
+
+
+def test_invalid_limit():
+    with pytest.raises(ValueError, match="--max-consecutive-nonfinite-steps"):
+        NumericsGuard(max_consecutive_bad_steps=0)
+
+
+def _guarded_megatron_steps():
+    """One rank: a megatron-core FP32Optimizer skips a NaN-gradient step, weights untouched."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    from megatron_trillion.platform.distributed import ParallelSizes, initialize_distributed
+
+    initialize_distributed(ParallelSizes(), seed=1)
+    layer = torch.nn.Linear(4, 3)
+    config = OptimizerConfig(optimizer="adam", lr=0.1, clip_grad=1.0)
+    optimizer = FP32Optimizer(torch.optim.AdamW(layer.parameters(), lr=0.1), config, None)
+    optimizer.grad_stats_parallel_group = None
+    guard = NumericsGuard(max_consecutive_bad_steps=2)
+    x = torch.ones(2, 4)
+
+    layer(x).sum().backward()
+    ok = guarded_optimizer_step(optimizer, guard, 1, loss=1.0)
+    after_good = layer.weight.detach().clone()
+
+    optimizer.zero_grad()
+    (layer(x).sum() * float("nan")).backward()
+    skipped = guarded_optimizer_step(optimizer, guard, 2, loss=1.0,
+                                     samples=[SampleRef("en", (3,))])
+    weights_untouched = torch.equal(layer.weight, after_good)
+    raised = ""
+    optimizer.zero_grad()
+    (layer(x).sum() * float("nan")).backward()
+    try:
+        guarded_optimizer_step(optimizer, guard, 3, loss=float("nan"))
+    except NonFiniteTrainingError as exc:
+        raised = str(exc)
+    return {
+        "first_proceeds": ok[0].proceed and ok[1],
+        "first_norm_finite": math.isfinite(ok[2]),
+        "second_skipped": not skipped[0].proceed,
+        "second_reason": skipped[0].reason,
+        "weights_untouched": weights_untouched,
+        "weights_finite": bool(torch.isfinite(layer.weight).all()),
+        "raised": raised,
+    }
+
+
+@pytest.mark.slow
+def test_guarded_optimizer_step_skips_nan_update():
+    from multiprocess import run_distributed
+
+    (result,) = run_distributed(_guarded_megatron_steps, 1, timeout=120)
+    assert result["first_proceeds"] and result["first_norm_finite"]
+    assert result["second_skipped"] and result["second_reason"] == "grad norm is nan"
+    assert result["weights_untouched"] and result["weights_finite"]
+    assert "stopping at iteration 3" in result["raised"]
