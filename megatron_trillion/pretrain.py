@@ -211,7 +211,7 @@ def model_signature(preset) -> dict:
     return fields
 
 
-def make_step_flops(preset, data_parallel_size: int):
+def make_step_flops(preset):
     from megatron_trillion.training.flops import training_flops
 
     def step_flops(batches: list) -> float:
@@ -219,7 +219,7 @@ def make_step_flops(preset, data_parallel_size: int):
         for batch in batches:
             cu = batch["packed_seq_params"].cu_seqlens_q.tolist()
             blocks.append([b - a for a, b in zip(cu[:-1], cu[1:])])
-        return training_flops(preset, blocks) * data_parallel_size
+        return training_flops(preset, blocks)
 
     return step_flops
 
@@ -348,7 +348,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         model=model, optimizer=optimizer, scheduler=scheduler, rampup=rampup, guard=guard,
         train_batches=batches, train_iters=shape.train_iters,
         tokens_per_microbatch=config.batch.micro_batch_size * shape.seq_length,
-        step_flops=make_step_flops(preset, shape.data_parallel_size),
+        step_flops=make_step_flops(preset),
         world_size=torch.distributed.get_world_size(),
         log_interval=config.logging.log_interval, eval_interval=config.eval.eval_interval,
         eval_batches=eval_batches, on_anneal_switch=on_anneal_switch, anneal=anneal,
@@ -450,6 +450,8 @@ def quiet_known_warnings() -> None:
                     ".*full scope is deprecated.*", ".*Please use DTensor instead.*",
                     ".*`load_state_dict` is deprecated.*"):
         warnings.filterwarnings("ignore", message=message)
+    # torch.distributed's own deprecation notices about collectives megatron-core calls.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -89,10 +89,18 @@ def _set_rng_state(state: Mapping) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def unwrap(model):
+    """The GPTModel inside DDP / Float16 wrappers: checkpoint keys must not depend on them."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _model_sharded_state(model_chunks: list) -> dict:
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict()
+            for i, chunk in enumerate(model_chunks)}
 
 
 def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng: bool,
@@ -229,8 +237,10 @@ def load_checkpoint(root: str, model_chunks: list, optimizer: Any, model_signatu
         loaded = dist_checkpointing.load(request, path, strict="raise_all")
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
-    for name, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
-        chunk.load_state_dict(loaded[name])
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in
+                                                      range(len(model_chunks))]
+    for name, chunk in zip(names, model_chunks):
+        unwrap(chunk).load_state_dict(loaded[name])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if rng_ok:

@@ -83,7 +83,7 @@ class Run:
     train_batches: Any  # training.data.StepBatches
     train_iters: int
     tokens_per_microbatch: int
-    step_flops: Callable[[list], float]  # batches -> model FLOPs of the step on all ranks
+    step_flops: Callable[[list], float]  # this rank's micro-batches -> their model FLOPs
     world_size: int
     log_interval: int = 1
     eval_interval: Optional[int] = None
@@ -203,7 +203,7 @@ def train(run: Run) -> TrainState:
         while state.iteration < run.train_iters:
             global_batch = run.rampup.global_batch_size_at(state.consumed_samples)
             batches = run.train_batches.for_step(state.consumed_samples, global_batch)
-            step_flops = run.step_flops(batches)
+            step_flops = _global_step_flops(run.step_flops(batches))
             result = train_step(run, batches)
 
             previous = run.scheduler.num_steps
@@ -251,6 +251,16 @@ def train(run: Run) -> TrainState:
     finally:
         bar.close()
     return state
+
+
+def _global_step_flops(local: float) -> float:
+    """Model FLOPs of the step over all data-parallel ranks' data (identical on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.tensor([local], dtype=torch.float64)
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(
+        with_context_parallel=True))
+    return float(total.item())
 
 
 def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, global_batch: int,

@@ -1,0 +1,1 @@
+"""Loading a trained checkpoint for inference in one process, and greedy generation."""

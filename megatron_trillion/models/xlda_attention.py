@@ -1,0 +1,324 @@
+"""Block-causal core attention for XLDA on the CPU path (megatron-core local layer spec).
+
+XLDA (cross-lingual document attention) lets a token attend causally to the tokens of its own
+*attention block* (a run of consecutive documents, see ``megatron_trillion.data.xlda_packing``)
+and to nothing outside it. Blocks are contiguous, so their boundaries are a ``cu_seqlens`` and
+megatron-core's ``PackedSeqParams(qkv_format="thd")`` carries them to the core attention. On GPU
+that is Transformer Engine's ``TEDotProductAttention`` (varlen flash attention over the same
+cu_seqlens). megatron-core's local ``DotProductAttention`` rejects packed sequences, so this
+module is the CPU implementation; it has the same constructor and forward signature so it drops
+into ``submodules.self_attention.submodules.core_attention`` of ``get_gpt_layer_local_spec``.
+
+Layouts (as megatron-core's ``Attention`` hands them over):
+
+* THD (``packed_seq_params.qkv_format == "thd"``, micro-batch flattened to one row):
+  q ``[T, heads/TP, d]``, k/v ``[T, query_groups/TP, d]`` -> output ``[T, heads/TP * d]``
+  (``Attention`` reshapes it to ``[T, 1, hidden/TP]``). RoPE was already applied per block by
+  megatron-core from the same cu_seqlens, so positions restart at every block.
+* SBHD (no packed params): q ``[S, B, heads/TP, d]``, k/v ``[S, B, groups/TP, d]`` -> output
+  ``[S, B, heads/TP * d]``; causal (bottom-right aligned when S_q != S_k, as in KV-cache
+  decoding) combined with megatron's boolean ``attention_mask`` (True = masked out) if given.
+
+Why the cost follows the allowed query-key pairs: each block is a separate causal attention, so
+the blocks are cut out as contiguous ``[n, heads, L, d]`` tensors (blocks of equal length are
+stacked and run in one SDPA call) and torch's fused CPU SDPA kernel runs on each. A dense
+``S x S`` boolean mask would cost the full ``S^2`` (and more: it disables the fused causal
+kernel) - measured in ``bench/bench_xlda_attention.py``.
+
+Masking is correct by construction: a model trained with XLDA or document masking must never
+silently run plain causal attention. Build the layer spec with
+``xlda_core_attention_spec(masking)``; for ``masking in ("xlda", "document")`` the module is
+constructed with ``require_packed_seq_params=True`` and its forward raises ``ValueError`` when
+``packed_seq_params`` is missing or not THD. With ``masking == "none"`` (or the bare class) the
+SBHD path is allowed - that is what inference/generation uses.
+
+Supported: GQA (any heads/groups ratio), TP (heads split; per-partition sizes checked),
+sequence parallel and pipeline parallel (transparent to core attention), sliding-window
+attention (``config.window_size = (left, right)`` with megatron/TE semantics: query i sees keys
+``j`` with ``i - left <= j <= i + right``; with causal masking right is 0; applied to the layers
+selected by ``config.window_attn_skip_freq``), ``softmax_scale``, attention dropout.
+Not supported (raises): context parallel > 1 (use TE on GPU), ``softmax_type`` other than
+``"vanilla"``, padded cu_seqlens that differ from the unpadded ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+from megatron.core.utils import divide
+
+__all__ = ["XLDACoreAttention", "xlda_core_attention_spec", "MASKED_MODES"]
+
+# Data-pipeline masking modes in which attention MUST see the block cu_seqlens.
+MASKED_MODES = ("xlda", "document")
+_ALL_MODES = ("xlda", "document", "none")
+
+
+def xlda_core_attention_spec(masking: str) -> ModuleSpec:
+    """The core-attention spec for a data-pipeline masking mode ("xlda" | "document" | "none").
+
+    In the masked modes the module refuses to run without THD ``PackedSeqParams``.
+    """
+    if masking not in _ALL_MODES:
+        raise ValueError(f"unknown masking mode {masking!r}; expected one of {_ALL_MODES}")
+    return ModuleSpec(
+        module=XLDACoreAttention,
+        params={"require_packed_seq_params": masking in MASKED_MODES},
+    )
+
+
+class XLDACoreAttention(MegatronModule):
+    """Causal attention inside each packed block, none across blocks (CPU path of XLDA).
+
+    Constructor arguments are those of megatron-core's ``DotProductAttention``, plus
+    ``require_packed_seq_params`` (set by :func:`xlda_core_attention_spec` in masked modes).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        require_packed_seq_params: bool = False,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "XLDACoreAttention (the CPU attention path) does not support context parallelism "
+                f"(--context-parallel-size={config.context_parallel_size}); use the Transformer "
+                "Engine spec on GPU or set --context-parallel-size 1."
+            )
+        if config.softmax_type != "vanilla":
+            raise ValueError(
+                f"XLDACoreAttention supports softmax_type='vanilla' only, got "
+                f"{config.softmax_type!r}."
+            )
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.require_packed_seq_params = bool(require_packed_seq_params)
+
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        tp_size = pg_collection.tp.size()
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.num_groups_per_partition = divide(config.num_query_groups, tp_size)
+        self.head_dim = config.kv_channels
+
+        # apply_query_key_layer_scaling divides the scale by layer_number and the fused softmax
+        # multiplies it back: mathematically the identity, so only the plain scale is needed.
+        self.softmax_scale = (
+            1.0 / math.sqrt(self.head_dim) if softmax_scale is None else float(softmax_scale)
+        )
+        self.dropout_p = float(
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+        self.window_left: Optional[int] = None
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
+                                     layer_number):
+            left, right = config.window_size
+            if right not in (0, -1):
+                raise ValueError(
+                    f"window_size={config.window_size}: causal attention needs a right window "
+                    "of 0; XLDACoreAttention has no look-ahead."
+                )
+            # A negative left window means unlimited (TE convention).
+            self.window_left = int(left) if left >= 0 else None
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        if attention_bias is not None:
+            raise ValueError("XLDACoreAttention does not support attention_bias.")
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            if self.require_packed_seq_params:
+                got = ("no packed_seq_params" if packed_seq_params is None
+                       else f"qkv_format={packed_seq_params.qkv_format!r}")
+                raise ValueError(
+                    "XLDACoreAttention was built for a masked data pipeline (xlda/document) but "
+                    f"got {got}: the block mask would be ignored. Pass the PackedSeqParams from "
+                    "megatron_trillion.data.packed_batch (qkv_format='thd') to the model forward."
+                )
+            if packed_seq_params is not None:
+                raise ValueError(
+                    f"XLDACoreAttention: packed_seq_params.qkv_format="
+                    f"{packed_seq_params.qkv_format!r} is not supported; use 'thd'."
+                )
+            return self._forward_sbhd(query, key, value, attention_mask,
+                                      attn_mask_type or self.attn_mask_type)
+        return self._forward_thd(query, key, value, packed_seq_params)
+
+    # ------------------------------------------------------------------------------------------
+    # THD: one causal attention per block
+
+    def _forward_thd(self, query: Tensor, key: Tensor, value: Tensor,
+                     params: PackedSeqParams) -> Tensor:
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError(
+                "XLDACoreAttention THD path expects q/k/v of shape [tokens, heads, head_dim]; got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+            )
+        self._check_heads(query.shape[1], key.shape[1], value.shape[1])
+        lengths = _block_lengths(params, query.shape[0])
+        key, value = self._expand_groups(key, value, head_dim=1)
+        # torch.split (not slicing): its backward is one cat, where per-slice backward would
+        # zero-fill a full-size gradient for every block.
+        parts = [torch.split(x, lengths, dim=0) for x in (query, key, value)]
+
+        # Blocks of one length run as one batched SDPA call.
+        by_length: dict[int, list[int]] = {}
+        for block, length in enumerate(lengths):
+            if length > 0:
+                by_length.setdefault(length, []).append(block)
+
+        outputs: list[Optional[Tensor]] = [None] * len(lengths)
+        for length, blocks in by_length.items():
+            q, k, v = (_stack_blocks(p, blocks) for p in parts)          # [n, H, L, d]
+            out = self._sdpa(q, k, v, length, length, extra_mask=None)  # [n, H, L, dv]
+            for block, piece in zip(blocks, out.transpose(1, 2).unbind(0)):
+                outputs[block] = piece                                   # [L, H, dv]
+        out = torch.cat([o for o in outputs if o is not None], dim=0)    # [T, H, dv]
+        return out.reshape(out.shape[0], -1)
+
+    # ------------------------------------------------------------------------------------------
+    # SBHD: ordinary causal attention (inference, unmasked pipelines)
+
+    def _forward_sbhd(self, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], mask_type: AttnMaskType) -> Tensor:
+        if query.dim() != 4:
+            raise ValueError(
+                "XLDACoreAttention expects q of shape [seq, batch, heads, head_dim] without "
+                f"packed_seq_params; got {tuple(query.shape)}."
+            )
+        self._check_heads(query.shape[2], key.shape[2], value.shape[2])
+        key, value = self._expand_groups(key, value, head_dim=2)
+        sq, sk = query.shape[0], key.shape[0]
+        q = query.permute(1, 2, 0, 3)   # [B, H, Sq, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal,
+                               AttnMaskType.causal_bottom_right)
+        extra = None
+        if attention_mask is not None:
+            # Megatron convention: True marks a masked-out pair.
+            extra = ~attention_mask.to(torch.bool)
+        out = self._sdpa(q, k, v, sq, sk, extra_mask=extra, causal=causal)  # [B, H, Sq, dv]
+        out = out.permute(2, 0, 1, 3)   # [Sq, B, H, dv]
+        return out.reshape(sq, out.shape[1], -1)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, sq: int, sk: int,
+              extra_mask: Optional[Tensor], causal: bool = True) -> Tensor:
+        """SDPA over [..., H, S, d] with causal (bottom-right) + optional window/extra masks."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        window = self.window_left if causal else None
+        needs_window = window is not None and sk > window + 1
+        if causal and sq == sk and extra_mask is None and not needs_window:
+            return self._run_sdpa(q, k, v, None, True, dropout_p)
+        allowed = extra_mask
+        if causal or needs_window:
+            rows = torch.arange(sq, device=q.device).unsqueeze(1) + (sk - sq)
+            cols = torch.arange(sk, device=q.device).unsqueeze(0)
+            band = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+            if causal:
+                band = band & (cols <= rows)
+            if needs_window:
+                band = band & (cols >= rows - window)
+            allowed = band if allowed is None else (allowed & band)
+        return self._run_sdpa(q, k, v, allowed, False, dropout_p)
+
+    def _run_sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                  dropout_p: float) -> Tensor:
+        def call() -> Tensor:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=self.softmax_scale)
+
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            # Same RNG discipline as megatron-core's DotProductAttention: heads are split over
+            # TP, so each TP rank draws its dropout mask from the model-parallel RNG stream.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return call()
+        return call()
+
+    def _check_heads(self, heads: int, key_groups: int, value_groups: int) -> None:
+        if heads != self.num_heads_per_partition or key_groups != self.num_groups_per_partition \
+                or value_groups != self.num_groups_per_partition:
+            raise ValueError(
+                f"XLDACoreAttention: expected {self.num_heads_per_partition} query heads and "
+                f"{self.num_groups_per_partition} key/value groups per tensor-parallel rank "
+                f"(num_attention_heads={self.config.num_attention_heads}, num_query_groups="
+                f"{self.config.num_query_groups}), got {heads}, {key_groups}, {value_groups}."
+            )
+
+    def _expand_groups(self, key: Tensor, value: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+        # GQA: repeat each key/value group for its query heads. Done once on [T, G, d] (O(T*H*d))
+        # because the CPU SDPA kernel's enable_gqa path is not the fused one.
+        repeat = self.num_heads_per_partition // self.num_groups_per_partition
+        if repeat == 1:
+            return key, value
+        return (key.repeat_interleave(repeat, dim=head_dim),
+                value.repeat_interleave(repeat, dim=head_dim))
+
+
+def _block_lengths(params: PackedSeqParams, num_tokens: int) -> list[int]:
+    """Lengths of the attention blocks (some may be 0), validated against the token count."""
+    cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
+    if cu_q is None:
+        raise ValueError("PackedSeqParams.cu_seqlens_q is required by XLDACoreAttention.")
+    if cu_kv is not None and not torch.equal(cu_q.cpu(), cu_kv.cpu()):
+        raise ValueError(
+            "XLDACoreAttention is self-attention: cu_seqlens_q and cu_seqlens_kv must be equal."
+        )
+    for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        padded = getattr(params, name)
+        if padded is not None and not torch.equal(padded.cpu(), cu_q.cpu()):
+            raise ValueError(
+                f"XLDACoreAttention does not support {name} different from cu_seqlens_q "
+                "(padding between blocks is only needed for context parallel, a GPU/TE feature)."
+            )
+    # One host sync per layer call; the GPU path (TE) takes the tensor directly.
+    cu = [int(x) for x in cu_q.reshape(-1).tolist()]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != num_tokens or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(
+            f"PackedSeqParams.cu_seqlens_q={cu[:8]}{'...' if len(cu) > 8 else ''} must start at "
+            f"0, be non-decreasing and end at the number of tokens ({num_tokens})."
+        )
+    return [b - a for a, b in zip(cu, cu[1:])]
+
+
+def _stack_blocks(parts: Sequence[Tensor], blocks: list[int]) -> Tensor:
+    """Blocks [L, H, d] of equal length -> one contiguous [n, H, L, d] (SDPA's fast layout)."""
+    if len(blocks) == 1:
+        return parts[blocks[0]].transpose(0, 1).unsqueeze(0).contiguous()
+    return torch.stack([parts[b] for b in blocks]).transpose(1, 2).contiguous()

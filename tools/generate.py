@@ -1,0 +1,63 @@
+"""Generate text greedily from a megatron-trillion checkpoint (one process, any saved layout).
+
+    python tools/generate.py --load checkpoints/ --prompt "The river" --max-new-tokens 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--load", required=True, help="checkpoint directory (--save of a run)")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text (repeat for several prompts)")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    from megatron_trillion.pretrain import quiet_known_warnings
+
+    quiet_known_warnings()
+    from megatron_trillion.inference.generate import greedy_generate, load_for_inference
+    from megatron_trillion.platform.distributed import (
+        ParallelSizes,
+        destroy_distributed,
+        initialize_distributed,
+    )
+    from megatron_trillion.training.checkpointing import CheckpointError
+
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    initialize_distributed(ParallelSizes())
+    try:
+        model, tokenizer, _ = load_for_inference(args.load)
+        if tokenizer is None:
+            print("error: the checkpoint's run used no tokenizer (--mock-data)", file=sys.stderr)
+            return 2
+        for prompt in args.prompt:
+            new = greedy_generate(model, tokenizer.encode(prompt), args.max_new_tokens,
+                                  eod=tokenizer.eod)
+            print(f"{prompt!r} -> {tokenizer.decode(new)!r}")
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

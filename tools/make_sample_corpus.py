@@ -1,0 +1,34 @@
+"""Write the built-in English/Korean/Japanese sample corpus as JSONL (no download).
+
+    python tools/make_sample_corpus.py --output corpus/train.jsonl --docs-per-lang 600 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+from megatron_trillion.data.sample_corpus import write_sample_corpus  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="make_sample_corpus.py",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="JSONL path (.jsonl or .jsonl.gz)")
+    parser.add_argument("--docs-per-lang", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    if args.docs_per_lang < 1:
+        print("error: --docs-per-lang must be >= 1", file=sys.stderr)
+        return 2
+    path = write_sample_corpus(args.output, docs_per_lang=args.docs_per_lang, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
