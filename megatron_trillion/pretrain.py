@@ -69,6 +69,11 @@ def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
         recompute_granularity=train.recompute_granularity,
         recompute_method=train.recompute_method,
         recompute_num_layers=train.recompute_num_layers,
+        # Batched p2p posts both directions between the same two ranks in one call; with
+        # PP=2 and virtual stages the activation and the gradient travel between the same
+        # pair, and gloo (like Megatron-LM's own interleaved default) must keep them on
+        # separate calls or they can be matched to the wrong buffer.
+        batch_p2p_comm=not (shape.parallel.virtual_pipeline or not torch.cuda.is_available()),
     )
     if train.fp8_format:
         kwargs.update(fp8=train.fp8_format, fp8_amax_history_len=train.fp8_amax_history_len,
@@ -288,8 +293,9 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     scheduler, rampup, anneal = build_schedules(config, optimizer, shape, preset)
 
     # 3. data
-    workdir = config.checkpoint.save or os.path.join(tempfile.gettempdir(),
-                                                     "megatron-trillion")
+    # Where generated files (mock data, sample-index caches) go when no path is given.
+    workdir = (config.data.data_cache_path or config.checkpoint.save
+               or os.path.join(tempfile.gettempdir(), "megatron-trillion"))
     eod = tokenizer.eod if tokenizer is not None else 0
     sources = data_sources(config, vocab, workdir)
     state = TrainState()
@@ -299,7 +305,8 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         loaded = checkpointing.load_checkpoint(
             config.checkpoint.load, model, optimizer, model_signature(preset),
             load_optimizer=not (config.checkpoint.no_load_optim or config.checkpoint.finetune),
-            load_rng=not (config.checkpoint.no_load_rng or config.checkpoint.finetune), log=say)
+            load_rng=not (config.checkpoint.no_load_rng or config.checkpoint.finetune),
+            iteration=config.checkpoint.ckpt_step, log=say)
         if loaded is not None and not config.checkpoint.finetune:
             common = loaded.common
             state.load_state_dict(common["train_state"])
@@ -324,14 +331,25 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     signals = ExitSignal(config.checkpoint.exit_signal_handler)
     run_config = to_flat_dict(config)
 
+    saver = checkpointing.CheckpointSaver(
+        config.checkpoint.save, keep_last=config.checkpoint.ckpt_keep_last,
+        async_save=config.checkpoint.async_save, log=say) if config.checkpoint.save else None
+
     def save(train_state: TrainState) -> None:
-        checkpointing.save_checkpoint(
-            config.checkpoint.save, train_state.iteration, model, optimizer,
-            common={"train_state": train_state.state_dict(),
-                    "scheduler": scheduler.state_dict(), "numerics": guard.state_dict(),
-                    "data": run.train_batches.dataset.state_dict(train_state.consumed_samples),
-                    "model": model_signature(preset), "config": run_config},
-            log=say)
+        if saver.last_saved_iteration == train_state.iteration:
+            return  # e.g. a signal arrived right after a --save-interval save
+        saver.save(train_state.iteration, model, optimizer,
+                   common={"train_state": train_state.state_dict(),
+                           "scheduler": scheduler.state_dict(), "numerics": guard.state_dict(),
+                           "data": run.train_batches.dataset.state_dict(
+                               train_state.consumed_samples),
+                           "model": model_signature(preset), "config": run_config})
+
+    def at_step_boundary() -> bool:
+        """Publish finished background saves; True when a signal asks to save and exit."""
+        if saver is not None:
+            saver.poll()
+        return config.checkpoint.exit_signal_handler and signals.agreed()
 
     def on_anneal_switch(switches, train_state: TrainState) -> None:
         if preset.mtp_num_layers and scheduler.mtp_loss_scaling is not None:
@@ -354,17 +372,16 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         eval_batches=eval_batches, on_anneal_switch=on_anneal_switch, anneal=anneal,
         save=save if config.checkpoint.save else None,
         save_interval=config.checkpoint.save_interval,
-        exit_requested=signals.agreed if config.checkpoint.exit_signal_handler
-        else (lambda: False),
+        exit_requested=at_step_boundary,
         device_peak_tflops=config.logging.device_peak_tflops or _default_peak(),
         writers=writers, progress=not config.logging.no_progress_bar, log=say, state=state,
         on_step=on_step,
     )
     try:
         final = train(run)
-        if config.checkpoint.save and not (config.checkpoint.save_interval and
-                                           final.iteration % config.checkpoint.save_interval == 0):
-            save(final)
+        if saver is not None:
+            save(final)  # no-op when the last step already saved
+            saver.wait()
     finally:
         if writers is not None:
             writers.close()
