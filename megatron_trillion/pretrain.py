@@ -30,17 +30,24 @@ from megatron_trillion.training.validation import (
 # pieces of setup
 
 
-def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = None):
-    from megatron_trillion.models.presets import resolve_preset
+def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = None,
+                         check: bool = True):
+    """The preset with the flags' overrides. ``check=False`` (issue 11: up-front validation)
+    leaves the preset's consistency checks to ``validate()``, which reports them together with
+    every other conflict instead of stopping at the first."""
+    from megatron_trillion.models.presets import get_preset, resolve_preset
 
     overrides = config.model.preset_overrides()
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
+    if not check:
+        return dataclasses.replace(get_preset(config.model.preset), **overrides)
     return resolve_preset(config.model.preset, overrides)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    multiple = divisible_by * tensor_parallel
+    # max(1, ...): invalid flags are reported by validate(), which runs after this.
+    multiple = max(1, divisible_by) * max(1, tensor_parallel)
     return -(-vocab_size // multiple) * multiple
 
 
@@ -268,9 +275,10 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     tokenizer = build_tokenizer(config)
     tp = config.parallel.tensor_model_parallel_size
     base_vocab = (tokenizer.vocab_size if tokenizer is not None
-                  else config.data.vocab_size or resolve_model_preset(config).vocab_size)
+                  else config.data.vocab_size
+                  or resolve_model_preset(config, check=False).vocab_size)
     vocab = padded_vocab_size(base_vocab, config.model.make_vocab_size_divisible_by, tp)
-    preset = resolve_model_preset(config, vocab)
+    preset = resolve_model_preset(config, vocab, check=False)  # validate() checks it
     shape = validate(config, preset, world_size_from_env(), te_available())
 
     # 2. process groups, model, optimizer, schedules
@@ -349,6 +357,9 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         """Publish finished background saves; True when a signal asks to save and exit."""
         if saver is not None:
             saver.poll()
+        interval = config.training.exit_interval
+        if interval and run.state.iteration % interval == 0:
+            return True  # --exit-interval: same path as a signal (save, then stop)
         return config.checkpoint.exit_signal_handler and signals.agreed()
 
     def on_anneal_switch(switches, train_state: TrainState) -> None:
@@ -376,6 +387,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         device_peak_tflops=config.logging.device_peak_tflops or _default_peak(),
         writers=writers, progress=not config.logging.no_progress_bar, log=say, state=state,
         on_step=on_step,
+        hang_timeout_seconds=config.training.hang_timeout_seconds,  # issue 11: watchdog
     )
     try:
         final = train(run)

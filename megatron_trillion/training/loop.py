@@ -99,6 +99,7 @@ class Run:
     log: Callable[[str], None] = print
     on_step: Optional[Callable[["TrainState", dict], None]] = None  # e.g. tests record losses
     state: TrainState = field(default_factory=TrainState)
+    hang_timeout_seconds: Optional[float] = None  # --hang-timeout-seconds (training.watchdog)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,8 +125,14 @@ def _reduce_lm_loss(outputs: list, key: str = "lm loss") -> torch.Tensor:
 def train_step(run: Run, batches: list) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_trillion.training.expert_bias import (
+        restore_expert_bias,
+        snapshot_expert_bias,
+    )
     from megatron_trillion.training.numerics import guarded_optimizer_step
 
+    # issue 11: finalize_model_grads moves the MoE expert bias; undone if the step is skipped.
+    expert_bias = snapshot_expert_bias(run.model)
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
@@ -143,22 +150,47 @@ def train_step(run: Run, batches: list) -> dict:
     loss = loss_sum / max(tokens, 1.0)
     decision, updated, grad_norm, _ = guarded_optimizer_step(
         run.optimizer, run.guard, run.state.iteration + 1, torch.tensor(loss),
-        samples=_sample_refs(batches),
+        # Gathered only for a step to skip (a collective that every rank reaches then).
+        samples=functools.partial(_step_sample_refs, batches, run.train_batches.dataset),
     )
+    if not decision.proceed:
+        restore_expert_bias(expert_bias)
     grad_norm = float(grad_norm) if grad_norm is not None else None
     return {"lm loss": loss, "grad_norm": grad_norm, "skipped": not decision.proceed,
-            "updated": bool(updated), "tokens": tokens}
+            "skipped_step": decision.skipped, "updated": bool(updated), "tokens": tokens}
 
 
-def _sample_refs(batches: list) -> tuple:
+def _sample_refs(batches: list, dataset: Any = None) -> tuple:
+    """(dataset, document ids) of every sample of this rank's micro-batches.
+
+    ``batch["document_ids"]`` holds one ``[docs, 2]`` tensor of (source, document) per sample;
+    the source index names the dataset through ``dataset.mixture.sources`` when available."""
     from megatron_trillion.training.numerics import SampleRef
 
+    sources = getattr(getattr(dataset, "mixture", None), "sources", None)
     refs = []
     for batch in batches:
         for index, docs in zip(batch["indices"], batch["document_ids"]):
-            refs.append(SampleRef(dataset=f"sample {index}",
-                                  document_ids=tuple(int(d) for d in docs.reshape(-1).tolist())))
+            by_source: dict = {}
+            for source, document in docs.reshape(-1, 2).tolist():
+                by_source.setdefault(int(source), []).append(int(document))
+            for source, documents in by_source.items():
+                name = (f"{sources[source].language}:{sources[source].path_prefix}"
+                        if sources is not None else f"source {source}")
+                refs.append(SampleRef(dataset=f"{name} (sample {index})",
+                                      document_ids=tuple(documents)))
     return tuple(refs)
+
+
+def _step_sample_refs(batches: list, dataset: Any) -> tuple:
+    """The samples of the whole global batch: every data-parallel rank's share."""
+    from megatron.core import parallel_state as ps
+
+    local = _sample_refs(batches, dataset)
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    gathered: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, local, group=group)
+    return tuple(ref for part in gathered for ref in part)
 
 
 def evaluate(run: Run) -> dict:
@@ -193,12 +225,17 @@ def evaluate(run: Run) -> dict:
 
 
 def train(run: Run) -> TrainState:
+    from megatron_trillion.training.watchdog import HangWatchdog
+
     state = run.state
     is_logging_rank = torch.distributed.get_rank() == 0
     bar = ProgressBar(run.train_iters, state.iteration, enabled=run.progress and is_logging_rank)
     say = bar.write if is_logging_rank else (lambda line: None)
     watch = Stopwatch()
     window = {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0}
+    # issue 11: hang watchdog (a no-op unless --hang-timeout-seconds is given)
+    watchdog = HangWatchdog(run.hang_timeout_seconds, torch.distributed.get_rank())
+    watchdog.start(state.iteration + 1)
     try:
         while state.iteration < run.train_iters:
             global_batch = run.rampup.global_batch_size_at(state.consumed_samples)
@@ -213,6 +250,8 @@ def train(run: Run) -> TrainState:
             if result["skipped"]:
                 state.skipped_iterations += 1
                 state.nan_iterations += 1
+                if result["skipped_step"] is not None:  # issue 11: the bad-batch record
+                    say(f" {result['skipped_step'].describe()}")
             run.scheduler.step(global_batch)
             if run.anneal is not None:
                 switches = run.anneal.switches(previous, run.scheduler.num_steps)
@@ -243,12 +282,15 @@ def train(run: Run) -> TrainState:
                     state.iteration % run.save_interval == 0:
                 run.save(state)
             if run.exit_requested():
-                say(f" exiting at iteration {state.iteration} on request (signal)")
+                say(f" exiting at iteration {state.iteration} on request "
+                    "(signal or --exit-interval)")
                 if run.save is not None and not (run.save_interval and
                                                  state.iteration % run.save_interval == 0):
                     run.save(state)
                 break
+            watchdog.step_done(state.iteration)  # issue 11: eval and save count as the step
     finally:
+        watchdog.stop()
         bar.close()
     return state
 
