@@ -20,8 +20,9 @@ Layouts (as megatron-core's ``Attention`` hands them over):
   decoding) combined with megatron's boolean ``attention_mask`` (True = masked out) if given.
 
 Why the cost follows the allowed query-key pairs: each block is a separate causal attention, so
-the blocks are cut out as contiguous ``[n, heads, L, d]`` tensors (blocks of equal length are
-stacked and run in one SDPA call) and torch's fused CPU SDPA kernel runs on each. A dense
+the blocks are cut out as contiguous ``[n, heads, L, d]`` tensors and torch's fused CPU SDPA
+kernel runs on each (blocks of similar length - within 1/8 - are zero-padded at their end and
+run as one batched call: causal masking keeps the padding invisible). A dense
 ``S x S`` boolean mask would cost the full ``S^2`` (and more: it disables the fused causal
 kernel) - measured in ``bench/bench_xlda_attention.py``.
 
@@ -33,7 +34,8 @@ constructed with ``require_packed_seq_params=True`` and its forward raises ``Val
 SBHD path is allowed - that is what inference/generation uses.
 
 Supported: GQA (any heads/groups ratio), TP (heads split; per-partition sizes checked),
-sequence parallel and pipeline parallel (transparent to core attention), sliding-window
+sequence parallel and pipeline parallel (transparent to core attention; note megatron-core's
+local spec norm rejects sequence parallel on CPU), sliding-window
 attention (``config.window_size = (left, right)`` with megatron/TE semantics: query i sees keys
 ``j`` with ``i - left <= j <= i + right``; with causal masking right is 0; applied to the layers
 selected by ``config.window_attn_skip_freq``), ``softmax_scale``, attention dropout.
@@ -175,6 +177,12 @@ class XLDACoreAttention(MegatronModule):
                 )
             return self._forward_sbhd(query, key, value, attention_mask,
                                       attn_mask_type or self.attn_mask_type)
+        if attention_mask is not None:
+            # In THD the block boundaries are the mask; a second one would be silently ignored.
+            raise ValueError(
+                "XLDACoreAttention: pass attention_mask=None with packed_seq_params; the "
+                "attention blocks come from packed_seq_params.cu_seqlens_q."
+            )
         return self._forward_thd(query, key, value, packed_seq_params)
 
     # ------------------------------------------------------------------------------------------
@@ -194,18 +202,21 @@ class XLDACoreAttention(MegatronModule):
         # zero-fill a full-size gradient for every block.
         parts = [torch.split(x, lengths, dim=0) for x in (query, key, value)]
 
-        # Blocks of one length run as one batched SDPA call.
-        by_length: dict[int, list[int]] = {}
+        # Blocks of similar length (same 1/8-rounded bucket) run as one batched SDPA call, each
+        # zero-padded at its END to the longest: under causal masking a real query never sees
+        # the padded keys after it, so the result is exact and padding costs at most ~1/8.
+        buckets: dict[int, list[int]] = {}
         for block, length in enumerate(lengths):
             if length > 0:
-                by_length.setdefault(length, []).append(block)
+                buckets.setdefault(_bucket_length(length), []).append(block)
 
         outputs: list[Optional[Tensor]] = [None] * len(lengths)
-        for length, blocks in by_length.items():
-            q, k, v = (_stack_blocks(p, blocks) for p in parts)          # [n, H, L, d]
-            out = self._sdpa(q, k, v, length, length, extra_mask=None)  # [n, H, L, dv]
+        for blocks in buckets.values():
+            padded = max(lengths[b] for b in blocks)
+            q, k, v = (_stack_blocks(p, blocks, padded) for p in parts)  # [n, H, padded, d]
+            out = self._sdpa(q, k, v, padded, padded, extra_mask=None)   # [n, H, padded, dv]
             for block, piece in zip(blocks, out.transpose(1, 2).unbind(0)):
-                outputs[block] = piece                                   # [L, H, dv]
+                outputs[block] = piece[:lengths[block]]                  # [L, H, dv]
         out = torch.cat([o for o in outputs if o is not None], dim=0)    # [T, H, dv]
         return out.reshape(out.shape[0], -1)
 
@@ -317,8 +328,19 @@ def _block_lengths(params: PackedSeqParams, num_tokens: int) -> list[int]:
     return [b - a for a, b in zip(cu, cu[1:])]
 
 
-def _stack_blocks(parts: Sequence[Tensor], blocks: list[int]) -> Tensor:
-    """Blocks [L, H, d] of equal length -> one contiguous [n, H, L, d] (SDPA's fast layout)."""
+def _bucket_length(length: int) -> int:
+    """``length`` rounded up to a multiple of 1/8 of its power of two (at least 16)."""
+    granularity = max(16, (1 << max(0, (length - 1).bit_length())) // 8)
+    return -(-length // granularity) * granularity
+
+
+def _stack_blocks(parts: Sequence[Tensor], blocks: list[int], padded: int) -> Tensor:
+    """Blocks [L, H, d] -> one contiguous [n, H, padded, d] (SDPA's fast layout), each block
+    zero-padded at its end."""
     if len(blocks) == 1:
         return parts[blocks[0]].transpose(0, 1).unsqueeze(0).contiguous()
-    return torch.stack([parts[b] for b in blocks]).transpose(1, 2).contiguous()
+    first = parts[blocks[0]]
+    stacked = first.new_zeros((len(blocks), padded) + tuple(first.shape[1:]))
+    for row, block in enumerate(blocks):
+        stacked[row, :parts[block].shape[0]] = parts[block]
+    return stacked.transpose(1, 2).contiguous()
