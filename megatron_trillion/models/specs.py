@@ -14,7 +14,8 @@ layer spec per layer of this pipeline stage) and ``get_mtp_block_spec(...)`` the
   :class:`megatron_trillion.models.norms.TorchNorm` (megatron's torch norm refuses sequence
   parallelism, which megatron-core requires for MoE with TP). ``attention_masking``
   ("xlda" | "document" | "none") makes the CPU attention refuse to run without packed-sequence
-  block boundaries in the masked modes; TE's attention has no such guard.
+  block boundaries in the masked modes; so does TE's (wrapped by
+  ``te_attention_guard.require_packed_thd``).
 * MoE layers (per ``config.moe_layer_freq``): megatron-core's MoE spec; on the local backend
   experts are ``SequentialMLP`` (``GroupedMLP`` with ``moe_grouped_gemm``), tokens move with the
   dispatcher in ``config.moe_token_dispatcher_type`` (``alltoall`` for EP).
@@ -43,7 +44,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_trillion.models.afmoe import sandwich_layer_spec
+from megatron_trillion.models.mtp_recompute import use_packed_recompute_mtp_layers
 from megatron_trillion.models.norms import TorchNorm
+from megatron_trillion.models.te_attention_guard import require_packed_thd
 from megatron_trillion.models.xlda_attention import xlda_core_attention_spec
 
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
@@ -84,6 +87,10 @@ def _layer_spec(config: TransformerConfig, num_experts: Optional[int], impl: str
             moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=config.qk_layernorm,
         )
+        # Masked modes: TE's attention raises without THD block boundaries (issue 11).
+        attention = spec.submodules.self_attention.submodules
+        attention.core_attention = require_packed_thd(attention.core_attention,
+                                                      attention_masking)
         norm = TENorm
     else:
         spec = get_gpt_layer_local_spec(
@@ -160,10 +167,13 @@ def get_mtp_block_spec(config: TransformerConfig, decoder_spec: TransformerBlock
                                  sandwich_norm=sandwich_norm)[-1]
     block = TransformerBlockSubmodules(layer_specs=[last_layer])
     if impl == "transformer_engine":
-        return get_gpt_mtp_block_spec(config, block, use_transformer_engine=True,
+        spec = get_gpt_mtp_block_spec(config, block, use_transformer_engine=True,
                                       vp_stage=vp_stage)
-    return get_gpt_mtp_block_spec_for_backend(config, block, backend=_LocalBackend(),
-                                              vp_stage=vp_stage)
+    else:
+        spec = get_gpt_mtp_block_spec_for_backend(config, block, backend=_LocalBackend(),
+                                                  vp_stage=vp_stage)
+    # full recompute + packed sequences: megatron-core 0.16.1's MTP layer crashes (issue 11)
+    return use_packed_recompute_mtp_layers(spec)
 
 
 class _LocalBackend(LocalSpecProvider):

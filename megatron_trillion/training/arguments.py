@@ -110,6 +110,9 @@ class TrainingArgs:
     max_consecutive_nonfinite_steps: int = flag(
         5, "stop after this many consecutive steps with a NaN/inf loss or grad norm")
     exit_interval: Optional[int] = flag(None, "exit after the iteration divisible by this")
+    hang_timeout_seconds: Optional[float] = flag(
+        None, "hang watchdog: when one iteration (with its eval/save) makes no progress for "
+        "this long, every rank dumps its Python stacks and the job exits non-zero")
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,13 @@ class CheckpointArgs:
     no_load_rng: bool = flag(False, "do not load RNG state")
     finetune: bool = flag(False, "load weights only and start at iteration 0")
     exit_signal_handler: bool = flag(False, "save and exit 0 on SIGTERM/SIGUSR1")
-    async_save: bool = flag(False, "write checkpoints in the background")
+    async_save: bool = flag(False, "write checkpoints in the background (megatron-core "
+                            "async torch_dist writer; finished saves are published at the "
+                            "next step boundary)")
     ckpt_format: str = flag("torch_dist", "checkpoint format", choices=["torch_dist"])
+    ckpt_step: Optional[int] = flag(None, "load this iteration from --load instead of the "
+                                    "newest (latest_checkpointed_iteration.txt)")
+    ckpt_keep_last: Optional[int] = flag(None, "keep only the newest N checkpoints in --save")
 
 
 @dataclass(frozen=True)

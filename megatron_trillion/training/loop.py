@@ -230,7 +230,8 @@ def train(run: Run) -> TrainState:
     state = run.state
     is_logging_rank = torch.distributed.get_rank() == 0
     bar = ProgressBar(run.train_iters, state.iteration, enabled=run.progress and is_logging_rank)
-    say = bar.write if is_logging_rank else (lambda line: None)
+    # Without the bar, lines go to run.log (pretrain's `log`), so callers see every line.
+    say = (bar.write if run.progress else run.log) if is_logging_rank else (lambda line: None)
     watch = Stopwatch()
     window = {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0}
     # issue 11: hang watchdog (a no-op unless --hang-timeout-seconds is given)

@@ -98,8 +98,11 @@ class NumericsGuard:
                              f"{self.max_consecutive_bad_steps}")
 
     def check(self, iteration: int, loss: Any, grad_norm: Any,
-              samples: Sequence[SampleRef] = (), group: Any = None) -> StepDecision:
+              samples: Any = (), group: Any = None) -> StepDecision:
         """Decide whether step ``iteration`` may update the weights.
+
+        ``samples`` is a sequence of :class:`SampleRef` or a callable returning one, called
+        only when the step is skipped (on every rank of ``group``).
 
         ``loss`` / ``grad_norm`` may be floats, 0-d tensors or None (a pipeline stage without
         the loss). With torch.distributed initialised the decision is agreed over ``group``
@@ -123,6 +126,10 @@ class NumericsGuard:
             return StepDecision(proceed=True)
 
         reason = ", ".join(reasons)
+        if callable(samples):
+            # Lazily built (e.g. gathered over DP: a collective, reached by every rank here
+            # because the decision above is agreed) only for a step that is skipped.
+            samples = samples()
         skipped = SkippedStep(iteration, loss_f, norm_f, reason, tuple(samples))
         self.consecutive_bad_steps += 1
         self.total_skipped_steps += 1
@@ -162,7 +169,7 @@ class NumericsGuard:
 
 
 def guarded_optimizer_step(optimizer: Any, guard: NumericsGuard, iteration: int, loss: Any,
-                           samples: Sequence[SampleRef] = (), group: Any = None):
+                           samples: Any = (), group: Any = None):
     """Step a megatron-core optimizer unless the loss or grad norm is non-finite.
 
     Returns ``(decision, update_successful, grad_norm, num_zeros_in_grad)``; on a skipped

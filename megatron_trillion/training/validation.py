@@ -6,6 +6,7 @@ fixes a configuration in one round instead of one crash per conflict on a 256-GP
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.platform.distributed import ParallelSizes, validate_parallel_sizes
@@ -51,6 +52,7 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
 
     errors: list[str] = []
     par, batch, train = config.parallel, config.batch, config.training
+    errors += _model_errors(config, preset)
     sizes = parallel_sizes(config, preset.num_layers)
     errors += validate_parallel_sizes(
         sizes, world_size, num_layers=preset.num_layers,
@@ -170,6 +172,9 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
         errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
                       "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
 
+    errors += _blend_errors(config)
+    errors += _interval_errors(config)
+
     ckpt = config.checkpoint
     if ckpt.save_interval and not ckpt.save:
         errors.append("--save-interval needs --save")
@@ -179,6 +184,129 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
         raise ConfigError(errors)
     return RunShape(parallel=sizes, data_parallel_size=dp, global_batch_size=global_batch,
                     train_samples=train_samples, train_iters=train_iters, seq_length=seq_length)
+
+
+# Preset fields -> the flags that set them, so preset problems read like flag problems.
+_PRESET_FLAGS = {
+    "moe_router_topk": "--moe-router-topk", "num_experts": "--num-experts",
+    "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
+    "hidden_size": "--hidden-size", "num_layers": "--num-layers",
+    "mtp_num_layers": "--mtp-num-layers",
+}
+
+
+def _model_errors(config: PretrainConfig, preset: ModelPreset) -> list[str]:
+    """Vocabulary padding, sequence length vs RoPE/positions, MoE sizes and the preset's own
+    consistency (``pretrain`` resolves the preset unchecked so these join the other errors)."""
+    errors: list[str] = []
+    model, tp = config.model, config.parallel.tensor_model_parallel_size
+    try:
+        preset.validate()
+    except ValueError as exc:
+        for line in str(exc).splitlines()[1:]:
+            line = line.strip(" -")
+            for field_name, flag_text in _PRESET_FLAGS.items():
+                line = re.sub(rf"\b{field_name}\b", flag_text, line)
+            errors.append(f"--preset {preset.name}: {line}")
+
+    # vocabulary padding: the padded vocabulary is split over TP ranks
+    if model.make_vocab_size_divisible_by < 1:
+        errors.append(f"--make-vocab-size-divisible-by must be >= 1, got "
+                      f"{model.make_vocab_size_divisible_by}")
+    if config.data.vocab_size is not None and config.data.vocab_size < 1:
+        errors.append(f"--vocab-size must be >= 1, got {config.data.vocab_size}")
+    if tp >= 1 and preset.vocab_size % tp:
+        errors.append(f"the padded vocabulary ({preset.vocab_size}) is not divisible by "
+                      f"--tensor-model-parallel-size ({tp}); set --make-vocab-size-divisible-by")
+
+    # sequence length vs RoPE / positions
+    seq_length = model.seq_length or preset.seq_length
+    if preset.num_attention_heads > 0 and preset.head_dim % 2:
+        errors.append(f"RoPE rotates pairs of channels: the head dimension ({preset.head_dim} "
+                      f"= --hidden-size {preset.hidden_size} / --num-attention-heads "
+                      f"{preset.num_attention_heads}) must be even")
+    if preset.rotary_base <= 0:
+        errors.append(f"--rotary-base must be > 0, got {preset.rotary_base}")
+    # --seq-length also sets the preset's seq_length, which is GPTModel's max_sequence_length
+    # (the positions RoPE is built for), so the two cannot disagree.
+    cp = config.parallel.context_parallel_size
+    if cp > 1 and seq_length % (2 * cp):
+        errors.append(f"--seq-length ({seq_length}) must be divisible by 2 x "
+                      f"--context-parallel-size ({2 * cp}) (load-balanced CP chunks)")
+
+    # MoE sizes
+    if preset.num_experts is None:
+        if model.moe_router_topk is not None:
+            errors.append(f"--moe-router-topk is set but --preset {preset.name} is dense "
+                          "(give --num-experts or a MoE preset)")
+    else:
+        if preset.num_experts < 1:
+            errors.append(f"--num-experts must be >= 1, got {preset.num_experts}")
+        # topk <= experts is a preset error above; EP | experts: validate_parallel_sizes
+    return errors
+
+
+def _blend_errors(config: PretrainConfig) -> list[str]:
+    """The language mixture must refer to languages that the data has."""
+    import inspect
+
+    from megatron_trillion.training.data import (
+        parse_data_path,
+        parse_lang_beta,
+        write_mock_datasets,
+    )
+
+    data = config.data
+    errors: list[str] = []
+    try:
+        beta = parse_lang_beta(data.lang_beta)
+        if data.mock_data:  # the languages --mock-data writes
+            mock = inspect.signature(write_mock_datasets).parameters["languages"].default
+            entries = [(None, "mock", lang) for lang in mock]
+        elif data.data_path:
+            entries = parse_data_path(data.data_path)
+        else:
+            return errors
+    except ValueError:
+        return errors  # already reported by validate()
+    languages = sorted({lang for _, _, lang in entries})
+    weights = [w for w, _, _ in entries]
+    if any(w is not None and w <= 0 for w in weights):
+        errors.append("--data-path weights must be > 0, got "
+                      + " ".join(str(w) for w in weights if w is not None))
+    if beta:
+        unknown = sorted(set(beta) - set(languages))
+        if unknown:
+            errors.append(f"--lang-beta names languages {unknown} that no --data-path dataset "
+                          f"has (languages: {languages})")
+        missing = sorted(set(languages) - set(beta))
+        if missing:
+            errors.append(f"--lang-beta has no value for languages {missing} (give one per "
+                          f"--data-path language: {languages})")
+        total = sum(beta.values())
+        if abs(total - 1.0) > 1e-6 or any(v < 0 for v in beta.values()):
+            errors.append(f"--lang-beta values must be >= 0 and sum to 1, got {total:g}")
+    if data.attention_masking == "xlda" and data.xlda_mixing_prob > 0 and \
+            data.anchor_language not in languages:
+        errors.append(f"--anchor-language {data.anchor_language} is not among the "
+                      f"--data-path languages {languages} (needed for --xlda-mixing-prob > 0)")
+    return errors
+
+
+def _interval_errors(config: PretrainConfig) -> list[str]:
+    """Intervals and timeouts (warmup vs run length: the LRScheduleConfig check above)."""
+    errors: list[str] = []
+    for flag_text, value in (("--log-interval", config.logging.log_interval),
+                             ("--save-interval", config.checkpoint.save_interval),
+                             ("--eval-interval", config.eval.eval_interval),
+                             ("--eval-iters", config.eval.eval_iters),
+                             ("--exit-interval", config.training.exit_interval)):
+        if value is not None and value < 1:
+            errors.append(f"{flag_text} must be >= 1, got {value}")
+    hang = getattr(config.training, "hang_timeout_seconds", None)
+    if hang is not None and hang <= 0:
+        errors.append(f"--hang-timeout-seconds must be > 0, got {hang}")
+    return errors
 
 
 def _iters_for_samples(rampup, train_samples: int) -> int:

@@ -1,0 +1,49 @@
+"""Transformer Engine's core attention, refusing to run a masked mode without block boundaries.
+
+TE's ``TEDotProductAttention`` runs XLDA / document masking as varlen attention over the
+``PackedSeqParams(qkv_format="thd")`` cu_seqlens. Called without them (or with another
+qkv_format) it runs plain causal attention over the whole packed row - no error, just every
+document attending to the previous ones. The CPU attention (``xlda_attention``) raises in that
+case; :func:`require_packed_thd` gives TE's class the same contract so the choice of backend
+cannot change what the model attends to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MASKED_MODES = ("xlda", "document")
+
+
+def check_packed_thd(packed_seq_params: Any, masking: str, who: str) -> None:
+    """Raise ValueError when ``masking`` needs block boundaries that ``packed_seq_params``
+    does not carry (None, or a qkv_format other than "thd")."""
+    if masking not in MASKED_MODES:
+        return
+    if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", None) != "thd":
+        got = ("no packed_seq_params" if packed_seq_params is None
+               else f"qkv_format={packed_seq_params.qkv_format!r}")
+        raise ValueError(
+            f"{who}: --attention-masking {masking} needs PackedSeqParams(qkv_format='thd') with "
+            f"the attention-block cu_seqlens, got {got}: the block mask would be ignored. Pass "
+            "the PackedSeqParams from megatron_trillion.data.packed_batch to the model forward, "
+            "or use --attention-masking none for classic causal packing.")
+
+
+def require_packed_thd(attention_cls: type, masking: str) -> type:
+    """``attention_cls`` (TE's core attention) unchanged for masking "none", else a subclass
+    whose forward first checks the packed-sequence parameters."""
+    if masking not in MASKED_MODES:
+        return attention_cls
+
+    class PackedOnlyAttention(attention_cls):
+        def forward(self, *args: Any, **kwargs: Any):
+            # megatron-core's Attention passes packed_seq_params by keyword; positionally it is
+            # the 7th argument (query, key, value, attention_mask, attn_mask_type, bias, packed).
+            params = kwargs.get("packed_seq_params", args[6] if len(args) > 6 else None)
+            check_packed_thd(params, masking, attention_cls.__name__)
+            return super().forward(*args, **kwargs)
+
+    PackedOnlyAttention.__name__ = f"{attention_cls.__name__}PackedOnly"
+    PackedOnlyAttention.__qualname__ = PackedOnlyAttention.__name__
+    return PackedOnlyAttention
