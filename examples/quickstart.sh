@@ -4,7 +4,8 @@
 #   1. install into .venv            4. preprocess into per-language indexed datasets
 #   2. write a small EN/KO/JA corpus 5. pretrain a tiny Tri-7B-style model with XLDA + MTP + WSD
 #   3. train a byte-level BPE         under TP2 x PP2 x DP2 (8 gloo processes on CPU)
-#      with per-language budgets     6. generate a few tokens from the checkpoint
+#      with per-language budgets     6. generate a few tokens from the checkpoint,
+#                                       export to HF, generate with transformers
 # Everything lands in $QUICKSTART_OUT (default: quickstart_out/). Re-running reuses the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,5 +58,13 @@ OMP_NUM_THREADS=1 torchrun --nproc-per-node "$NPROC" -m megatron_trillion.pretra
 step "5/5 generate from the checkpoint (loaded at TP1 x PP1)"
 python tools/generate.py --load "$OUT/checkpoints" --max-new-tokens 16 \
   --prompt "The river" --prompt "오늘은" --prompt "今日は"
+# ... then export to Hugging Face (LlamaForCausalLM, fp32: same greedy tokens as above) and
+# generate with transformers from the export.
+rm -rf "$OUT/hf"
+python tools/convert_checkpoint.py export --load "$OUT/checkpoints" --save "$OUT/hf" \
+  --dtype fp32 --no-progress-bar
+python tools/hf_generate.py --model "$OUT/hf" --max-new-tokens 16 \
+  --prompt "The river" --prompt "오늘은" --prompt "今日は"
 
-printf '\nDone. Checkpoint: %s/checkpoints  TensorBoard: %s/tensorboard\n' "$OUT" "$OUT"
+printf '\nDone. Checkpoint: %s/checkpoints  Hugging Face export: %s/hf  TensorBoard: %s/tensorboard\n' \
+  "$OUT" "$OUT" "$OUT"

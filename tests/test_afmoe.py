@@ -171,56 +171,27 @@ def _afmoe_checks() -> dict:
 
 
 def megatron_to_afmoe_hf(model, p) -> dict:
-    """State dict of transformers' AfmoeForCausalLM from a TP1 megatron model (no MTP).
+    """State dict of transformers' AfmoeForCausalLM module from a TP1 megatron model (no MTP),
+    through the exporter's mapping (megatron_trillion.convert.afmoe). The exporter writes the
+    on-disk per-expert layout; the module holds experts fused as transformers loads them
+    (gate_up_proj [E, 2F, H] = per-expert [gate; up], down_proj [E, H, F])."""
+    import re
 
-    The name/layout correspondence the HF exporter needs: linear_qkv rows are per query group
-    [q (r heads), gate (r heads), k, v]; SwiGLU fc1 rows are [gate; up] (HF experts'
-    gate_up_proj has the same [gate; up] order); the router's expert_bias buffer is HF's
-    ``mlp.expert_bias``.
-    """
-    d, ng, nq = p.head_dim, p.query_groups, p.num_attention_heads
-    r, h = nq // ng, p.hidden_size
-    out = {"model.embed_tokens.weight": model.embedding.word_embeddings.weight,
-           "model.norm.weight": model.decoder.final_layernorm.weight,
-           "lm_head.weight": model.output_layer.weight}
-    for i, layer in enumerate(model.decoder.layers):
-        pre = f"model.layers.{i}."
-        attn = layer.self_attention
-        qkv = attn.linear_qkv.weight.view(ng, 2 * r + 2, d, h)
-        out.update({
-            pre + "input_layernorm.weight": layer.input_layernorm.weight,
-            pre + "post_attention_layernorm.weight": layer.post_self_attn_layernorm.weight,
-            pre + "pre_mlp_layernorm.weight": layer.pre_mlp_layernorm.weight,
-            pre + "post_mlp_layernorm.weight": layer.post_mlp_layernorm.weight,
-            pre + "self_attn.q_proj.weight": qkv[:, :r].reshape(nq * d, h),
-            pre + "self_attn.gate_proj.weight": qkv[:, r:2 * r].reshape(nq * d, h),
-            pre + "self_attn.k_proj.weight": qkv[:, -2].reshape(ng * d, h),
-            pre + "self_attn.v_proj.weight": qkv[:, -1].reshape(ng * d, h),
-            pre + "self_attn.o_proj.weight": attn.linear_proj.weight,
-            pre + "self_attn.q_norm.weight": attn.q_layernorm.weight,
-            pre + "self_attn.k_norm.weight": attn.k_layernorm.weight,
-        })
-        mlp = layer.mlp
-        if hasattr(mlp, "router"):
-            experts = mlp.experts.local_experts
-            shared_gate, shared_up = mlp.shared_experts.linear_fc1.weight.chunk(2)
-            out.update({
-                pre + "mlp.router.gate.weight": mlp.router.weight,
-                pre + "mlp.expert_bias": mlp.router.expert_bias,
-                pre + "mlp.experts.gate_up_proj": torch.stack(
-                    [e.linear_fc1.weight for e in experts]),
-                pre + "mlp.experts.down_proj": torch.stack(
-                    [e.linear_fc2.weight for e in experts]),
-                pre + "mlp.shared_experts.gate_proj.weight": shared_gate,
-                pre + "mlp.shared_experts.up_proj.weight": shared_up,
-                pre + "mlp.shared_experts.down_proj.weight":
-                    mlp.shared_experts.linear_fc2.weight,
-            })
-        else:
-            gate, up = mlp.linear_fc1.weight.chunk(2)
-            out.update({pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
-                        pre + "mlp.down_proj.weight": mlp.linear_fc2.weight})
-    return out
+    from megatron_trillion.convert.architectures import hf_state_dict
+
+    state = hf_state_dict(p, model.state_dict().__getitem__)
+    per_expert = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    experts: dict = {}
+    for name in list(state):
+        match = per_expert.match(name)
+        if match:
+            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = state.pop(name)
+    for prefix, parts in experts.items():
+        n = len(parts) // 3
+        state[prefix + ".gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(n)])
+        state[prefix + ".down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
+    return state
 
 
 def _hf_logits(model, p, tokens):

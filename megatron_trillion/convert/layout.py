@@ -1,0 +1,60 @@
+"""How megatron-core packs fused weights, shared by the architecture mappings.
+
+* ``linear_qkv`` rows are grouped per query group ``g``: the group's ``r`` query heads, then (with
+  ``attention_output_gate``) its ``r`` gate heads, then one key head and one value head
+  (``r = num_attention_heads / num_query_groups``).
+* SwiGLU ``linear_fc1`` rows are ``[gate; up]`` (``silu(gate) * up``).
+
+The names used by the mappings are those of a TP1 local-spec GPTModel's ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from megatron_trillion.models.presets import ModelPreset
+
+GetTensor = Callable[[str], torch.Tensor]
+"""Returns the tensor of a name or raises (``MissingTensorError``) naming it."""
+
+
+def split_qkv(qkv: torch.Tensor, p: ModelPreset):
+    """(q, gate or None, k, v) in head-major order (HF's q_proj / k_proj / v_proj rows)."""
+    d, groups, heads, h = p.head_dim, p.query_groups, p.num_attention_heads, qkv.shape[-1]
+    r = heads // groups
+    per_group = 2 * r + 2 if p.attention_output_gate else r + 2
+    expected = (groups * per_group * d, h)
+    if tuple(qkv.shape) != expected:
+        raise ValueError(f"linear_qkv.weight has shape {tuple(qkv.shape)}, expected {expected} "
+                         f"for {heads} heads in {groups} groups of head dim {d}")
+    view = qkv.view(groups, per_group, d, h)
+    q = view[:, :r].reshape(heads * d, h)
+    gate = view[:, r:2 * r].reshape(heads * d, h) if p.attention_output_gate else None
+    k = view[:, -2].reshape(groups * d, h)
+    v = view[:, -1].reshape(groups * d, h)
+    return q, gate, k, v
+
+
+def pack_qkv(q: torch.Tensor, gate: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+             p: ModelPreset) -> torch.Tensor:
+    """Inverse of :func:`split_qkv`."""
+    d, groups, h = p.head_dim, p.query_groups, q.shape[-1]
+    r = p.num_attention_heads // groups
+    parts = [q.reshape(groups, r, d, h)]
+    if p.attention_output_gate:
+        parts.append(gate.reshape(groups, r, d, h))
+    parts += [k.reshape(groups, 1, d, h), v.reshape(groups, 1, d, h)]
+    return torch.cat(parts, dim=1).reshape(-1, h)
+
+
+def split_swiglu(fc1: torch.Tensor):
+    """(gate, up) rows of a SwiGLU ``linear_fc1`` weight."""
+    gate, up = fc1.chunk(2, dim=0)
+    return gate, up
+
+
+def join_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gate, up], dim=0)
+

@@ -1,0 +1,112 @@
+"""Dense presets (tri-7b, tri-21b, trillion-7b and their tiny variants) <-> transformers'
+``LlamaForCausalLM`` (``model_type: llama``; GQA through ``num_key_value_heads``)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from megatron_trillion.convert.layout import (
+    GetTensor,
+    join_swiglu,
+    pack_qkv,
+    split_qkv,
+    split_swiglu,
+)
+from megatron_trillion.models.presets import ModelPreset
+
+ARCHITECTURE = "LlamaForCausalLM"
+MODEL_TYPE = "llama"
+
+def unsupported_features(p: ModelPreset) -> list[str]:
+    """Preset fields Llama cannot express (empty: exportable)."""
+    problems = []
+    for field, value, plain in (
+        ("num_experts", p.num_experts, None), ("qk_layernorm", p.qk_layernorm, False),
+        ("attention_output_gate", p.attention_output_gate, False),
+        ("sliding_window", p.sliding_window, None), ("sandwich_norm", p.sandwich_norm, False),
+    ):
+        if value != plain:
+            problems.append(f"{field}={value!r}")
+    return problems
+
+
+def hf_config(p: ModelPreset) -> dict:
+    """config.json fields (without dtype / token ids, which the exporter adds)."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": p.vocab_size,
+        "hidden_size": p.hidden_size,
+        "intermediate_size": p.ffn_hidden_size,
+        "num_hidden_layers": p.num_layers,
+        "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.query_groups,
+        "head_dim": p.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": p.seq_length,
+        "rms_norm_eps": p.norm_epsilon,
+        # transformers 5 reads rope_parameters; vLLM / SGLang / transformers 4 read rope_theta.
+        "rope_theta": p.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": p.rotary_base},
+        "tie_word_embeddings": not p.untie_embeddings_and_output_weights,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": p.init_method_std,
+        "use_cache": True,
+    }
+
+
+def export_steps(p: ModelPreset, get: GetTensor) -> list:
+    """[(label, produce)]: ``produce()`` yields (HF name, tensor) for one piece of the model
+    (embedding, one layer, head), reading only that piece."""
+
+    def embedding():
+        yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
+
+    def layer(i):
+        def produce():
+            src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+            q, _, k, v = split_qkv(get(src + "self_attention.linear_qkv.weight"), p)
+            gate, up = split_swiglu(get(src + "mlp.linear_fc1.weight"))
+            yield from {
+                dst + "input_layernorm.weight": get(src + "input_layernorm.weight"),
+                dst + "self_attn.q_proj.weight": q,
+                dst + "self_attn.k_proj.weight": k,
+                dst + "self_attn.v_proj.weight": v,
+                dst + "self_attn.o_proj.weight": get(src + "self_attention.linear_proj.weight"),
+                dst + "post_attention_layernorm.weight": get(src + "pre_mlp_layernorm.weight"),
+                dst + "mlp.gate_proj.weight": gate,
+                dst + "mlp.up_proj.weight": up,
+                dst + "mlp.down_proj.weight": get(src + "mlp.linear_fc2.weight"),
+            }.items()
+        return produce
+
+    def head():
+        yield "model.norm.weight", get("decoder.final_layernorm.weight")
+        if p.untie_embeddings_and_output_weights:
+            yield "lm_head.weight", get("output_layer.weight")
+
+    return ([("embedding", embedding)]
+            + [(f"layer {i}", layer(i)) for i in range(p.num_layers)]
+            + [("head", head)])
+
+
+def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, tensor) pairs from HF tensors (``get`` takes HF names)."""
+    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
+    for i in range(p.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        yield dst + "input_layernorm.weight", get(src + "input_layernorm.weight")
+        yield dst + "self_attention.linear_qkv.weight", pack_qkv(
+            get(src + "self_attn.q_proj.weight"), None, get(src + "self_attn.k_proj.weight"),
+            get(src + "self_attn.v_proj.weight"), p)
+        yield dst + "self_attention.linear_proj.weight", get(src + "self_attn.o_proj.weight")
+        yield dst + "pre_mlp_layernorm.weight", get(src + "post_attention_layernorm.weight")
+        yield dst + "mlp.linear_fc1.weight", join_swiglu(get(src + "mlp.gate_proj.weight"),
+                                                         get(src + "mlp.up_proj.weight"))
+        yield dst + "mlp.linear_fc2.weight", get(src + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if p.untie_embeddings_and_output_weights:
+        yield "output_layer.weight", get("lm_head.weight")
