@@ -12,11 +12,25 @@ any moment leaves the previous checkpoint loadable. The checkpoint holds the mod
 optimizer (distributed-optimizer shards included), the scheduler, the training state
 (iteration, consumed samples, skipped steps), the data pipeline's mixture state, the NaN
 guard, per-rank RNG states and the full run configuration. Loading reshards: megatron-core maps
-every tensor by its global key and offsets, whatever layout saved it.
+every tensor by its global key and offsets, whatever layout saved it (the optimizer is saved
+"fully_reshardable"); RNG states are restored only at the layout that saved them.
+
+Async save (``--async-save``): megatron-core's torch_dist strategy writes the shards from a
+forked background process (``AsyncCallsQueue``) while training continues; the publish step
+(rename + tracker) runs as its finalize function once every rank's writer is done, checked at
+each step boundary (one small all-reduce per step while a save is in flight). What stays
+synchronous: building the sharded state dict, which for the distributed optimizer's
+"fully_reshardable" format gathers the optimizer state over DP, the common-state and
+save-plan collectives, and on GPU the device-to-host copy of this rank's shards (host memory
+for one extra copy of them). On CPU tensors are already in host memory: the fork's
+copy-on-write pages are the snapshot, so memory grows by the pages training rewrites while
+the writer runs (at most one copy of the state). A save requested before the previous one is
+published waits for it. Works under gloo on CPU (tested).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -28,6 +42,10 @@ import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 PARTIAL = ".partial"
+REPLACED = ".replaced"  # the previous copy of an iteration being saved again
+# dist_checkpointing writes this file last (after every rank's shards): without it a
+# directory is not a complete checkpoint.
+METADATA_FILE = "metadata.json"
 MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "vocab_size", "num_experts", "moe_ffn_hidden_size",
                 "mtp_num_layers", "kv_channels")
@@ -45,7 +63,8 @@ def read_tracker(root: str) -> Optional[int]:
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as f:
+        text = f.read().strip()
     try:
         return int(text)
     except ValueError as exc:
@@ -56,6 +75,59 @@ def partial_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     return sorted(os.path.join(root, d) for d in os.listdir(root) if d.endswith(PARTIAL))
+
+
+def complete_checkpoints(root: str) -> list[int]:
+    """Iterations of the published checkpoints in ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and not name.endswith(PARTIAL):
+            try:
+                found.append(int(name[len("iter_"):]))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def read_common(path: str) -> dict:
+    """The non-tensor part of the checkpoint directory ``path`` (see the lead's notes)."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isfile(os.path.join(path, METADATA_FILE)):
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {METADATA_FILE} "
+                              "is missing (its save did not finish)")
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
+        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read its common state "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return common.get("common", common)
+
+
+def verify_shard_files(path: str) -> None:
+    """Raise naming the first shard file that is missing or shorter than the checkpoint's
+    index says (a full disk, a copy cut short): torch's own error for it is a bare EOFError."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read its index "
+                              f"(.metadata): {type(exc).__name__}: {exc}") from exc
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        end = (info.offset or 0) + (info.length or 0)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        shard = os.path.join(path, name)
+        if not os.path.isfile(shard):
+            raise CheckpointError(f"checkpoint {path} is corrupt: shard file {name} is missing")
+        actual = os.path.getsize(shard)
+        if actual < size:
+            raise CheckpointError(f"checkpoint {path} is corrupt: shard file {name} is "
+                                  f"truncated ({actual} bytes, its index needs {size})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,15 +168,91 @@ def unwrap(model):
     return model
 
 
+def _chunk_sharded_state(chunk) -> dict:
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    # GPTModel.sharded_state_dict reads metadata["dp_cp_group"] itself when the MTP block sits
+    # on a stage without the embedding (PP > 1), but only fills it in for its parent class:
+    # pass it explicitly.
+    return unwrap(chunk).sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+
+
 def _model_sharded_state(model_chunks: list) -> dict:
     if len(model_chunks) == 1:
-        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(chunk).sharded_state_dict()
-            for i, chunk in enumerate(model_chunks)}
+        return {"model": _chunk_sharded_state(model_chunks[0])}
+    return {f"model{i}": _chunk_sharded_state(chunk) for i, chunk in enumerate(model_chunks)}
+
+
+def _leaf_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its Adam state, as a first step would.
+
+    The distributed optimizer's ``sharded_state_dict(is_loading=True)`` reads the inner torch
+    Adam's per-parameter ``step``; torch creates it only on the first ``step()`` (apex/TE
+    optimizers keep it in the param groups instead), so a fresh CPU run cannot build its load
+    request. The values are placeholders: the load overwrites every one of them.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for leaf in _leaf_optimizers(optimizer):
+        if not isinstance(leaf, DistributedOptimizer) or len(leaf.optimizer.state) > 0:
+            continue
+        if leaf.init_state_fn is None:
+            continue
+        leaf.init_state_fn(leaf.optimizer, leaf.config)
+        for group in leaf.optimizer.param_groups:
+            for param in group["params"]:
+                leaf.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _param_state_load_without_step(optimizer):
+    """Let the distributed optimizer load "fully_reshardable" state into torch's Adam.
+
+    megatron-core copies every key of torch Adam's per-parameter state from the checkpoint
+    but leaves out ``step`` (restored from the param groups instead), so with torch's Adam
+    (no apex/TE, e.g. on CPU) the copy fails with ``KeyError: 'step'``. Hide ``step`` during
+    that copy, on these optimizer instances only.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for leaf in _leaf_optimizers(optimizer):
+        if not isinstance(leaf, DistributedOptimizer):
+            continue
+        original = leaf._set_main_param_and_optimizer_states
+
+        def without_step(model_param, tensors, leaf=leaf, original=original):
+            group_index, group_order = leaf.model_param_group_index_map[model_param]
+            main_param = leaf.optimizer.param_groups[group_index]["params"][group_order]
+            state = leaf.optimizer.state[main_param]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        leaf._set_main_param_and_optimizer_states = without_step
+        patched.append(leaf)
+    try:
+        yield
+    finally:
+        for leaf in patched:
+            del leaf._set_main_param_and_optimizer_states
+    # megatron-core hands every parameter the *same* ``step`` tensor; torch's Adam increments
+    # it in place once per parameter, so after a resume the bias correction would run ahead.
+    for leaf in patched:
+        for state in leaf.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng: bool,
-                   rng_layout: Optional[tuple], is_loading: bool) -> dict:
+                   is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     state = _model_sharded_state(model_chunks)
@@ -112,13 +260,15 @@ def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng
         model_state = {}
         for value in state.values():
             model_state.update(value)
+        if is_loading:
+            _allocate_optimizer_state(optimizer)
         # "fully_reshardable": the distributed optimizer's state is stored per parameter in
         # model space, so it loads at any TP/PP/DP (the other formats reshard only over DP).
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if include_rng:
-        shape, offset = rng_layout or _rank_coordinates()
+        shape, offset = _rank_coordinates()
         state["rng_state"] = ShardedObject("rng_state", _rng_state(), shape, offset,
                                            replica_id=0)
     return state
@@ -137,94 +287,200 @@ class CheckpointContents:
 # saving
 
 
+def _publish(root: str, iteration: int, keep_last: Optional[int],
+             log: Callable[[str], None]) -> None:
+    """Rank 0, after every rank's shards are on disk: make ``iter_N`` the newest checkpoint."""
+    final = checkpoint_dir(root, iteration)
+    if os.path.exists(final):  # saving an iteration again (resumed from an older one)
+        # Set the old copy aside rather than deleting it first: a kill between the two renames
+        # leaves it loadable (see resolve_checkpoint).
+        shutil.rmtree(final + REPLACED, ignore_errors=True)
+        os.replace(final, final + REPLACED)
+    os.replace(final + PARTIAL, final)
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+    shutil.rmtree(final + REPLACED, ignore_errors=True)
+    if keep_last:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(checkpoint_dir(root, old), ignore_errors=True)
+            log(f" removed old checkpoint iter_{old:07d} (keeping the last {keep_last})")
+
+
+class CheckpointSaver:
+    """Saves to one ``--save`` directory, synchronously or in the background (``async_save``).
+
+    Every method is collective: call it on every rank, at the same point of the run.
+    """
+
+    def __init__(self, root: str, keep_last: Optional[int] = None, async_save: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise CheckpointError(f"--ckpt-keep-last must be >= 1, got {keep_last}")
+        self.root = root
+        self.keep_last = keep_last
+        self.log = log
+        # The iteration of the newest save started (published, or being written in the
+        # background): saving it again would only repeat the work.
+        self.last_saved_iteration: Optional[int] = None
+        self._queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+
+    def save(self, iteration: int, model_chunks: list, optimizer: Any,
+             common: Mapping[str, Any]) -> str:
+        """Write checkpoint ``iteration``; returns the directory it is (or will be) published as."""
+        from megatron.core import dist_checkpointing
+
+        # One save in flight at a time: a new one waits for the previous to be published.
+        self.wait()
+        rank = torch.distributed.get_rank()
+        final = checkpoint_dir(self.root, iteration)
+        partial = final + PARTIAL
+        if rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            for stale in partial_checkpoints(self.root):
+                self.log(f" removing incomplete checkpoint {stale} (a save that did not finish)")
+                shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(partial)
+        torch.distributed.barrier()
+        state = _sharded_state(model_chunks, optimizer, include_optimizer=True,
+                               include_rng=True, is_loading=False)
+        shape, _ = _rank_coordinates()
+        state["common"] = dict(common, rng_layout=list(shape), iteration=iteration)
+        request = dist_checkpointing.save(state, partial, async_sharded_save=self.is_async)
+        self.last_saved_iteration = iteration
+        if request is None:
+            self._finish(iteration)
+        else:
+            request.add_finalize_fn(lambda: self._finish(iteration))
+            self._queue.schedule_async_request(request)
+            self.log(f" saving checkpoint at iteration {iteration:7d} in the background")
+        return final
+
+    @property
+    def is_async(self) -> bool:
+        return self._queue is not None
+
+    def _finish(self, iteration: int) -> None:
+        torch.distributed.barrier()  # every rank's shards are on disk before publishing
+        if torch.distributed.get_rank() == 0:
+            _publish(self.root, iteration, self.keep_last, self.log)
+        torch.distributed.barrier()
+        self.log(f" saved checkpoint at iteration {iteration:7d} to "
+                 f"{checkpoint_dir(self.root, iteration)}")
+
+    def poll(self) -> None:
+        """Publish a background save that every rank has finished (cheap; a collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and published."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+
 def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer: Any,
                     common: Mapping[str, Any], keep_last: Optional[int] = None,
                     log: Callable[[str], None] = print) -> str:
-    """Save collectively (call on every rank); returns the published directory."""
-    from megatron.core import dist_checkpointing
-
-    rank = torch.distributed.get_rank()
-    final = checkpoint_dir(root, iteration)
-    partial = final + PARTIAL
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for stale in partial_checkpoints(root):
-            log(f" removing incomplete checkpoint {stale} (a save that did not finish)")
-            shutil.rmtree(stale, ignore_errors=True)
-        os.makedirs(partial)
-    torch.distributed.barrier()
-    state = _sharded_state(model_chunks, optimizer, include_optimizer=True, include_rng=True,
-                           rng_layout=None, is_loading=False)
-    shape, _ = _rank_coordinates()
-    state["common"] = dict(common, rng_layout=list(shape), iteration=iteration)
-    dist_checkpointing.save(state, partial)
-    torch.distributed.barrier()  # every rank's shards are on disk before publishing
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, TRACKER))
-        if keep_last:
-            _prune(root, keep_last, log)
-    torch.distributed.barrier()
-    log(f" saved checkpoint at iteration {iteration:7d} to {final}")
-    return final
-
-
-def _prune(root: str, keep_last: int, log: Callable[[str], None]) -> None:
-    complete = sorted(d for d in os.listdir(root)
-                      if d.startswith("iter_") and not d.endswith(PARTIAL))
-    for old in complete[:-keep_last]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        log(f" removed old checkpoint {old} (keeping the last {keep_last})")
+    """Save synchronously (call on every rank); returns the published directory."""
+    return CheckpointSaver(root, keep_last, log=log).save(iteration, model_chunks, optimizer,
+                                                          common)
 
 
 # --------------------------------------------------------------------------------------------
 # loading
 
 
-def _check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:
+def check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:
+    """Raise naming every architecture field in which the checkpoint's model differs."""
     mismatched = [f"{name}: checkpoint {saved.get(name)!r}, this run {current.get(name)!r}"
                   for name in MODEL_FIELDS if saved.get(name) != current.get(name)]
     if mismatched:
+        hint = ""
+        if any(m.startswith("vocab_size") for m in mismatched):
+            hint = (" (the padded vocabulary depends on --tensor-model-parallel-size and "
+                    "--make-vocab-size-divisible-by: choose them so the padding matches)")
         raise CheckpointError(
             f"checkpoint {path} was saved for a different model ({saved.get('name')!r} vs "
-            f"{current.get('name')!r}); mismatched: " + "; ".join(mismatched))
+            f"{current.get('name')!r}); mismatched: " + "; ".join(mismatched) + hint)
 
 
-def load_checkpoint(root: str, model_chunks: list, optimizer: Any, model_signature: Mapping,
-                    *, load_optimizer: bool = True, load_rng: bool = True,
-                    log: Callable[[str], None] = print) -> Optional[CheckpointContents]:
-    """Load the newest complete checkpoint in ``root`` into the model (and optimizer).
+def resolve_checkpoint(root: str, iteration: Optional[int] = None,
+                       log: Callable[[str], None] = print) -> Optional[str]:
+    """The directory to load from ``--load root`` (``iteration``: ``--ckpt-step``).
 
-    Returns None when ``root`` holds no checkpoint yet (a fresh start, e.g. the first job of
-    an auto-resuming sbatch chain); a missing ``root`` is an error.
+    None when ``root`` exists but holds no checkpoint yet (the first job of an auto-resuming
+    chain); a missing ``root``, a missing requested iteration or a tracker naming a missing
+    directory are errors.
     """
-    from megatron.core import dist_checkpointing
-
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root}: no such directory")
     for stale in partial_checkpoints(root):
         log(f" ignoring incomplete checkpoint {stale} (its save did not finish)")
+    if iteration is not None:
+        path = checkpoint_dir(root, iteration)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"--ckpt-step {iteration}: {path} does not exist (complete "
+                                  f"checkpoints in {root}: {complete_checkpoints(root)})")
+        return path
     iteration = read_tracker(root)
     if iteration is None:
-        log(f" no checkpoint in {root} ({TRACKER} not found): starting from iteration 0")
-        return None
+        published = complete_checkpoints(root)
+        if not published:
+            log(f" no checkpoint in {root} ({TRACKER} not found): starting from iteration 0")
+            return None
+        # Killed between publishing the first checkpoint (rename) and writing the tracker:
+        # a renamed directory is complete, so take the newest.
+        iteration = published[-1]
+        log(f" {root} has no {TRACKER}; loading the newest published checkpoint "
+            f"(iteration {iteration})")
     path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path) and os.path.isdir(path + REPLACED):
+        log(f" {path} was being replaced when the run stopped: loading its previous copy")
+        return path + REPLACED
     if not os.path.isdir(path):
         raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {path} "
                               "does not exist")
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    common = common.get("common", common)
-    _check_model_matches(common.get("model", {}), model_signature, path)
+    return path
+
+
+def load_checkpoint(root: str, model_chunks: list, optimizer: Any, model_signature: Mapping,
+                    *, load_optimizer: bool = True, load_rng: bool = True,
+                    iteration: Optional[int] = None, log: Callable[[str], None] = print,
+                    without_mtp: bool = False) -> Optional[CheckpointContents]:
+    """Load the newest complete checkpoint in ``root`` (or ``iteration``) into the model chunks
+    (and optimizer). Collective. Returns None when ``root`` holds no checkpoint yet.
+
+    ``without_mtp``: the model was deliberately built without the checkpoint's MTP layers
+    (evaluation); they are then not compared nor loaded."""
+    path = resolve_checkpoint(root, iteration, log)
+    if path is None:
+        return None
+    return load_checkpoint_dir(path, model_chunks, optimizer, model_signature,
+                               load_optimizer=load_optimizer, load_rng=load_rng, log=log,
+                               without_mtp=without_mtp)
+
+
+def load_checkpoint_dir(path: str, model_chunks: list, optimizer: Any,
+                        model_signature: Mapping, *, load_optimizer: bool = True,
+                        load_rng: bool = True, log: Callable[[str], None] = print,
+                        without_mtp: bool = False) -> CheckpointContents:
+    """``load_checkpoint`` from one checkpoint directory (``iter_N``)."""
+    from megatron.core import dist_checkpointing
+
+    common = read_common(path)
+    verify_shard_files(path)
+    saved = dict(common.get("model", {}))
+    if without_mtp:
+        saved["mtp_num_layers"] = model_signature.get("mtp_num_layers")
+    check_model_matches(saved, model_signature, path)
 
     shape, _ = _rank_coordinates()
     rng_ok = load_rng and list(common.get("rng_layout", [])) == list(shape)
@@ -232,18 +488,67 @@ def load_checkpoint(root: str, model_chunks: list, optimizer: Any, model_signatu
         log(f" checkpoint RNG states are for layout {common.get('rng_layout')} (PP, TP, DP), "
             f"this run is {list(shape)}: not restoring RNG states")
     request = _sharded_state(model_chunks, optimizer, include_optimizer=load_optimizer,
-                             include_rng=rng_ok, rng_layout=None, is_loading=True)
+                             include_rng=rng_ok, is_loading=True)
     try:
-        loaded = dist_checkpointing.load(request, path, strict="raise_all")
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+        # Every tensor this run needs must be in the checkpoint ("unexpected" keys raise);
+        # the checkpoint may hold more (optimizer, RNG) when those are deliberately skipped.
+        loaded = dist_checkpointing.load(request, path, strict="raise_unexpected")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # torch.distributed.checkpoint's CheckpointException (a failed read, e.g. a truncated
+    # shard) derives from BaseException, not Exception.
+    except BaseException as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} is corrupt or does not fit this model: "
+                              f"{type(exc).__name__}: {exc}") from exc
     names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in
                                                       range(len(model_chunks))]
     for name, chunk in zip(names, model_chunks):
         unwrap(chunk).load_state_dict(loaded[name])
     if load_optimizer and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _param_state_load_without_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
     if rng_ok:
         _set_rng_state(loaded["rng_state"])
-    log(f" loaded checkpoint {path} (iteration {iteration})")
-    return CheckpointContents(iteration=iteration, common=common, path=path)
+    log(f" loaded checkpoint {path} (iteration {common.get('iteration')})")
+    return CheckpointContents(iteration=int(common.get("iteration", 0)), common=common,
+                              path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# a model straight from a checkpoint
+
+
+def preset_from_signature(signature: Mapping):
+    """The ``ModelPreset`` a checkpoint's ``common["model"]`` describes."""
+    import dataclasses
+
+    from megatron_trillion.models.presets import ModelPreset
+
+    return ModelPreset(**{f.name: signature[f.name] for f in dataclasses.fields(ModelPreset)
+                          if f.name in signature})
+
+
+def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], None] = print):
+    """(GPTModel, common) rebuilt from the checkpoint's preset at the current parallel layout.
+
+    Collective over the initialised process groups: the model is built for this rank's
+    TP/PP/EP position and the weights are resharded from whatever layout saved them (no
+    optimizer, no RNG). For evaluation: dropout off, eval mode, and without the MTP layers
+    (they only serve training, and need labels in the forward pass).
+    """
+    import dataclasses
+
+    from megatron_trillion.models.config import build_model, build_transformer_config
+
+    path = resolve_checkpoint(root, iteration, log)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {root} ({TRACKER} not found)")
+    common = read_common(path)
+    signature = dict(common["model"], mtp_num_layers=0)
+    preset = dataclasses.replace(preset_from_signature(signature), mtp_num_layers=0)
+    config = build_transformer_config(preset, None, hidden_dropout=0.0, attention_dropout=0.0)
+    model = build_model(preset, config=config, attention_masking="none")
+    load_checkpoint_dir(path, [model], None, signature, load_optimizer=False, load_rng=False,
+                        log=log, without_mtp=True)
+    model.eval()
+    return model, common
