@@ -176,8 +176,19 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
     errors += _interval_errors(config)
 
     ckpt = config.checkpoint
-    if ckpt.save_interval and not ckpt.save:
-        errors.append("--save-interval needs --save")
+    for flag_name, value in (("--save-interval", ckpt.save_interval),
+                             ("--async-save", ckpt.async_save),
+                             ("--ckpt-keep-last", ckpt.ckpt_keep_last)):
+        if value and not ckpt.save:
+            errors.append(f"{flag_name} needs --save")
+    if ckpt.ckpt_keep_last is not None and ckpt.ckpt_keep_last < 1:
+        errors.append(f"--ckpt-keep-last must be >= 1, got {ckpt.ckpt_keep_last}")
+    for flag_name, value in (("--ckpt-step", ckpt.ckpt_step is not None),
+                             ("--no-load-optim", ckpt.no_load_optim),
+                             ("--no-load-rng", ckpt.no_load_rng),
+                             ("--finetune", ckpt.finetune)):
+        if value and not ckpt.load:
+            errors.append(f"{flag_name} needs --load")
     if config.eval.eval_interval and not data.valid_data_path and not data.mock_data:
         errors.append("--eval-interval needs --valid-data-path")
     if errors:
