@@ -69,17 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_trillion.convert.export import ExportConfig, export_checkpoint
     from megatron_trillion.convert.importer import ImportConfig, import_checkpoint
     from megatron_trillion.platform.distributed import (
-        ParallelSizes,
         destroy_distributed,
-        initialize_distributed,
+        initialize_single_process,
     )
 
     # megatron-core's checkpoint reader/writer needs a process group: one gloo rank.
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    initialize_distributed(ParallelSizes())
+    initialize_single_process()
     try:
         if args.command == "export":
             export_checkpoint(ExportConfig(
@@ -100,14 +95,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         destroy_distributed()
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -26,14 +26,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_known_warnings()
     from megatron_trillion.inference.generate import greedy_generate, load_for_inference
     from megatron_trillion.platform.distributed import (
-        ParallelSizes,
         destroy_distributed,
-        initialize_distributed,
+        initialize_single_process,
     )
     from megatron_trillion.training.checkpointing import CheckpointError
 
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    initialize_distributed(ParallelSizes())
+    initialize_single_process()
     try:
         model, tokenizer, _ = load_for_inference(args.load)
         if tokenizer is None:
@@ -49,14 +47,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         destroy_distributed()
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ from the run configuration stored beside it.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Optional
 
 import torch
@@ -17,36 +15,14 @@ import torch
 def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None):
     """(model, tokenizer, run_config) from ``--save`` directory ``checkpoint_root``.
 
-    Must run in an initialised single-rank process group
-    (``initialize_distributed(ParallelSizes())``).
+    Must run in an initialised process group (one rank:
+    ``megatron_trillion.platform.distributed.initialize_single_process()``); the model is
+    built at that layout, without MTP, and loaded from whatever layout saved it.
     """
-    from megatron.core import dist_checkpointing
-
     from megatron_trillion.data.tokenizers import TokenizerConfig, build_tokenizer
-    from megatron_trillion.models.config import build_model, build_transformer_config
-    from megatron_trillion.models.presets import ModelPreset
-    from megatron_trillion.training.checkpointing import (
-        CheckpointError,
-        checkpoint_dir,
-        read_tracker,
-    )
+    from megatron_trillion.training.checkpointing import load_model
 
-    iteration = iteration if iteration is not None else read_tracker(checkpoint_root)
-    if iteration is None:
-        raise CheckpointError(f"no checkpoint in {checkpoint_root}")
-    path = checkpoint_dir(checkpoint_root, iteration)
-    common = dist_checkpointing.load_common_state_dict(path)
-    common = common.get("common", common)
-    signature = common["model"]
-    preset = ModelPreset(**{f.name: signature[f.name] for f in dataclasses.fields(ModelPreset)})
-    # MTP layers only serve training; inference (like the HF export) drops them.
-    preset = dataclasses.replace(preset, mtp_num_layers=0)
-    config = build_transformer_config(preset, None, hidden_dropout=0.0, attention_dropout=0.0)
-    model = build_model(preset, config=config, pre_process=True, post_process=True,
-                        attention_masking="none")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
-    model.load_state_dict(loaded["model"])
-    model.eval()
+    model, common = load_model(checkpoint_root, iteration, log=lambda line: None)
     run_config = common.get("config", {})
     tokenizer = None
     if run_config.get("tokenizer_model") or run_config.get("vocab_file"):

@@ -180,6 +180,19 @@ def initialize_distributed(
     seed_everything(seed)
 
 
+def initialize_single_process(seed: int = 1234) -> None:
+    """A one-rank process group for tools (export, generation) run without torchrun."""
+    import socket
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("RANK", "0")
+    initialize_distributed(ParallelSizes(), seed=seed)
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
