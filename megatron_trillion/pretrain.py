@@ -51,16 +51,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return -(-vocab_size // multiple) * multiple
 
 
-def build_tokenizer(config: PretrainConfig):
+def tokenizer_config(config: PretrainConfig):
+    """The run's tokenizer flags, or None when it has no tokenizer (mock data, NullTokenizer)."""
     from megatron_trillion.data.tokenizers import TokenizerConfig
-    from megatron_trillion.data.tokenizers import build_tokenizer as build
 
     data = config.data
     if data.mock_data or data.tokenizer_type == "NullTokenizer":
         return None
-    return build(TokenizerConfig(tokenizer_type=data.tokenizer_type,
-                                 tokenizer_model=data.tokenizer_model,
-                                 vocab_file=data.vocab_file, merge_file=data.merge_file))
+    return TokenizerConfig(tokenizer_type=data.tokenizer_type,
+                           tokenizer_model=data.tokenizer_model,
+                           vocab_file=data.vocab_file, merge_file=data.merge_file)
+
+
+def build_tokenizer(config: PretrainConfig):
+    from megatron_trillion.data.tokenizers import build_tokenizer as build
+
+    tokenizer_flags = tokenizer_config(config)
+    return build(tokenizer_flags) if tokenizer_flags is not None else None
 
 
 def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
@@ -266,7 +273,8 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     from megatron_trillion.models.specs import transformer_engine_available as te_available
     from megatron_trillion.platform.distributed import initialize_distributed
     from megatron_trillion.training import checkpointing
-    from megatron_trillion.training.data import StepBatches, parse_data_path
+    from megatron_trillion.data.tokenizers import tokenizer_fingerprint
+    from megatron_trillion.training.data import StepBatches, check_data_files, parse_data_path
     from megatron_trillion.training.loop import Run, TrainState, train
     from megatron_trillion.training.numerics import NumericsGuard
     from megatron_trillion.training.reporting import MetricWriters
@@ -280,6 +288,10 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     vocab = padded_vocab_size(base_vocab, config.model.make_vocab_size_divisible_by, tp)
     preset = resolve_model_preset(config, vocab, check=False)  # validate() checks it
     shape = validate(config, preset, world_size_from_env(), te_available())
+    fingerprint = (tokenizer_fingerprint(tokenizer_config(config), tokenizer)
+                   if tokenizer is not None else None)
+    check_data_files(config, fingerprint, base_vocab,
+                     log if int(os.environ.get("RANK", "0")) == 0 else None)
 
     # 2. process groups, model, optimizer, schedules
     initialize_distributed(shape.parallel, seed=config.training.seed,
@@ -338,6 +350,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     # 4. train
     signals = ExitSignal(config.checkpoint.exit_signal_handler)
     run_config = to_flat_dict(config)
+    run_config["tokenizer_fingerprint"] = fingerprint  # export and generation compare against it
 
     saver = checkpointing.CheckpointSaver(
         config.checkpoint.save, keep_last=config.checkpoint.ckpt_keep_last,

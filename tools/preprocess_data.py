@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("verify mode")
     group.add_argument("--verify", action="store_true",
                        help="check the datasets of --output-prefix instead of writing: counts, "
-                            "dtype, index consistency, token ids, exact-duplicate documents")
+                            "dtype, index consistency, token ids, exact-duplicate documents; "
+                            "with --tokenizer-type/--tokenizer-model also that they were made "
+                            "with that tokenizer (as training checks at start-up)")
     group.add_argument("--vocab-size", type=int,
                        help="--verify: vocabulary size to check token ids and dtype against "
                             "(default: from {prefix}_summary.json)")
@@ -104,11 +106,23 @@ def _progress_bar(disable: bool, log_interval: int):
     return bar, update
 
 
-def _verify(output_prefix: str, vocab_size: Optional[int]) -> int:
+def _tokenizer_config(args) -> TokenizerConfig:
+    return TokenizerConfig(tokenizer_type=args.tokenizer_type,
+                           tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                           merge_file=args.merge_file,
+                           include_special_tokens=args.tokenizer_hf_include_special_tokens)
+
+
+def _verify(args) -> int:
     from megatron_trillion.data.dataset_verify import verify_outputs
+    from megatron_trillion.data.tokenizers import build_tokenizer, tokenizer_fingerprint
 
     try:
-        checks = verify_outputs(output_prefix, vocab_size)
+        fingerprint = None
+        if args.tokenizer_type:  # check the data against the tokenizer a run will use
+            tokenizer_config = _tokenizer_config(args)
+            fingerprint = tokenizer_fingerprint(tokenizer_config, build_tokenizer(tokenizer_config))
+        checks = verify_outputs(args.output_prefix, args.vocab_size, fingerprint)
     except ValueError as exc:
         print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
         return 2
@@ -130,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # megatron-core warns at import that TE/apex are absent; irrelevant to preprocessing.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
     if args.verify:
-        return _verify(args.output_prefix, args.vocab_size)
+        return _verify(args)
     try:
         for flag, value in (("--input", args.input), ("--tokenizer-type", args.tokenizer_type)):
             if not value:
@@ -140,13 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = PreprocessConfig(
             inputs=tuple(resolve_inputs(args.input)),
             output_prefix=args.output_prefix,
-            tokenizer=TokenizerConfig(
-                tokenizer_type=args.tokenizer_type,
-                tokenizer_model=args.tokenizer_model,
-                vocab_file=args.vocab_file,
-                merge_file=args.merge_file,
-                include_special_tokens=args.tokenizer_hf_include_special_tokens,
-            ),
+            tokenizer=_tokenizer_config(args),
             json_keys=tuple(args.json_keys),
             split_sentences=args.split_sentences,
             keep_newlines=args.keep_newlines,

@@ -16,6 +16,11 @@ from typing import Callable, Optional
 import torch
 
 from megatron_trillion.convert.architectures import architecture_for
+from megatron_trillion.data.tokenizers import (
+    TokenizerConfig,
+    build_tokenizer,
+    tokenizer_drift_warning,
+)
 from megatron_trillion.convert.hf_files import (
     ShardedSafetensorsWriter,
     copy_tokenizer_files,
@@ -70,15 +75,17 @@ def _tokenizer_config(config: ExportConfig, run_config: dict) -> dict:
                                            "merge_file")}
 
 
-def _load_tokenizer(tok: dict):
-    from megatron_trillion.data.tokenizers import TokenizerConfig, build_tokenizer
+def _tokenizer_flags(tok: dict) -> TokenizerConfig:
+    return TokenizerConfig(tokenizer_type=tok["tokenizer_type"],
+                           tokenizer_model=tok.get("tokenizer_model"),
+                           vocab_file=tok.get("vocab_file"), merge_file=tok.get("merge_file"))
 
+
+def _load_tokenizer(tok: dict):
     if not (tok.get("tokenizer_model") or tok.get("vocab_file")) or \
             tok.get("tokenizer_type") in (None, "NullTokenizer"):
         return None
-    return build_tokenizer(TokenizerConfig(
-        tokenizer_type=tok["tokenizer_type"], tokenizer_model=tok.get("tokenizer_model"),
-        vocab_file=tok.get("vocab_file"), merge_file=tok.get("merge_file")))
+    return build_tokenizer(_tokenizer_flags(tok))
 
 
 def check_vocab(model_vocab: int, tokenizer, where: str, field: str, advice: str) -> None:
@@ -102,6 +109,10 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
     arch = architecture_for(preset)
     tok = _tokenizer_config(config, reader.run_config)
     tokenizer = _load_tokenizer(tok)
+    if tokenizer is not None:
+        drift = tokenizer_drift_warning(reader.run_config, _tokenizer_flags(tok), tokenizer)
+        if drift:
+            log(f" WARNING: {drift}")
     check_vocab(preset.vocab_size, tokenizer, tok.get("tokenizer_model") or tok.get("vocab_file"),
                 "vocab_size (rows of embedding.word_embeddings.weight)",
                 "export with the tokenizer the model was trained with (--tokenizer-model)")

@@ -50,7 +50,12 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from megatron_trillion.data.sentence_split import split_sentences
-from megatron_trillion.data.tokenizers import TokenizerConfig, build_tokenizer
+from megatron_trillion.data.dataset_verify import DATASET_RECORD_SUFFIX, dataset_record
+from megatron_trillion.data.tokenizers import (
+    TokenizerConfig,
+    build_tokenizer,
+    tokenizer_fingerprint,
+)
 
 SUMMARY_FORMAT = "megatron-trillion-preprocess/1"
 _LANG_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -163,6 +168,7 @@ class PreprocessSummary:
     datasets: list[DatasetSummary]
     resumed_inputs: int = 0
     elapsed_s: float = 0.0
+    tokenizer_fingerprint: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -825,6 +831,14 @@ def preprocess(
             )
         finally:
             gc.unfreeze()
+        fingerprint = tokenizer_fingerprint(config.tokenizer, tokenizer)
+        for dataset in datasets:
+            # Beside each .bin/.idx, what training checks the run's tokenizer against.
+            record = f"{dataset.path_prefix}{DATASET_RECORD_SUFFIX}"
+            Path(record + temp_suffix).write_text(
+                dataset_record(fingerprint, dataset.docs, dataset.tokens, np.dtype(dtype).name),
+                encoding="utf-8")
+            renames.append((record + temp_suffix, record))
         languages = _language_totals(shard_stats, config)
         bad = sum(s.bad_lines for s in shard_stats)
         examples = list(chain.from_iterable(s.bad_line_examples for s in shard_stats))
@@ -850,6 +864,7 @@ def preprocess(
             datasets=datasets,
             resumed_inputs=resumed,
             elapsed_s=round(time.time() - started, 3),
+            tokenizer_fingerprint=fingerprint,
         )
         summary_path = f"{config.output_prefix}_summary.json"
         Path(summary_path + temp_suffix).write_text(summary.to_json(), encoding="utf-8")

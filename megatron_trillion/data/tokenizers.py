@@ -16,6 +16,7 @@ what megatron-core's own tokenizers produce for the same files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -227,3 +228,65 @@ def build_tokenizer(config: TokenizerConfig) -> TextTokenizer:
     if kind == "GPT2BPETokenizer":
         return GPT2BPETokenizer(config.vocab_file, config.merge_file)
     raise ValueError(f"--tokenizer-type {kind!r} is not supported; choose one of {TOKENIZER_TYPES}")
+
+
+def _content_digest(path: str) -> str:
+    """sha256 of what a tokenizer file means: JSON files are hashed in canonical form (sorted
+    keys, no whitespace), so a re-saved or copied tokenizer.json keeps its fingerprint."""
+    target = Path(path)
+    if target.is_dir():
+        target = target / "tokenizer.json"
+    data = target.read_bytes()
+    if target.suffix == ".json":
+        try:
+            data = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False).encode("utf-8")
+        except ValueError:
+            pass  # not JSON after all: hash the bytes
+    return hashlib.sha256(data).hexdigest()
+
+
+def tokenizer_fingerprint(config: TokenizerConfig, tokenizer: TextTokenizer) -> dict:
+    """What identifies the ids a tokenizer produces: its files' content hash, vocabulary size
+    and special-token ids. Recorded with every preprocessed dataset and checkpoint, and
+    compared at start-up so data is never trained under a tokenizer it was not made with."""
+    digest = hashlib.sha256()
+    for path in config.files():
+        digest.update(_content_digest(path).encode())
+    return {
+        "tokenizer_type": config.tokenizer_type,
+        "files": [os.path.abspath(p) for p in config.files()],
+        "sha256": digest.hexdigest(),
+        "vocab_size": int(tokenizer.vocab_size),
+        "eod": int(tokenizer.eod),
+        "bos": None if tokenizer.bos is None else int(tokenizer.bos),
+        "pad": None if tokenizer.pad is None else int(tokenizer.pad),
+    }
+
+
+def fingerprint_differences(recorded: dict, current: dict) -> list[str]:
+    """Human-readable differences between two tokenizer fingerprints (empty when they match)."""
+    found = []
+    for key, label in (("vocab_size", "vocabulary size"), ("eod", "EOD id"),
+                       ("bos", "BOS id"), ("pad", "PAD id")):
+        if key in recorded and recorded.get(key) != current.get(key):
+            found.append(f"{label} {recorded.get(key)} vs {current.get(key)}")
+    if recorded.get("sha256") and recorded.get("sha256") != current.get("sha256"):
+        found.append(f"tokenizer content sha256 {recorded['sha256'][:12]} vs "
+                     f"{current['sha256'][:12]}")
+    return found
+
+
+def tokenizer_drift_warning(run_config: dict, config: TokenizerConfig,
+                            tokenizer: TextTokenizer) -> Optional[str]:
+    """A warning when ``tokenizer`` is not the one the checkpoint's run recorded (another file,
+    or the same path changed since), else None. Checkpoints from before the record: None."""
+    recorded = run_config.get("tokenizer_fingerprint")
+    if not recorded:
+        return None
+    differences = fingerprint_differences(recorded, tokenizer_fingerprint(config, tokenizer))
+    if not differences:
+        return None
+    return (f"the tokenizer {', '.join(config.files())} is not the one this checkpoint was "
+            f"trained with ({'; '.join(differences)}; trained with "
+            f"{', '.join(recorded.get('files') or [])}): its ids may mean other strings")

@@ -12,24 +12,32 @@ from typing import Optional
 import torch
 
 
-def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None):
+def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, log=print):
     """(model, tokenizer, run_config) from ``--save`` directory ``checkpoint_root``.
 
     Must run in an initialised process group (one rank:
     ``megatron_trillion.platform.distributed.initialize_single_process()``); the model is
     built at that layout, without MTP, and loaded from whatever layout saved it.
     """
-    from megatron_trillion.data.tokenizers import TokenizerConfig, build_tokenizer
+    from megatron_trillion.data.tokenizers import (
+        TokenizerConfig,
+        build_tokenizer,
+        tokenizer_drift_warning,
+    )
     from megatron_trillion.training.checkpointing import load_model
 
     model, common = load_model(checkpoint_root, iteration, log=lambda line: None)
     run_config = common.get("config", {})
     tokenizer = None
     if run_config.get("tokenizer_model") or run_config.get("vocab_file"):
-        tokenizer = build_tokenizer(TokenizerConfig(
+        tokenizer_flags = TokenizerConfig(
             tokenizer_type=run_config["tokenizer_type"],
             tokenizer_model=run_config.get("tokenizer_model"),
-            vocab_file=run_config.get("vocab_file"), merge_file=run_config.get("merge_file")))
+            vocab_file=run_config.get("vocab_file"), merge_file=run_config.get("merge_file"))
+        tokenizer = build_tokenizer(tokenizer_flags)
+        drift = tokenizer_drift_warning(run_config, tokenizer_flags, tokenizer)
+        if drift:
+            log(f"WARNING: {drift}")
     return model, tokenizer, run_config
 
 

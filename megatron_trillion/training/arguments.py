@@ -157,6 +157,8 @@ class DataArgs:
         nargs="+")
     mock_data: bool = flag(False, "random token documents in 3 languages instead of --data-path")
     data_cache_path: Optional[str] = flag(None, "where sample indices are cached")
+    verify_data: bool = flag(False, "at start-up scan every token of every dataset against the "
+                             "vocabulary (default: a sample of documents), with a progress bar")
     tokenizer_type: str = flag("HuggingFaceTokenizer", "tokenizer kind",
                                choices=["HuggingFaceTokenizer", "SentencePieceTokenizer",
                                         "GPT2BPETokenizer", "NullTokenizer"])

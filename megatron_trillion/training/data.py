@@ -132,3 +132,40 @@ class StepBatches:
             for indices in microbatch_indices(consumed, global_batch, self.micro_batch,
                                               self.dp_rank, self.dp_size)
         ]
+
+
+def check_data_files(config, tokenizer_fingerprint: Optional[dict], vocab_size: int,
+                     log=print) -> None:
+    """Before the first step (and before any process group: every rank checks the same files and
+    fails the same way, so none waits for another): every dataset of ``--data-path``,
+    ``--valid-data-path`` and ``--anneal-data-path`` is whole, consistent with its index and made
+    with this run's tokenizer (data/dataset_verify.py). Raises ConfigError listing every problem;
+    logs warnings (datasets without a tokenizer record)."""
+    from megatron_trillion.data.dataset_verify import check_training_datasets
+    from megatron_trillion.training.validation import ConfigError
+
+    prefixes = []
+    for flag_name, tokens in (("--data-path", config.data.data_path),
+                              ("--valid-data-path", config.data.valid_data_path),
+                              ("--anneal-data-path", config.anneal.anneal_data_path)):
+        if tokens and not config.data.mock_data:
+            prefixes += [(flag_name, entry[1]) for entry in parse_data_path(tokens, flag_name)]
+    if not prefixes:
+        return
+    progress_factory = None
+    if config.data.verify_data:
+        from tqdm import tqdm
+
+        def progress_factory(prefix: str, total: int):
+            bar = tqdm(total=total, unit="B", unit_scale=True, leave=False,
+                       desc=f"verify {os.path.basename(prefix)}", disable=log is None)
+            return lambda done: bar.update(done - bar.n)
+
+    report = check_training_datasets(prefixes, tokenizer_fingerprint, vocab_size,
+                                     full_scan=config.data.verify_data,
+                                     progress_factory=progress_factory)
+    if report.errors:
+        raise ConfigError(report.errors)
+    for warning in report.warnings:
+        if log is not None:
+            log(f" WARNING: {warning}")
