@@ -251,9 +251,10 @@ def _index_header(idx_path: str):
     return _DTYPE_CODES[code], sequences, documents, body, None
 
 
-def _token_range_check(bin_path: str, tokens: np.ndarray, bounds: np.ndarray, vocab_size: int,
-                       full_scan: bool, progress) -> Optional[str]:
-    """Largest token id of a spread sample of documents (all tokens with ``full_scan``)."""
+def _token_range_check(bin_path: str, tokens: np.ndarray, document_starts: np.ndarray,
+                       vocab_size: int, full_scan: bool, progress) -> Optional[str]:
+    """Largest token id of a spread sample of documents (all tokens with ``full_scan``).
+    ``document_starts`` are token offsets of each document's start, then the total."""
     if full_scan:
         largest = -1
         for start in range(0, tokens.size, _SCAN_TOKENS):
@@ -262,12 +263,12 @@ def _token_range_check(bin_path: str, tokens: np.ndarray, bounds: np.ndarray, vo
                 progress(min(start + _SCAN_TOKENS, tokens.size) * tokens.itemsize)
         where = "of all its tokens"
     else:
-        documents = bounds.size - 1
+        documents = document_starts.size - 1
         picks = np.unique(np.linspace(0, documents - 1, min(documents, _SAMPLED_DOCUMENTS))
                           .astype(np.int64))
         largest, budget = -1, _SAMPLED_TOKENS
         for d in picks:
-            start, end = int(bounds[d]), int(bounds[d + 1])
+            start, end = int(document_starts[d]), int(document_starts[d + 1])
             end = min(end, start + budget)
             if end > start:
                 largest = max(largest, int(tokens[start:end].max()))
@@ -357,10 +358,12 @@ def check_dataset(path_prefix: str, tokenizer_fingerprint: Optional[dict], vocab
                                            tokenizer_fingerprint, vocab_size)
     problems += found
     if sequences and not any(p.startswith(bin_path) for p in problems):
-        token_starts = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+        # Document starts from the sequence pointers (bytes): O(documents), no pass over lengths.
+        first_sequences = np.clip(doc_index[:-1], 0, sequences - 1) if documents > 1 else \
+            np.zeros(1, np.int64)
+        document_starts = np.append(pointers[first_sequences] // itemsize, described // itemsize)
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-        bounds = token_starts[np.clip(doc_index, 0, sequences)] if documents else token_starts
-        out_of_range = _token_range_check(bin_path, tokens, bounds, vocab_size, full_scan,
+        out_of_range = _token_range_check(bin_path, tokens, document_starts, vocab_size, full_scan,
                                           progress)
         if out_of_range:
             problems.append(out_of_range + "; re-preprocess with this run's tokenizer or pass "
