@@ -21,7 +21,7 @@ PINNED = [
     "--adam-beta2", "--adam-eps", "--muon-momentum", "--lr-decay-style", "--lr-wsd-decay-style",
     "--lr-warmup-iters", "--lr-wsd-decay-fraction", "--anneal-weight-decay",
     "--anneal-mtp-loss-scaling-factor", "--anneal-data-path", "--data-path",
-    "--valid-data-path", "--mock-data", "--data-cache-path", "--tokenizer-type",
+    "--valid-data-path", "--mock-data", "--data-cache-path", "--verify-data", "--tokenizer-type",
     "--tokenizer-model", "--vocab-file", "--merge-file", "--vocab-size", "--attention-masking",
     "--xlda-mixing-prob", "--anchor-language", "--lang-alpha", "--lang-beta", "--eval-interval",
     "--eval-iters", "--log-interval", "--tensorboard-dir", "--wandb-project",
