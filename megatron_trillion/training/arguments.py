@@ -7,7 +7,12 @@ Library code receives the dataclasses, never an argparse namespace or a global `
 A config file (``--config FILE``, TOML or JSON) may set any flag: top-level keys are flag names
 with or without the dashes (``tensor-model-parallel-size`` or ``tensor_model_parallel_size``);
 command-line flags override the file. ``[anneal]`` / ``"anneal"`` holds the anneal section's
-keys without their ``anneal-`` prefix.
+keys without their ``anneal-`` prefix. File values are checked and converted with the same
+types as the command line ("2" -> 2, "false" -> False); a value that does not fit is refused
+naming the key.
+
+Megatron-LM flags this platform cannot honour are *refused*, not unknown: ``REFUSED_FLAGS`` maps
+each to one line saying why and what to use instead, and parsing stops with that line.
 """
 
 from __future__ import annotations
@@ -19,12 +24,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-_NO_DEFAULT = object()
+from megatron_trillion.errors import UserError
 
 
-def flag(default: Any, help: str, *, name: Optional[str] = None, **argparse_kwargs: Any) -> Any:
-    """A config field that is also a command-line flag (``--field-name`` unless ``name``)."""
-    metadata = {"help": help, "flag": name, "argparse": argparse_kwargs}
+def flag(default: Any, help: str, *, name: Optional[str] = None, aliases: Sequence[str] = (),
+         negative: Optional[str] = None, **argparse_kwargs: Any) -> Any:
+    """A config field that is also a command-line flag (``--field-name`` unless ``name``).
+
+    ``aliases``: other spellings Megatron-LM accepts (e.g. ``--override-opt_param-scheduler``).
+    ``negative``: a ``--no-...`` flag that sets a boolean field to False (Megatron-LM's
+    ``--no-rope-fusion`` style). A bool field defaulting to True is itself a ``--no-...`` flag.
+    """
+    metadata = {"help": help, "flag": name, "aliases": tuple(aliases), "negative": negative,
+                "argparse": argparse_kwargs}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -36,16 +48,53 @@ def flag(default: Any, help: str, *, name: Optional[str] = None, **argparse_kwar
 
 @dataclass(frozen=True)
 class ModelArgs:
-    preset: str = flag("tiny-tri-7b", "model preset name (see megatron_trillion.models.presets)")
-    num_layers: Optional[int] = flag(None, "override the preset's number of layers")
-    hidden_size: Optional[int] = flag(None, "override the preset's hidden size")
-    ffn_hidden_size: Optional[int] = flag(None, "override the preset's FFN hidden size")
-    num_attention_heads: Optional[int] = flag(None, "override the preset's query heads")
-    num_query_groups: Optional[int] = flag(None, "override the preset's KV heads (GQA groups)")
+    preset: Optional[str] = flag(
+        None, "model preset name (see megatron_trillion.models.presets); the shape flags below "
+        "may override it and must not contradict it. Without --preset the shape flags define "
+        "the model, as in Megatron-LM")
+    num_layers: Optional[int] = flag(None, "number of transformer layers")
+    hidden_size: Optional[int] = flag(None, "hidden size")
+    ffn_hidden_size: Optional[int] = flag(
+        None, "FFN hidden size (no preset: Megatron-LM's default, 4 x hidden x 2/3 rounded down "
+        "to a multiple of 64 with --swiglu)")
+    num_attention_heads: Optional[int] = flag(None, "query heads")
+    num_query_groups: Optional[int] = flag(None, "KV heads (GQA groups)")
+    group_query_attention: bool = flag(
+        False, "grouped-query attention: --num-query-groups KV heads (checked against the preset)")
+    kv_channels: Optional[int] = flag(None, "head dimension (default hidden / heads)")
     seq_length: Optional[int] = flag(None, "training sequence length (default: the preset's)")
+    max_position_embeddings: Optional[int] = flag(
+        None, "longest sequence the model is for; must be >= --seq-length (RoPE has no "
+        "position table, so nothing else depends on it)")
+    position_embedding_type: Optional[str] = flag(
+        None, "position embedding; every model here uses rope",
+        choices=["learned_absolute", "rope", "mrope", "relative", "none"])
+    no_position_embedding: bool = flag(
+        False, "no learned absolute position embedding (always true here: RoPE)")
     rotary_base: Optional[float] = flag(None, "RoPE theta (default: the preset's)")
-    num_experts: Optional[int] = flag(None, "override the preset's number of routed experts")
-    moe_router_topk: Optional[int] = flag(None, "override the preset's experts per token")
+    rotary_percent: float = flag(1.0, "fraction of each head rotated by RoPE (only 1.0)")
+    swiglu: bool = flag(False, "SwiGLU MLP (every model here; required without --preset)")
+    normalization: Optional[str] = flag(
+        None, "normalization layer (every model here: RMSNorm)", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: Optional[float] = flag(None, "epsilon of the normalization layers")
+    disable_bias_linear: bool = flag(
+        False, "no biases in linear layers (every model here; required without --preset)")
+    untie_embeddings_and_output_weights: bool = flag(
+        False, "separate input embedding and output layer weights (checked against the preset; "
+        "without --preset, tied unless given, as in Megatron-LM)")
+    use_mcore_models: bool = flag(
+        False, "megatron-core models (the only implementation here; accepted for old scripts)")
+    num_experts: Optional[int] = flag(None, "number of routed experts (MoE)")
+    moe_router_topk: Optional[int] = flag(None, "experts per token")
+    moe_ffn_hidden_size: Optional[int] = flag(None, "FFN hidden size of each expert")
+    moe_router_load_balancing_type: Optional[str] = flag(
+        None, "load-balancing loss (default: the preset's; aux_loss when --moe-aux-loss-coeff "
+        "> 0, else none)", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
+                                    "none"])
+    moe_aux_loss_coeff: Optional[float] = flag(None, "weight of the load-balancing loss")
+    moe_token_dispatcher_type: str = flag(
+        "alltoall", "how tokens reach their experts (flex needs DeepEP on GPU)",
+        choices=["allgather", "alltoall", "flex"])
     mtp_num_layers: Optional[int] = flag(None, "multi-token-prediction layers (preset: 1)")
     mtp_loss_scaling_factor: Optional[float] = flag(
         None, "MTP loss weight alpha in the stable phase (Trillion: 0.2)")
@@ -58,12 +107,43 @@ class ModelArgs:
         128, "pad the vocabulary to a multiple of this times the TP size")
 
     def preset_overrides(self) -> dict:
-        """Preset fields overridden on the command line."""
+        """Preset fields set on the command line."""
         names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "seq_length", "rotary_base", "num_experts",
-                 "moe_router_topk", "mtp_num_layers", "mtp_loss_scaling_factor",
-                 "init_method_std")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+                 "num_query_groups", "kv_channels", "seq_length", "rotary_base", "norm_epsilon",
+                 "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
+                 "mtp_num_layers", "mtp_loss_scaling_factor", "init_method_std")
+        overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.untie_embeddings_and_output_weights:
+            overrides["untie_embeddings_and_output_weights"] = True
+        return overrides
+
+
+@dataclass(frozen=True)
+class KernelArgs:
+    """Fused kernels and communication overlap: megatron-core config fields. Each needs what
+    its kernel needs (Transformer Engine, CUDA); validation refuses it where that is missing,
+    or says once that it has no effect where megatron-core falls back by itself."""
+
+    attention_backend: str = flag(
+        "auto", "megatron-core attention backend (TransformerConfig.attention_backend); on CPU "
+        "the local XLDA attention is the only one", choices=["auto", "flash", "fused", "unfused",
+                                                             "local"])
+    apply_rope_fusion: Optional[bool] = flag(
+        None, "fused RoPE kernel (TE); default: on when Transformer Engine is present",
+        negative="--no-rope-fusion")
+    masked_softmax_fusion: bool = flag(
+        True, "fused scale+mask+softmax of megatron-core's unfused CUDA attention")
+    gradient_accumulation_fusion: bool = flag(
+        True, "fuse weight-gradient accumulation into the GEMM (TE/apex, CUDA)")
+    cross_entropy_loss_fusion: bool = flag(
+        False, "fused vocab-parallel cross entropy (TransformerConfig.cross_entropy_loss_fusion)")
+    cross_entropy_fusion_impl: str = flag(
+        "native", "native: megatron-core's torch implementation; te: Transformer Engine's",
+        choices=["native", "te"])
+    moe_grouped_gemm: bool = flag(False, "grouped GEMM over local experts (TE, CUDA)")
+    tp_comm_overlap: bool = flag(
+        False, "overlap TP communication with GEMMs (TE userbuffers, CUDA, needs "
+        "--sequence-parallel)")
 
 
 @dataclass(frozen=True)
@@ -79,6 +159,8 @@ class ParallelArgs:
     use_distributed_optimizer: bool = flag(False, "shard optimizer states over DP (ZeRO-1)")
     overlap_grad_reduce: bool = flag(False, "overlap the DP gradient reduce with backward")
     overlap_param_gather: bool = flag(False, "overlap the distributed optimizer's param gather")
+    distributed_timeout_minutes: float = flag(
+        10.0, "timeout of collectives in the default process group")
 
 
 @dataclass(frozen=True)
@@ -88,6 +170,9 @@ class BatchArgs:
         None, "samples per optimizer step (default: micro-batch x DP)")
     rampup_batch_size: Optional[list] = flag(
         None, "batch ramp-up: <start> <increment> <ramp samples>", nargs=3, type=int)
+    step_batch_size_schedule: Optional[str] = flag(
+        None, "step-wise global batch size 'THRESHOLD:BS ...' with thresholds in tokens (suffixes "
+        "K M B T), e.g. '0:16 2.4B:320'; instead of --global-batch-size")
 
 
 @dataclass(frozen=True)
@@ -96,23 +181,42 @@ class TrainingArgs:
     train_samples: Optional[int] = flag(None, "samples to train (or --train-iters)")
     seed: int = flag(1234, "seed of initialisation, data order and dropout (layout-invariant)")
     bf16: bool = flag(False, "bf16 mixed precision (GPU)")
+    grad_reduce_in_bf16: bool = flag(False, "reduce gradients over DP in bf16 (default fp32)")
     fp8_format: Optional[str] = flag(None, "FP8 training via Transformer Engine",
                                      choices=["hybrid", "e4m3"])
     fp8_amax_history_len: int = flag(1024, "FP8 amax history length")
     fp8_amax_compute_algo: str = flag("max", "FP8 amax compute algorithm",
                                       choices=["max", "most_recent"])
+    fp8_param_gather: bool = flag(
+        False, "keep FP8 weights and all-gather them in FP8 (TE; needs "
+        "--use-distributed-optimizer)")
+    calculate_per_token_loss: bool = flag(
+        False, "average the loss over tokens, not micro-batches (always the case here)")
     recompute_granularity: Optional[str] = flag(None, "activation recomputation",
                                                 choices=["full", "selective"])
     recompute_method: Optional[str] = flag(None, "how full recompute picks layers",
                                            choices=["uniform", "block"])
     recompute_num_layers: Optional[int] = flag(None, "layers per recompute unit/block")
     clip_grad: float = flag(1.0, "gradient clipping by global norm (0 disables)")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True, "detect NaN/inf loss or grad norm: the step is skipped and counted (see "
+        "--max-consecutive-nonfinite-steps); --no-... applies such steps unchecked")
     max_consecutive_nonfinite_steps: int = flag(
         5, "stop after this many consecutive steps with a NaN/inf loss or grad norm")
     exit_interval: Optional[int] = flag(None, "exit after the iteration divisible by this")
+    exit_duration_in_mins: Optional[float] = flag(
+        None, "save (with --save) and exit once the run has taken this many minutes")
     hang_timeout_seconds: Optional[float] = flag(
         None, "hang watchdog: when one iteration (with its eval/save) makes no progress for "
         "this long, every rank dumps its Python stacks and the job exits non-zero")
+    manual_gc: bool = flag(
+        False, "disable Python's automatic garbage collector; collect at --manual-gc-interval "
+        "and around evaluation, in step on every rank")
+    manual_gc_interval: int = flag(0, "with --manual-gc: collect every N iterations (0: never)")
+    manual_gc_eval: bool = flag(True, "with --manual-gc: collect before and after evaluation")
+    empty_unused_memory_level: int = flag(
+        0, "release cached CUDA memory: 1 after each step, 2 also after evaluation",
+        choices=[0, 1, 2])
 
 
 @dataclass(frozen=True)
@@ -121,6 +225,10 @@ class OptimizerArgs:
                           choices=["adam", "muon"])
     lr: float = flag(3e-4, "peak learning rate (AdamW part under muon)")
     min_lr: float = flag(3e-5, "final learning rate (Trillion: 10% of the peak)")
+    decoupled_lr: Optional[float] = flag(
+        None, "peak learning rate of the input embedding and output layer")
+    decoupled_min_lr: Optional[float] = flag(
+        None, "final learning rate of the input embedding and output layer")
     muon_lr: float = flag(8e-4, "peak Muon learning rate (Trinity stable phase)")
     weight_decay: float = flag(0.1, "weight decay of the stable phase")
     adam_beta1: float = flag(0.9, "AdamW beta1")
@@ -131,12 +239,29 @@ class OptimizerArgs:
 
 @dataclass(frozen=True)
 class ScheduleArgs:
-    lr_decay_style: str = flag("wsd", "learning-rate schedule",
-                               choices=["wsd", "cosine", "linear", "constant"])
+    lr_decay_style: str = flag("wsd", "learning-rate schedule (WSD = wsd)",
+                               choices=["wsd", "WSD", "cosine", "linear", "constant"])
     lr_wsd_decay_style: str = flag("inverse-proportional", "shape of the WSD decay stage",
                                    choices=["inverse-proportional", "cosine", "linear"])
-    lr_warmup_iters: int = flag(2000, "linear warmup length in iterations")
+    lr_decay_iters: Optional[int] = flag(
+        None, "iterations the schedule spans (default --train-iters); fixing it lets a run be "
+        "extended with a larger --train-iters without changing its schedule")
+    lr_decay_samples: Optional[int] = flag(
+        None, "samples the schedule spans (default --train-samples)")
+    lr_warmup_iters: int = flag(0, "linear warmup length in iterations")
+    lr_warmup_samples: int = flag(0, "linear warmup length in samples")
+    lr_warmup_fraction: Optional[float] = flag(
+        None, "linear warmup as a fraction of the schedule length")
+    lr_warmup_init: float = flag(0.0, "learning rate at the start of the warmup")
     lr_wsd_decay_fraction: float = flag(0.1, "WSD decay over this last fraction of training")
+    override_opt_param_scheduler: bool = flag(
+        False, "on --load, use this run's schedule flags instead of the checkpoint's (keeping "
+        "its position)", name="--override-opt_param-scheduler",
+        aliases=["--override-opt-param-scheduler"])
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False, "on --load, use the checkpoint's schedule and ignore this run's schedule flags",
+        name="--use-checkpoint-opt_param-scheduler",
+        aliases=["--use-checkpoint-opt-param-scheduler"])
 
 
 @dataclass(frozen=True)
@@ -150,22 +275,46 @@ class AnnealArgs:
 @dataclass(frozen=True)
 class DataArgs:
     data_path: Optional[list] = flag(
-        None, "datasets: [WEIGHT] LANG:PREFIX ... (LANG optional when PREFIX ends in "
-        "_<lang>_text_document)", nargs="+")
+        None, "datasets: PREFIX, or [WEIGHT] [LANG:]PREFIX ... (the language is read from "
+        "names like ..._<lang>_text_document, else the prefix is one unnamed language); split "
+        "into train/valid/test by --split", nargs="+")
+    data_args_path: Optional[str] = flag(
+        None, "file holding the --data-path value (for long mixtures)")
+    split: Optional[str] = flag(
+        None, "train,valid,test proportions of each --data-path dataset's documents, e.g. "
+        "949,50,1 (default: all for training)")
+    train_data_path: Optional[list] = flag(
+        None, "training datasets used whole (instead of --data-path with --split)", nargs="+")
     valid_data_path: Optional[list] = flag(
         None, "held-out datasets (same syntax); validation loss is reported per language",
         nargs="+")
+    test_data_path: Optional[list] = flag(
+        None, "test datasets (same syntax); checked, and evaluated like --valid-data-path "
+        "when no validation data is given", nargs="+")
     mock_data: bool = flag(False, "random token documents in 3 languages instead of --data-path")
-    data_cache_path: Optional[str] = flag(None, "where sample indices are cached")
+    data_cache_path: Optional[str] = flag(
+        None, "directory for generated files: sample-index caches and --mock-data")
     verify_data: bool = flag(False, "at start-up scan every token of every dataset against the "
                              "vocabulary (default: a sample of documents), with a progress bar")
-    tokenizer_type: str = flag("HuggingFaceTokenizer", "tokenizer kind",
+    mmap_bin_files: bool = flag(True, "memory-map the .bin files (else read with file I/O)")
+    num_workers: int = flag(
+        2, "background threads that read and pack the next step's micro-batches while this "
+        "step trains (0: read in the training loop)")
+    create_attention_mask_in_dataloader: bool = flag(
+        True, "accepted for Megatron-LM scripts: no dense mask is ever built here (packed "
+        "blocks carry their boundaries)")
+    tokenizer_type: str = flag("HuggingFaceTokenizer", "tokenizer kind (Llama2Tokenizer: a "
+                               "SentencePiece .model, as SentencePieceTokenizer)",
                                choices=["HuggingFaceTokenizer", "SentencePieceTokenizer",
-                                        "GPT2BPETokenizer", "NullTokenizer"])
+                                        "Llama2Tokenizer", "GPT2BPETokenizer", "NullTokenizer"])
     tokenizer_model: Optional[str] = flag(None, "tokenizer.json / directory / .model file")
+    tiktoken_pattern: Optional[str] = flag(
+        None, "TikTokenizer split pattern (no tokenizer here uses it: reported as no effect)")
     vocab_file: Optional[str] = flag(None, "GPT2 BPE vocab file")
     merge_file: Optional[str] = flag(None, "GPT2 BPE merges file")
-    vocab_size: Optional[int] = flag(None, "vocabulary size for --tokenizer-type NullTokenizer")
+    vocab_size: Optional[int] = flag(
+        None, "vocabulary size: sets it for NullTokenizer/--mock-data, and must match a real "
+        "tokenizer's size")
     attention_masking: str = flag("xlda", "xlda: cross-lingual blocks; document: per document; "
                                   "none: classic packing", choices=["xlda", "document", "none"])
     xlda_mixing_prob: float = flag(0.5, "rho: probability a sequence mixes >= 2 languages")
@@ -178,18 +327,38 @@ class DataArgs:
 @dataclass(frozen=True)
 class EvalArgs:
     eval_interval: Optional[int] = flag(None, "validate every N iterations")
-    eval_iters: int = flag(2, "micro-batch rounds per validation")
+    eval_iters: int = flag(2, "micro-batch rounds per validation (0 disables evaluation)")
 
 
 @dataclass(frozen=True)
 class LoggingArgs:
     log_interval: int = flag(1, "iterations between log lines")
+    log_throughput: bool = flag(
+        False, "log tokens/s and TFLOP/s per GPU (always in the log line here)")
+    logging_level: Optional[int] = flag(
+        None, "Python logging level of the process (10 debug, 20 info, 30 warning)")
     tensorboard_dir: Optional[str] = flag(None, "TensorBoard event directory")
     wandb_project: Optional[str] = flag(None, "Weights & Biases project (when wandb is installed)")
     wandb_exp_name: Optional[str] = flag(None, "Weights & Biases run name")
     no_progress_bar: bool = flag(False, "disable the progress bar on rank 0")
     device_peak_tflops: Optional[float] = flag(
         None, "peak dense TFLOP/s of one device for MFU (default: H100 BF16 989 on GPU)")
+
+
+@dataclass(frozen=True)
+class ProfilingArgs:
+    profile: bool = flag(
+        False, "profile iterations --profile-step-start..--profile-step-end: with CUDA, "
+        "cudaProfilerStart/Stop for nsys; with --use-pytorch-profiler, torch.profiler traces")
+    use_pytorch_profiler: bool = flag(
+        False, "with --profile: torch.profiler, traces written to --tensorboard-dir (or "
+        "--save)/profile")
+    profile_step_start: int = flag(10, "first profiled iteration")
+    profile_step_end: int = flag(12, "iteration at which profiling stops")
+    profile_ranks: list = flag([0], "global ranks to profile", nargs="+", type=int)
+    record_memory_history: bool = flag(
+        False, "record CUDA allocator history and dump it to --memory-snapshot-path (CUDA)")
+    memory_snapshot_path: str = flag("snapshot.pickle", "where --record-memory-history dumps")
 
 
 @dataclass(frozen=True)
@@ -204,7 +373,8 @@ class CheckpointArgs:
     async_save: bool = flag(False, "write checkpoints in the background (megatron-core "
                             "async torch_dist writer; finished saves are published at the "
                             "next step boundary)")
-    ckpt_format: str = flag("torch_dist", "checkpoint format", choices=["torch_dist"])
+    ckpt_format: str = flag("torch_dist", "checkpoint format (torch_dist only)",
+                            choices=["torch_dist"])
     ckpt_step: Optional[int] = flag(None, "load this iteration from --load instead of the "
                                     "newest (latest_checkpointed_iteration.txt)")
     ckpt_keep_last: Optional[int] = flag(None, "keep only the newest N checkpoints in --save")
@@ -215,6 +385,7 @@ class PretrainConfig:
     """Everything one pretraining run is configured by."""
 
     model: ModelArgs
+    kernels: KernelArgs
     parallel: ParallelArgs
     batch: BatchArgs
     training: TrainingArgs
@@ -224,18 +395,72 @@ class PretrainConfig:
     data: DataArgs
     eval: EvalArgs
     logging: LoggingArgs
+    profiling: ProfilingArgs
     checkpoint: CheckpointArgs
 
 
 GROUPS = {
-    "model": ModelArgs, "parallel": ParallelArgs, "batch": BatchArgs, "training": TrainingArgs,
-    "optimizer": OptimizerArgs, "schedule": ScheduleArgs, "anneal": AnnealArgs,
-    "data": DataArgs, "eval": EvalArgs, "logging": LoggingArgs, "checkpoint": CheckpointArgs,
+    "model": ModelArgs, "kernels": KernelArgs, "parallel": ParallelArgs, "batch": BatchArgs,
+    "training": TrainingArgs, "optimizer": OptimizerArgs, "schedule": ScheduleArgs,
+    "anneal": AnnealArgs, "data": DataArgs, "eval": EvalArgs, "logging": LoggingArgs,
+    "profiling": ProfilingArgs, "checkpoint": CheckpointArgs,
 }
 
 
 def flag_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    if _is_bool(f) and f.default is True:
+        return "--no-" + f.name.replace("_", "-")
+    return "--" + f.name.replace("_", "-")
+
+
+def _is_bool(f: dataclasses.Field) -> bool:
+    return str(f.type) in ("bool", "Optional[bool]") or f.type in (bool, Optional[bool])
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-LM flags that are refused: one line each, why and what to use instead.
+
+_FSDP = ("Megatron-FSDP is not supported here; shard optimizer state with "
+         "--use-distributed-optimizer (ZeRO-1) and drop the FSDP flags")
+_LOSS_SCALE = "loss scaling belongs to --fp16, which is not supported; use --bf16 (no scaling)"
+
+REFUSED_FLAGS: dict[str, tuple[int, str]] = {
+    # flag: (number of values it takes, reason and alternative)
+    "--fp16": (0, "fp16 training is not supported (it needs loss scaling and overflow "
+                  "handling this trainer does not have); use --bf16"),
+    "--loss-scale": (1, _LOSS_SCALE),
+    "--initial-loss-scale": (1, _LOSS_SCALE),
+    "--min-loss-scale": (1, _LOSS_SCALE),
+    "--loss-scale-window": (1, _LOSS_SCALE),
+    "--hysteresis": (1, _LOSS_SCALE),
+    "--use-megatron-fsdp": (0, _FSDP),
+    "--use-torch-fsdp2": (0, _FSDP),
+    "--data-parallel-sharding-strategy": (1, _FSDP),
+    "--use-nccl-ub": (0, "NCCL user buffers are only wired for Megatron-FSDP, which is not "
+                         "supported here; drop the flag"),
+    "--fsdp-double-buffer": (0, _FSDP),
+    "--fsdp-manual-registration": (0, _FSDP),
+    "--init-model-with-meta-device": (0, "meta-device initialisation is for Megatron-FSDP; "
+                                         "weights here are initialised layout-invariantly on "
+                                         "their device; drop the flag"),
+    "--apply-layernorm-1p": (0, "zero-centred (1 + gamma) norms are not in the Trillion/Llama "
+                                "architectures nor their HF export; drop the flag"),
+    "--use-flash-attn": (0, "deprecated in Megatron-LM; use --attention-backend flash"),
+    "--batch-size": (1, "removed in Megatron-LM; use --micro-batch-size"),
+    "--warmup": (1, "removed in Megatron-LM; use --lr-warmup-iters or --lr-warmup-fraction"),
+    "--checkpoint-activations": (0, "removed in Megatron-LM; use --recompute-granularity full"),
+}
+
+
+class _Refused(argparse.Action):
+    """Records a refused flag; ``parse_args`` raises one UserError listing them all."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        refused = getattr(namespace, "_refused", None) or []
+        refused.append(f"{option_string}: {REFUSED_FLAGS[option_string][1]}")
+        setattr(namespace, "_refused", refused)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,14 +478,25 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(group_name)
         for f in dataclasses.fields(cls):
             kwargs = dict(f.metadata["argparse"])
-            kwargs["help"] = f.metadata["help"]
+            # argparse %-formats help strings; a literal % must not reach it.
+            kwargs["help"] = f.metadata["help"].replace("%", "%%")
             kwargs["dest"] = f.name
             kwargs["default"] = argparse.SUPPRESS
-            if f.type in (bool, "bool"):
-                kwargs["action"] = "store_true"
+            if _is_bool(f):
+                kwargs["action"] = "store_false" if f.default is True else "store_true"
             elif "type" not in kwargs:
                 kwargs["type"] = _scalar_type(f)
-            group.add_argument(flag_name(f), **kwargs)
+            group.add_argument(flag_name(f), *f.metadata["aliases"], **kwargs)
+            if f.metadata["negative"]:
+                group.add_argument(f.metadata["negative"], dest=f.name, action="store_false",
+                                   default=argparse.SUPPRESS,
+                                   help=f"turn {flag_name(f)} off")
+    refused = parser.add_argument_group(
+        "refused Megatron-LM flags (recognised; each stops with why and what to use instead)")
+    for name, (nargs, reason) in REFUSED_FLAGS.items():
+        refused.add_argument(name, nargs=nargs, action=_Refused, default=argparse.SUPPRESS,
+                             help=reason.replace("%", "%%"), dest="_refused",
+                             metavar="VALUE" if nargs else None)
     return parser
 
 
@@ -274,9 +510,72 @@ def _scalar_type(f: dataclasses.Field):
     return str
 
 
+# --------------------------------------------------------------------------------------------
+# config files: the same types and choices as the command line
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """``value`` from a config file as the command line would have parsed it."""
+    key = f"{where}: key {flag_name(f).lstrip('-')!r}"
+    if value is None:
+        return None
+    if _is_bool(f):
+        if isinstance(value, bool):
+            result = value
+        elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            result = value.strip().lower() in _TRUE
+        elif isinstance(value, int) and value in (0, 1):
+            result = bool(value)
+        else:
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        # A --no-X key holds the field's value inverted only when spelled that way: keys are
+        # field names (the value), so `masked_softmax_fusion = false` means what it says.
+        return result
+    kwargs = f.metadata["argparse"]
+    convert = kwargs.get("type") or _scalar_type(f)
+    nargs = kwargs.get("nargs")
+    if nargs is not None:
+        items = value.split() if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise UserError(f"{key} must be a list (or a space-separated string), "
+                            f"got {value!r}")
+        items = [_convert_scalar(convert, item, key) for item in items]
+        if isinstance(nargs, int) and len(items) != nargs:
+            raise UserError(f"{key} takes {nargs} values, got {len(items)}")
+        _check_choices(kwargs, items, key)
+        return items
+    result = _convert_scalar(convert, value, key)
+    _check_choices(kwargs, [result], key)
+    return result
+
+
+def _convert_scalar(convert, value: Any, key: str) -> Any:
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise UserError(f"{key} must be a {convert.__name__}, got {value!r}")
+    if convert is int and isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"{key} must be an int, got {value!r}")
+        return int(value)
+    try:
+        return convert(value if convert is not str else str(value))
+    except (TypeError, ValueError):
+        raise UserError(f"{key} must be a {convert.__name__}, got {value!r}") from None
+
+
+def _check_choices(kwargs: dict, values: list, key: str) -> None:
+    choices = kwargs.get("choices")
+    for value in values:
+        if choices is not None and value not in choices:
+            raise UserError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
 def _read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: no such file")
+        raise UserError(f"--config {path}: no such file")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -287,9 +586,9 @@ def _read_config_file(path: str) -> dict:
 
             data = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--config {path}: cannot parse ({exc})") from exc
+        raise UserError(f"--config {path}: cannot parse ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a table/object of flag values")
+        raise UserError(f"--config {path}: expected a table/object of flag values")
     flat = {}
     for key, value in data.items():
         if key == "anneal" and isinstance(value, dict):
@@ -300,17 +599,49 @@ def _read_config_file(path: str) -> dict:
     return flat
 
 
+def _fields_by_key() -> dict:
+    """Config-file keys -> field: the field name, and a ``no_...`` flag's own spelling (whose
+    value is then inverted, as the flag would set it)."""
+    keys = {}
+    for cls in GROUPS.values():
+        for f in dataclasses.fields(cls):
+            keys[f.name] = (f, False)
+            for name in (flag_name(f), *f.metadata["aliases"]):
+                keys.setdefault(name.lstrip("-").replace("-", "_"), (f, False))
+            if f.metadata["negative"]:
+                keys[f.metadata["negative"].lstrip("-").replace("-", "_")] = (f, True)
+            if _is_bool(f) and f.default is True and not f.metadata["flag"]:
+                keys["no_" + f.name] = (f, True)
+    return keys
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
-    """Parse flags (and ``--config``) into a :class:`PretrainConfig`; raise ValueError on misuse."""
+    """Parse flags (and ``--config``) into a :class:`PretrainConfig`; raise UserError on misuse
+    (argparse itself exits 2 on an unknown flag or a malformed value)."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
     values = vars(namespace)
+    refused = values.pop("_refused", None)
+    if refused:
+        raise UserError("refused flag" + ("s" if len(refused) > 1 else "") + ":\n  "
+                        + "\n  ".join(refused))
     config_path = values.pop("config", None)
-    merged = _read_config_file(config_path) if config_path else {}
-    known = {f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"--config {config_path}: unknown keys {unknown}")
+    merged = {}
+    if config_path:
+        keys = _fields_by_key()
+        raw = _read_config_file(config_path)
+        unknown = sorted(k for k in raw if k not in keys)
+        refused_keys = sorted(k for k in unknown if "--" + k.replace("_", "-") in REFUSED_FLAGS)
+        if refused_keys:
+            raise UserError("; ".join(
+                f"--config {config_path}: key {k!r}: "
+                f"{REFUSED_FLAGS['--' + k.replace('_', '-')][1]}" for k in refused_keys))
+        if unknown:
+            raise UserError(f"--config {config_path}: unknown keys {unknown}")
+        for key, value in raw.items():
+            f, inverted = keys[key]
+            coerced = _coerce(f, value, f"--config {config_path}")
+            merged[f.name] = (not coerced) if inverted and coerced is not None else coerced
     merged.update(values)
     groups = {}
     for group_name, cls in GROUPS.items():
@@ -328,4 +659,15 @@ def to_flat_dict(config: PretrainConfig) -> dict:
 
 
 def accepted_flags() -> list[str]:
-    return ["--config"] + [flag_name(f) for cls in GROUPS.values() for f in dataclasses.fields(cls)]
+    """Every option string the parser accepts (aliases and ``--no-`` forms included)."""
+    names = ["--config"]
+    for cls in GROUPS.values():
+        for f in dataclasses.fields(cls):
+            names += [flag_name(f), *f.metadata["aliases"]]
+            if f.metadata["negative"]:
+                names.append(f.metadata["negative"])
+    return names
+
+
+def refused_flags() -> list[str]:
+    return list(REFUSED_FLAGS)
