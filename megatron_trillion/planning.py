@@ -470,9 +470,11 @@ def plan_run(config: PretrainConfig, world_size: int, hardware: Hardware = Hardw
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     if preset is None:
-        from megatron_trillion.models.presets import resolve_preset
+        from megatron_trillion.training.model_flags import resolve_model
 
-        preset = resolve_preset(config.model.preset, config.model.preset_overrides())
+        # Without --preset the flags define the model; its vocabulary is --vocab-size.
+        preset = resolve_model(config.model, vocab_size=None if config.model.preset
+                               else config.data.vocab_size)
     vpp = _virtual_stages(config, preset, config.parallel.pipeline_model_parallel_size)
     lay = Layout.from_config(config, world_size, vpp)
     if preset.num_layers % (lay.pipeline * vpp):

@@ -16,10 +16,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_trillion.errors import UserError
 from megatron_trillion.training.arguments import PretrainConfig, parse_args, to_flat_dict
 from megatron_trillion.training.validation import (
-    ConfigError,
     RunShape,
+    platform_notes,
     transformer_engine_available,
     validate,
     world_size_from_env,
@@ -32,17 +33,12 @@ from megatron_trillion.training.validation import (
 
 def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = None,
                          check: bool = True):
-    """The preset with the flags' overrides. ``check=False`` (issue 11: up-front validation)
-    leaves the preset's consistency checks to ``validate()``, which reports them together with
-    every other conflict instead of stopping at the first."""
-    from megatron_trillion.models.presets import get_preset, resolve_preset
+    """The model of the flags: the preset with its overrides, or (no --preset) the model the
+    shape flags define. ``check=False`` (up-front validation) leaves the consistency checks to
+    ``validate()``, which reports them together with every other conflict."""
+    from megatron_trillion.training.model_flags import resolve_model
 
-    overrides = config.model.preset_overrides()
-    if vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
-    if not check:
-        return dataclasses.replace(get_preset(config.model.preset), **overrides)
-    return resolve_preset(config.model.preset, overrides)
+    return resolve_model(config.model, vocab_size, check=check)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -58,7 +54,10 @@ def tokenizer_config(config: PretrainConfig):
     data = config.data
     if data.mock_data or data.tokenizer_type == "NullTokenizer":
         return None
-    return TokenizerConfig(tokenizer_type=data.tokenizer_type,
+    # Megatron-LM's Llama2Tokenizer is a SentencePiece .model read the same way.
+    kind = "SentencePieceTokenizer" if data.tokenizer_type == "Llama2Tokenizer" \
+        else data.tokenizer_type
+    return TokenizerConfig(tokenizer_type=kind,
                            tokenizer_model=data.tokenizer_model,
                            vocab_file=data.vocab_file, merge_file=data.merge_file)
 
@@ -71,14 +70,18 @@ def build_tokenizer(config: PretrainConfig):
 
 
 def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
-    from megatron_trillion.models.config import build_transformer_config as build
+    from megatron.core.transformer.enums import AttnBackend
 
-    train = config.training
+    from megatron_trillion.models.config import build_transformer_config as build
+    from megatron_trillion.models.specs import transformer_engine_available
+
+    train, kernels, model = config.training, config.kernels, config.model
+    te = transformer_engine_available()
     kwargs = dict(
         sequence_parallel=config.parallel.sequence_parallel,
         calculate_per_token_loss=True,
-        hidden_dropout=config.model.hidden_dropout,
-        attention_dropout=config.model.attention_dropout,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
         bf16=train.bf16,
         recompute_granularity=train.recompute_granularity,
         recompute_method=train.recompute_method,
@@ -88,11 +91,47 @@ def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
         # pair, and gloo (like Megatron-LM's own interleaved default) must keep them on
         # separate calls or they can be matched to the wrong buffer.
         batch_p2p_comm=not (shape.parallel.virtual_pipeline or not torch.cuda.is_available()),
+        # Kernel flags (validate() refused those whose kernel is missing here).
+        attention_backend=AttnBackend[kernels.attention_backend],
+        apply_rope_fusion=te if kernels.apply_rope_fusion is None else kernels.apply_rope_fusion,
+        masked_softmax_fusion=kernels.masked_softmax_fusion and torch.cuda.is_available(),
+        gradient_accumulation_fusion=(kernels.gradient_accumulation_fusion
+                                      and _gradient_accumulation_fusion_available()),
+        cross_entropy_loss_fusion=kernels.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=kernels.cross_entropy_fusion_impl,
+        tp_comm_overlap=kernels.tp_comm_overlap,
     )
+    if preset.is_moe:
+        kwargs.update(moe_grouped_gemm=kernels.moe_grouped_gemm,
+                      moe_token_dispatcher_type=model.moe_token_dispatcher_type)
+        if model.moe_router_load_balancing_type is not None:
+            kwargs["moe_router_load_balancing_type"] = model.moe_router_load_balancing_type
     if train.fp8_format:
         kwargs.update(fp8=train.fp8_format, fp8_amax_history_len=train.fp8_amax_history_len,
-                      fp8_amax_compute_algo=train.fp8_amax_compute_algo)
+                      fp8_amax_compute_algo=train.fp8_amax_compute_algo,
+                      fp8_param=train.fp8_param_gather)
     return build(preset, None, **kwargs)
+
+
+def _gradient_accumulation_fusion_available() -> bool:
+    """megatron-core's non-TE linear layers (the output layer) need apex's
+    fused_weight_gradient_mlp_cuda for it; Megatron-LM turns the fusion off without it too."""
+    import importlib.util
+
+    return torch.cuda.is_available() and \
+        importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def initialize_tp_communicators(config: PretrainConfig, preset, shape: RunShape) -> None:
+    """--tp-comm-overlap: Transformer Engine's userbuffers for the TP all-gather/reduce-scatter
+    overlapped with GEMMs, sized for one micro-batch of this rank's tokens (Megatron-LM's
+    _initialize_tp_communicators)."""
+    from transformer_engine.pytorch import module as te_module
+
+    tokens = config.batch.micro_batch_size * shape.seq_length // shape.parallel.context
+    te_module.base.initialize_ub(
+        shape=[tokens, preset.hidden_size], tp_size=shape.parallel.tensor,
+        use_fp8=config.training.fp8_format is not None)
 
 
 def build_model_chunks(config: PretrainConfig, preset, transformer_config, shape: RunShape):
@@ -112,7 +151,8 @@ def build_model_chunks(config: PretrainConfig, preset, transformer_config, shape
     initialize_weights(chunks, seed=config.training.seed)
     par = config.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not config.training.grad_reduce_in_bf16,
+        fp8_param_gather=config.training.fp8_param_gather,
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=(par.use_distributed_optimizer
@@ -138,6 +178,7 @@ def build_optimizer(config: PretrainConfig, model_chunks: list):
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
         overlap_param_gather=config.parallel.overlap_param_gather,
         muon_momentum=opt.muon_momentum,
+        decoupled_lr=opt.decoupled_lr, decoupled_min_lr=opt.decoupled_min_lr,
     )
     if opt.optimizer == "muon":
         from megatron_trillion.training.muon import get_muon_optimizer
@@ -148,7 +189,6 @@ def build_optimizer(config: PretrainConfig, model_chunks: list):
 
 def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
     from megatron_trillion.training.schedules import (
-        BatchSizeRampup,
         LRScheduleConfig,
         ParamScheduler,
         anneal_config_for,
@@ -156,9 +196,9 @@ def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
 
     lr_config = LRScheduleConfig(
         max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
-        total_steps=shape.train_samples,
-        warmup_steps=config.schedule.lr_warmup_iters * shape.global_batch_size,
-        style=config.schedule.lr_decay_style,
+        total_steps=shape.lr_decay_samples, warmup_steps=shape.lr_warmup_samples,
+        init_lr=config.schedule.lr_warmup_init,
+        style=config.schedule.lr_decay_style.lower(),
         wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
         wsd_decay_style=config.schedule.lr_wsd_decay_style,
     )
@@ -172,21 +212,34 @@ def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
                               if preset.mtp_num_layers else mtp_alpha),
         )
     scheduler = ParamScheduler(optimizer, lr_config, anneal, config.optimizer.weight_decay)
-    rampup = BatchSizeRampup.from_flag(config.batch.rampup_batch_size, shape.global_batch_size,
-                                       config.batch.micro_batch_size, shape.data_parallel_size)
-    return scheduler, rampup, anneal
+    return scheduler, shape.batch_schedule, anneal
 
 
 def data_sources(config: PretrainConfig, vocab_size: int, workdir: str):
-    from megatron_trillion.training.data import parse_data_path, write_mock_datasets
+    """The train / valid / test sources (``training.data.DataSplits``)."""
+    from megatron_trillion.training.data import (
+        DataSplits,
+        resolve_data_splits,
+        write_mock_datasets,
+    )
 
     if config.data.mock_data:
         directory = os.path.join(workdir, "mock-data")
         if torch.distributed.get_rank() == 0:
             write_mock_datasets(directory, vocab_size, config.training.seed)
         torch.distributed.barrier()
-        return write_mock_datasets(directory, vocab_size, config.training.seed)
-    return parse_data_path(config.data.data_path)
+        sources = write_mock_datasets(directory, vocab_size, config.training.seed)
+        return DataSplits(sources, sources, None)
+    return resolve_data_splits(config.data)
+
+
+def effective_masking(config: PretrainConfig, languages) -> str:
+    """--attention-masking, except that cross-lingual packing needs two languages to mix:
+    with one, XLDA's blocks are the documents, so the run uses document masking."""
+    masking = config.data.attention_masking
+    if masking == "xlda" and len(set(languages)) < 2:
+        return "document"
+    return masking
 
 
 def build_dataset(config: PretrainConfig, sources, shape: RunShape, eod: int, workdir: str,
@@ -204,7 +257,7 @@ def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: in
     """Micro-batches of held-out data per language (this rank's share)."""
     from megatron_trillion.training.data import StepBatches
 
-    if config.eval.eval_interval is None:
+    if config.eval.eval_interval is None or config.eval.eval_iters == 0:
         return {}
     by_language: dict = {}
     for entry in sources:
@@ -274,13 +327,20 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     from megatron_trillion.platform.distributed import initialize_distributed
     from megatron_trillion.training import checkpointing
     from megatron_trillion.data.tokenizers import tokenizer_fingerprint
-    from megatron_trillion.training.data import StepBatches, check_data_files, parse_data_path
+    from megatron_trillion.training.data import StepBatches, check_data_files
+    from megatron_trillion.training.housekeeping import Housekeeping
     from megatron_trillion.training.loop import Run, TrainState, train
     from megatron_trillion.training.numerics import NumericsGuard
     from megatron_trillion.training.reporting import MetricWriters
 
     # 1. everything that can be checked without process groups
+    _set_logging_level(config.logging.logging_level)
     tokenizer = build_tokenizer(config)
+    if tokenizer is not None and config.data.vocab_size is not None and \
+            config.data.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"--vocab-size {config.data.vocab_size} differs from the tokenizer's "
+                        f"size ({tokenizer.vocab_size}, --tokenizer-model "
+                        f"{config.data.tokenizer_model}); drop --vocab-size or fix it")
     tp = config.parallel.tensor_model_parallel_size
     base_vocab = (tokenizer.vocab_size if tokenizer is not None
                   else config.data.vocab_size
@@ -295,6 +355,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
 
     # 2. process groups, model, optimizer, schedules
     initialize_distributed(shape.parallel, seed=config.training.seed,
+                           timeout_minutes=config.parallel.distributed_timeout_minutes,
                            num_layers=preset.num_layers,
                            num_attention_heads=preset.num_attention_heads,
                            num_query_groups=preset.query_groups,
@@ -306,6 +367,10 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
             f"vocab {vocab} (tokenizer {base_vocab}); TP {shape.parallel.tensor} x PP "
             f"{shape.parallel.pipeline} x DP {shape.data_parallel_size}"
             + (f" x EP {shape.parallel.expert}" if shape.parallel.expert > 1 else ""))
+        for note in platform_notes(config, preset, te_available(), torch.cuda.is_available()):
+            say(f" note: {note}")
+    if config.kernels.tp_comm_overlap:
+        initialize_tp_communicators(config, preset, shape)
     transformer_config = build_transformer_config(config, preset, shape)
     model = build_model_chunks(config, preset, transformer_config, shape)
     _connect_ddp_to_schedule(model, config)
@@ -317,7 +382,12 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     workdir = (config.data.data_cache_path or config.checkpoint.save
                or os.path.join(tempfile.gettempdir(), "megatron-trillion"))
     eod = tokenizer.eod if tokenizer is not None else 0
-    sources = data_sources(config, vocab, workdir)
+    splits = data_sources(config, vocab, workdir)
+    sources = splits.train
+    languages = splits.languages()
+    if config.data.attention_masking == "xlda" and len(languages) < 2:
+        say(f" data has one language ({languages[0]}): cross-lingual packing has nothing to "
+            "mix, so training uses document blocks (as --attention-masking document)")
     state = TrainState()
     guard = NumericsGuard(max_consecutive_bad_steps=config.training.max_consecutive_nonfinite_steps)
     common = None
@@ -330,18 +400,17 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         if loaded is not None and not config.checkpoint.finetune:
             common = loaded.common
             state.load_state_dict(common["train_state"])
-            scheduler.load_state_dict(common["scheduler"])
+            scheduler.load_state_dict(
+                common["scheduler"],
+                override=config.schedule.override_opt_param_scheduler,
+                use_checkpoint=config.schedule.use_checkpoint_opt_param_scheduler)
+            anneal = scheduler.anneal  # the checkpoint's, with --use-checkpoint-opt_param-...
             guard.load_state_dict(common["numerics"])
     dataset = _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common, say)
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
-                          shape.data_parallel_size)
-    if config.data.mock_data:
-        valid_sources = sources
-    elif config.data.valid_data_path:
-        valid_sources = parse_data_path(config.data.valid_data_path, "--valid-data-path")
-    else:
-        valid_sources = []
+                          shape.data_parallel_size, prefetch=config.data.num_workers > 0)
+    valid_sources = splits.valid or splits.test or []
     eval_batches = build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank) \
         if valid_sources else {}
     if scheduler.mtp_loss_scaling is not None and preset.mtp_num_layers:
@@ -373,17 +442,26 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         interval = config.training.exit_interval
         if interval and run.state.iteration % interval == 0:
             return True  # --exit-interval: same path as a signal (save, then stop)
+        if housekeeping.duration_exceeded():
+            return True  # --exit-duration-in-mins: the same path
         return config.checkpoint.exit_signal_handler and signals.agreed()
 
     def on_anneal_switch(switches, train_state: TrainState) -> None:
         if preset.mtp_num_layers and scheduler.mtp_loss_scaling is not None:
             set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
         if config.anneal.anneal_data_path:
+            previous = run.train_batches
             run.train_batches = StepBatches(
-                _anneal_dataset(config, run.train_batches.dataset, shape, eod, workdir,
+                _anneal_dataset(config, previous.dataset, shape, eod, workdir,
                                 train_state.consumed_samples, say),
-                config.batch.micro_batch_size, dp_rank, shape.data_parallel_size)
+                config.batch.micro_batch_size, dp_rank, shape.data_parallel_size,
+                prefetch=config.data.num_workers > 0)
+            previous.close()
 
+    housekeeping = Housekeeping(
+        config.training, config.profiling, rank=rank, log=say,
+        trace_dir=os.path.join(config.logging.tensorboard_dir or config.checkpoint.save
+                               or os.getcwd(), "profile"))
     writers = MetricWriters(config.logging.tensorboard_dir, config.logging.wandb_project,
                             config.logging.wandb_exp_name, run_config) if rank == 0 else None
     run = Run(
@@ -401,6 +479,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         writers=writers, progress=not config.logging.no_progress_bar, log=say, state=state,
         on_step=on_step,
         hang_timeout_seconds=config.training.hang_timeout_seconds,  # issue 11: watchdog
+        housekeeping=housekeeping,
     )
     try:
         final = train(run)
@@ -408,6 +487,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
             save(final)  # no-op when the last step already saved
             saver.wait()
     finally:
+        run.train_batches.close()
         if writers is not None:
             writers.close()
     return final, run
@@ -450,13 +530,19 @@ def _dataset_kwargs(config, sources, shape, eod, workdir) -> dict:
     from megatron_trillion.training.data import parse_lang_beta
 
     data = config.data
+    languages = sorted({entry[2] for entry in sources})
+    masking = effective_masking(config, languages)
+    single = len(languages) < 2
     return dict(sources=sources, seq_length=shape.seq_length, num_samples=shape.train_samples,
-                masking=data.attention_masking, rho=data.xlda_mixing_prob,
-                anchor_language=data.anchor_language, alpha=data.lang_alpha,
+                masking=masking,
+                # One language: nothing to mix, so no cross-lingual sequences to ask for.
+                rho=0.0 if single else data.xlda_mixing_prob,
+                anchor_language=languages[0] if single else data.anchor_language,
+                alpha=data.lang_alpha,
                 beta=parse_lang_beta(data.lang_beta), seed=config.training.seed,
                 cache_dir=data.data_cache_path or (os.path.join(workdir, "index-cache")
                                                    if data.mock_data else None),
-                eod_token=eod)
+                eod_token=eod, mmap_bin_files=data.mmap_bin_files)
 
 
 def _anneal_dataset(config, current, shape, eod, workdir, consumed, say):
@@ -496,16 +582,22 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
+def _set_logging_level(level: Optional[int]) -> None:
+    """--logging-level: the Python logging level of this process (Megatron-LM's meaning)."""
+    if level is not None:
+        import logging
+
+        logging.getLogger().setLevel(level)
+        logging.getLogger("megatron").setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """User errors (flags, config files, data paths: ``UserError``) print one line and exit 2;
+    any other exception keeps its traceback, on the rank where it happened."""
     quiet_known_warnings()
     try:
-        config = parse_args(argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        pretrain(config)
-    except (ConfigError, ValueError) as exc:
+        pretrain(parse_args(argv))
+    except UserError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -179,8 +179,12 @@ def test_scheduler_state_round_trip():
         max_lr=2e-4, min_lr=2e-5, total_steps=20_000, warmup_steps=100), anneal)
     with pytest.raises(ValueError, match="total_steps"):
         other.load_state_dict(state)
-    other.load_state_dict(state, allow_config_change=True)
-    assert other.num_steps == 9250
+    other.load_state_dict(state, override=True)  # --override-opt_param-scheduler
+    assert other.num_steps == 9250 and other.lr_config.total_steps == 20_000
+    checkpoint_schedule = ParamScheduler(_optimizer(*groups), LRScheduleConfig(
+        max_lr=2e-4, min_lr=2e-5, total_steps=20_000, warmup_steps=100), anneal)
+    checkpoint_schedule.load_state_dict(state, use_checkpoint=True)
+    assert checkpoint_schedule.lr_config == lr_cfg and checkpoint_schedule.num_steps == 9250
 
 
 # ---------------------------------------------------------------------------- batch ramp

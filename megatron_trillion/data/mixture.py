@@ -60,26 +60,32 @@ class DataSource:
     path_prefix: str
     language: str
     weight: Optional[float] = None  # relative weight; None = use the dataset's token size
+    documents: Optional[tuple[int, int]] = None
+    """Only documents [first, end) of the dataset (a --split share); None = all."""
 
 
 def parse_sources(entries: Sequence[tuple]) -> tuple[DataSource, ...]:
-    """``[(weight_or_None, path_prefix, language), ...]`` -> validated ``DataSource`` tuple."""
+    """``[(weight_or_None, path_prefix, language[, (first_doc, end_doc)]), ...]`` -> validated
+    ``DataSource`` tuple (the optional range restricts a source to a --split share)."""
     if not entries:
         raise ValueError("the data mixture is empty: give at least one "
                          "(weight, path_prefix, language) entry (--data-path)")
     sources = []
     for n, entry in enumerate(entries):
-        if len(entry) != 3:
+        if len(entry) not in (3, 4):
             raise ValueError(f"data source #{n} {entry!r}: expected (weight_or_None, "
-                             "path_prefix, language)")
-        weight, prefix, language = entry
+                             "path_prefix, language[, (first_doc, end_doc)])")
+        weight, prefix, language = entry[:3]
+        documents = tuple(int(d) for d in entry[3]) if len(entry) == 4 and entry[3] else None
+        if documents is not None and not 0 <= documents[0] < documents[1]:
+            raise ValueError(f"data source {prefix}: empty document range {documents}")
         if not isinstance(language, str) or not language:
             raise ValueError(f"data source #{n} ({prefix}): language must be a non-empty string")
         if weight is not None:
             weight = float(weight)
             if not math.isfinite(weight) or weight < 0:
                 raise ValueError(f"data source {prefix}: weight must be >= 0, got {weight}")
-        sources.append(DataSource(str(prefix), language, weight))
+        sources.append(DataSource(str(prefix), language, weight, documents))
     prefixes = [s.path_prefix for s in sources]
     duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
     if duplicates:
@@ -116,7 +122,7 @@ def language_probabilities(tokens_per_language: Mapping[str, int], alpha: float,
             for l in languages}
 
 
-def _read_token_count(path_prefix: str) -> int:
+def _read_token_count(path_prefix: str, documents: Optional[tuple[int, int]] = None) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not IndexedDataset.exists(path_prefix):
@@ -129,6 +135,8 @@ def _read_token_count(path_prefix: str) -> int:
     # Copy: the lengths view dies with the dataset's .idx memory map (a segfault otherwise).
     lengths = np.array(dataset.sequence_lengths, dtype=np.int64)
     del dataset
+    if documents is not None:
+        lengths = lengths[documents[0]:documents[1]]
     tokens = int(lengths.sum(dtype=np.int64))
     if len(lengths) == 0 or tokens == 0:
         raise ValueError(f"data source {path_prefix} is empty (0 documents/tokens)")
@@ -155,7 +163,7 @@ class LanguageMixture:
         if not sources:
             raise ValueError("the data mixture is empty")
         if source_tokens is None:
-            source_tokens = [_read_token_count(s.path_prefix) for s in sources]
+            source_tokens = [_read_token_count(s.path_prefix, s.documents) for s in sources]
         source_tokens = tuple(int(t) for t in source_tokens)
         for s, t in zip(sources, source_tokens):
             if t <= 0:
@@ -206,7 +214,8 @@ class LanguageMixture:
             "beta": dict(self.beta),
             "sources": [
                 {"path_prefix": s.path_prefix, "language": s.language, "weight": s.weight,
-                 "tokens": t, "probability": float(p)}
+                 "tokens": t, "probability": float(p),
+                 **({"documents": list(s.documents)} if s.documents else {})}
                 for s, t, p in zip(self.sources, self.source_tokens, self.source_probabilities)
             ],
         }

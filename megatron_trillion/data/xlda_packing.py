@@ -287,8 +287,9 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, mixture: LanguageMixture, config: PackingConfig, index: SampleIndex,
                  streams: Sequence[DocumentStream], start_state: MixtureState,
-                 cache_path: Optional[str] = None) -> None:
+                 cache_path: Optional[str] = None, mmap_bin_files: bool = True) -> None:
         self.mixture = mixture
+        self.mmap_bin_files = mmap_bin_files
         self.config = config
         self.index = index
         self.streams = list(streams)
@@ -304,16 +305,19 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
         if self._datasets[source] is None:
             from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-            self._datasets[source] = IndexedDataset(self.mixture.sources[source].path_prefix)
+            self._datasets[source] = IndexedDataset(self.mixture.sources[source].path_prefix,
+                                                    mmap=self.mmap_bin_files)
         return self._datasets[source]
 
     def _read(self, source: int, offset: int, length: int) -> tuple[np.ndarray, list, list]:
         """Tokens of a stream range, offsets (in the range) where documents start, doc ids."""
         reader = self._reader(source)
         parts, doc_starts, doc_ids, position = [], [], [], 0
+        # Stream document ids count from the source's first document (a --split share).
+        first = (self.mixture.sources[source].documents or (0, 0))[0]
         for document, inner, count, starts_document in self.streams[source].segments(offset,
                                                                                      length):
-            parts.append(np.asarray(reader.get(document, offset=inner, length=count),
+            parts.append(np.asarray(reader.get(first + document, offset=inner, length=count),
                                     dtype=np.int64))
             doc_starts.append(position)
             doc_ids.append(document)
@@ -440,12 +444,13 @@ def _index_key(mixture: LanguageMixture, config: PackingConfig, num_samples: int
     return hashlib.sha256(text.encode()).hexdigest()[:32], text
 
 
-def _sizes(path_prefix: str) -> np.ndarray:
+def _sizes(path_prefix: str, documents: Optional[tuple[int, int]] = None) -> np.ndarray:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(path_prefix, mmap=False)
     # Copy: the lengths view dies with the dataset's .idx memory map.
-    return np.array(dataset.sequence_lengths, dtype=np.int64)
+    sizes = np.array(dataset.sequence_lengths, dtype=np.int64)
+    return sizes if documents is None else sizes[documents[0]:documents[1]]
 
 
 def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: int, *,
@@ -453,7 +458,8 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
                        alpha: Optional[float] = None, beta: Optional[Mapping[str, float]] = None,
                        seed: int = 1234, cache_dir: Optional[str] = None,
                        start_state: Optional[Mapping] = None, eod_token: Optional[int] = None,
-                       mask_eod_loss: bool = False) -> XLDAPackedDataset:
+                       mask_eod_loss: bool = False, mmap_bin_files: bool = True
+                       ) -> XLDAPackedDataset:
     """The training dataset: ``sources`` = ``[(weight_or_None, path_prefix, language), ...]``.
 
     Builds (on global rank 0; other ranks wait at a barrier and load) or loads the cached sample
@@ -469,7 +475,7 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     start = MixtureState.from_dict(start_state) if start_state is not None \
         else MixtureState(config.seed)
-    streams = [DocumentStream(_sizes(s.path_prefix), config.seed,
+    streams = [DocumentStream(_sizes(s.path_prefix, s.documents), config.seed,
                               os.path.basename(s.path_prefix)) for s in parsed]
     key, description = _index_key(mixture, config, num_samples, start)
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(
@@ -498,7 +504,8 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
             index = build_sample_index(mixture, streams, config, int(num_samples), start)
         else:
             index = SampleIndex.load(path)
-    return XLDAPackedDataset(mixture, config, index, streams, start, cache_path=path)
+    return XLDAPackedDataset(mixture, config, index, streams, start, cache_path=path,
+                             mmap_bin_files=mmap_bin_files)
 
 
 def resume_xlda_dataset(data_state: Mapping, consumed_samples: int, **kwargs) -> tuple[

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -176,6 +177,9 @@ def initialize_distributed(
         context_parallel_size=sizes.context,
         expert_model_parallel_size=sizes.expert,
         expert_tensor_parallel_size=sizes.expert_tensor,
+        # The model-parallel subgroups get the same timeout as the default group
+        # (--distributed-timeout-minutes), as in Megatron-LM.
+        distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)),
     )
     seed_everything(seed)
 

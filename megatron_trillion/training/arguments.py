@@ -198,9 +198,6 @@ class TrainingArgs:
                                            choices=["uniform", "block"])
     recompute_num_layers: Optional[int] = flag(None, "layers per recompute unit/block")
     clip_grad: float = flag(1.0, "gradient clipping by global norm (0 disables)")
-    check_for_nan_in_loss_and_grad: bool = flag(
-        True, "detect NaN/inf loss or grad norm: the step is skipped and counted (see "
-        "--max-consecutive-nonfinite-steps); --no-... applies such steps unchecked")
     max_consecutive_nonfinite_steps: int = flag(
         5, "stop after this many consecutive steps with a NaN/inf loss or grad norm")
     exit_interval: Optional[int] = flag(None, "exit after the iteration divisible by this")
@@ -445,6 +442,9 @@ REFUSED_FLAGS: dict[str, tuple[int, str]] = {
     "--init-model-with-meta-device": (0, "meta-device initialisation is for Megatron-FSDP; "
                                          "weights here are initialised layout-invariantly on "
                                          "their device; drop the flag"),
+    "--no-check-for-nan-in-loss-and-grad": (
+        0, "NaN/inf steps are always detected here (from the loss and grad norm the step "
+           "computes anyway) and skipped; drop the flag (see --max-consecutive-nonfinite-steps)"),
     "--apply-layernorm-1p": (0, "zero-centred (1 + gamma) norms are not in the Trillion/Llama "
                                 "architectures nor their HF export; drop the flag"),
     "--use-flash-attn": (0, "deprecated in Megatron-LM; use --attention-backend flash"),

@@ -1,7 +1,9 @@
 """From ``--data-path`` to this rank's micro-batches of one training step.
 
-``--data-path`` keeps Megatron-LM's ``[WEIGHT] PREFIX ...`` syntax and adds the language:
-``en:PREFIX``, or inferred from Megatron-style names ``..._<lang>_<key>_document``. Every rank
+``--data-path`` keeps Megatron-LM's forms (``PREFIX``, ``W1 P1 W2 P2``, ``--data-args-path``,
+``--split``, ``--train/valid/test-data-path``) and adds the language: ``en:PREFIX``, or inferred
+from Megatron-style names ``..._<lang>_<key>_document``; a prefix whose name tells none is one
+unnamed language (``und``). Every rank
 reads its own micro-batches from the (deterministic, cached) XLDA dataset: global step ``i``
 covers samples ``[consumed, consumed + global_batch)``, and DP rank ``r`` takes micro-batch
 ``k`` = samples ``consumed + k * micro * dp + r * micro + [0, micro)`` — Megatron-LM's order, so
@@ -12,11 +14,17 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from megatron_trillion.data.packed_batch import collate_packed
+from megatron_trillion.errors import UserError
+
+UNNAMED_LANGUAGE = "und"
+"""The language of a prefix whose name tells none (ISO 639-2 "undetermined")."""
 
 _LANG_IN_NAME = re.compile(r"_([a-z]{2,3}(?:-[a-z]+)?)_[A-Za-z0-9]+_(?:document|sentence)$")
 
@@ -29,7 +37,7 @@ def infer_language(prefix: str) -> Optional[str]:
 def parse_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tuple]:
     """``[W] [LANG:]PREFIX ...`` -> ``[(weight or None, prefix, language), ...]``."""
     if not tokens:
-        raise ValueError(f"{flag} is empty")
+        raise UserError(f"{flag} is empty")
     entries, weight = [], None
     for token in tokens:
         try:
@@ -38,24 +46,117 @@ def parse_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tu
             value = None
         if value is not None:
             if weight is not None:
-                raise ValueError(f"{flag}: two weights in a row ({weight} {token})")
+                raise UserError(f"{flag}: two weights in a row ({weight} {token})")
             weight = value
             continue
         lang, sep, prefix = token.partition(":")
         if not sep or "/" in lang or not lang:
-            prefix, lang = token, infer_language(token)
-            if lang is None:
-                raise ValueError(
-                    f"{flag}: cannot tell the language of {token!r}; write it as LANG:PREFIX "
-                    "(e.g. en:/data/web_en_text_document)")
+            prefix, lang = token, infer_language(token) or UNNAMED_LANGUAGE
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
-                raise ValueError(f"{flag}: {prefix + ext} does not exist")
+                raise UserError(f"{flag}: {prefix + ext} does not exist")
         entries.append((weight, prefix, lang))
         weight = None
     if weight is not None:
-        raise ValueError(f"{flag}: weight {weight} is not followed by a dataset prefix")
+        raise UserError(f"{flag}: weight {weight} is not followed by a dataset prefix")
     return entries
+
+
+def read_data_args_file(path: str) -> list[str]:
+    """``--data-args-path``: a file holding the ``--data-path`` value (whitespace-separated)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data-args-path {path}: no such file")
+    with open(path) as f:
+        tokens = f.read().split()
+    if not tokens:
+        raise UserError(f"--data-args-path {path}: the file is empty")
+    return tokens
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """``--split 949,50,1`` (or 99/1/0, missing parts 0) -> normalised (train, valid, test)."""
+    cleaned = text.strip().strip("'\"")
+    parts = [p for p in re.split(r"[,/]", cleaned) if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--split {text!r}: expected comma-separated proportions such as "
+                        "949,50,1") from None
+    if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise UserError(f"--split {text!r}: give up to three non-negative proportions "
+                        "(train,valid,test) with a positive sum")
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    return tuple(v / total for v in values)
+
+
+def split_document_ranges(num_documents: int, split: Sequence[float]) -> list[tuple[int, int]]:
+    """Megatron-LM's ``get_split_indices``: contiguous document ranges per split."""
+    bounds = [0]
+    for fraction in split:
+        bounds.append(bounds[-1] + int(round(fraction * float(num_documents))))
+    shift = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [b - shift for b in bounds[1:]]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(split))]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Sources of the train / valid / test datasets (None: no such dataset). A source is
+    ``(weight, prefix, language)`` or, for a --split share, with ``(first_doc, end_doc)``."""
+
+    train: Optional[list]
+    valid: Optional[list]
+    test: Optional[list]
+
+    def languages(self) -> list[str]:
+        return sorted({entry[2] for entry in self.train or []})
+
+
+def resolve_data_splits(data) -> DataSplits:
+    """The datasets of ``DataArgs`` (not --mock-data) by Megatron-LM's rules: ``--data-path``
+    (or ``--data-args-path``) is split per dataset by ``--split`` (all for training when not
+    given); ``--train/--valid/--test-data-path`` are used whole. Raises UserError."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if data.data_path and data.data_args_path:
+        raise UserError("give --data-path or --data-args-path, not both")
+    blend = read_data_args_file(data.data_args_path) if data.data_args_path else data.data_path
+    if blend and data.train_data_path:
+        raise UserError("--train-data-path replaces --data-path (and --split): give one of them")
+    if data.split and not blend:
+        raise UserError("--split divides --data-path / --data-args-path; with "
+                        "--train-data-path the datasets are used whole")
+    if not blend and not data.train_data_path:
+        raise UserError("give --data-path (or --data-args-path, --train-data-path, or "
+                        "--mock-data for a synthetic run)")
+    valid = parse_data_path(data.valid_data_path, "--valid-data-path") \
+        if data.valid_data_path else None
+    test = parse_data_path(data.test_data_path, "--test-data-path") \
+        if data.test_data_path else None
+    if data.train_data_path:
+        return DataSplits(parse_data_path(data.train_data_path, "--train-data-path"),
+                          valid, test)
+    flag = "--data-args-path" if data.data_args_path else "--data-path"
+    entries = parse_data_path(blend, flag)
+    if not data.split:
+        return DataSplits(entries, valid, test)
+    fractions = parse_split(data.split)
+    shares: list[list] = [[], [], []]
+    for weight, prefix, language in entries:
+        # Sequences are the stream's documents (one per document from preprocess_data).
+        documents = len(IndexedDataset(prefix, mmap=False).sequence_lengths)
+        for k, (first, end) in enumerate(split_document_ranges(documents, fractions)):
+            if end > first:
+                shares[k].append((weight, prefix, language, (first, end)))
+    for k, name in ((1, "--valid-data-path"), (2, "--test-data-path")):
+        given = valid if k == 1 else test
+        if shares[k] and given:
+            raise UserError(f"--split {data.split} gives a {name.split('-')[2]} share of "
+                            f"--data-path and {name} is given too: use one")
+    if not shares[0]:
+        raise UserError(f"--split {data.split} leaves no training documents")
+    return DataSplits(shares[0], shares[1] or valid, shares[2] or test)
 
 
 def parse_lang_beta(items: Optional[Sequence[str]]) -> Optional[dict]:
@@ -118,35 +219,69 @@ def microbatch_indices(consumed: int, global_batch: int, micro_batch: int, dp_ra
 
 
 class StepBatches:
-    """Reads this rank's collated micro-batches of a step from a packed dataset."""
+    """Reads this rank's collated micro-batches of a step from a packed dataset.
 
-    def __init__(self, dataset, micro_batch: int, dp_rank: int, dp_size: int) -> None:
+    With ``prefetch`` (``--num-workers`` > 0), a background thread reads and packs the next
+    step's micro-batches (assuming the same global batch size) while this step trains; a step
+    whose batch size changed (a ramp-up) is read directly. One thread: the packed dataset's
+    stream caches are not shared between threads, and one reader already hides the reads.
+    """
+
+    def __init__(self, dataset, micro_batch: int, dp_rank: int, dp_size: int,
+                 prefetch: bool = False) -> None:
         self.dataset = dataset
         self.micro_batch = micro_batch
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self._ahead = None  # ((consumed, global_batch), Future)
 
-    def for_step(self, consumed: int, global_batch: int) -> list[dict]:
+    def _read(self, consumed: int, global_batch: int) -> list[dict]:
         return [
             collate_packed([self.dataset[i] for i in indices])
             for indices in microbatch_indices(consumed, global_batch, self.micro_batch,
                                               self.dp_rank, self.dp_size)
         ]
 
+    def for_step(self, consumed: int, global_batch: int) -> list[dict]:
+        if self._pool is None:
+            return self._read(consumed, global_batch)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (consumed, global_batch):
+            batches = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # the reader is single-threaded: let it finish first
+            batches = self._read(consumed, global_batch)
+        following = (consumed + global_batch, global_batch)
+        if following[0] + global_batch <= len(self.dataset):
+            self._ahead = (following, self._pool.submit(self._read, *following))
+        return batches
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._ahead = None
 
 def check_data_files(config, tokenizer_fingerprint: Optional[dict], vocab_size: int,
                      log=print) -> None:
     """Before the first step (and before any process group: every rank checks the same files and
-    fails the same way, so none waits for another): every dataset of ``--data-path``,
-    ``--valid-data-path`` and ``--anneal-data-path`` is whole, consistent with its index and made
+    fails the same way, so none waits for another): every dataset of ``--data-path`` (or
+    ``--data-args-path``), ``--train/valid/test-data-path`` and ``--anneal-data-path`` is whole, consistent with its index and made
     with this run's tokenizer (data/dataset_verify.py). Raises ConfigError listing every problem;
     logs warnings (datasets without a tokenizer record)."""
     from megatron_trillion.data.dataset_verify import check_training_datasets
     from megatron_trillion.training.validation import ConfigError
 
     prefixes = []
-    for flag_name, tokens in (("--data-path", config.data.data_path),
-                              ("--valid-data-path", config.data.valid_data_path),
+    data = config.data
+    blend = read_data_args_file(data.data_args_path) if data.data_args_path else data.data_path
+    for flag_name, tokens in (("--data-args-path" if data.data_args_path else "--data-path",
+                               blend),
+                              ("--train-data-path", data.train_data_path),
+                              ("--valid-data-path", data.valid_data_path),
+                              ("--test-data-path", data.test_data_path),
                               ("--anneal-data-path", config.anneal.anneal_data_path)):
         if tokens and not config.data.mock_data:
             prefixes += [(flag_name, entry[1]) for entry in parse_data_path(tokens, flag_name)]

@@ -100,6 +100,7 @@ class Run:
     on_step: Optional[Callable[["TrainState", dict], None]] = None  # e.g. tests record losses
     state: TrainState = field(default_factory=TrainState)
     hang_timeout_seconds: Optional[float] = None  # --hang-timeout-seconds (training.watchdog)
+    housekeeping: Any = None  # training.housekeeping.Housekeeping (gc, profiler, memory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +240,8 @@ def train(run: Run) -> TrainState:
     watchdog.start(state.iteration + 1)
     try:
         while state.iteration < run.train_iters:
+            if run.housekeeping is not None:
+                run.housekeeping.before_step(state.iteration + 1)
             global_batch = run.rampup.global_batch_size_at(state.consumed_samples)
             batches = run.train_batches.for_step(state.consumed_samples, global_batch)
             step_flops = _global_step_flops(run.step_flops(batches))
@@ -278,13 +281,19 @@ def train(run: Run) -> TrainState:
             if run.eval_interval and run.eval_batches and (
                     state.iteration % run.eval_interval == 0
                     or state.iteration == run.train_iters):
+                if run.housekeeping is not None:
+                    run.housekeeping.before_eval()
                 say(format_validation_line(state.iteration, evaluate(run)))
+                if run.housekeeping is not None:
+                    run.housekeeping.after_eval()
+            if run.housekeeping is not None:
+                run.housekeeping.after_step(state.iteration)
             if run.save is not None and run.save_interval and \
                     state.iteration % run.save_interval == 0:
                 run.save(state)
             if run.exit_requested():
                 say(f" exiting at iteration {state.iteration} on request "
-                    "(signal or --exit-interval)")
+                    "(signal, --exit-interval or --exit-duration-in-mins)")
                 if run.save is not None and not (run.save_interval and
                                                  state.iteration % run.save_interval == 0):
                     run.save(state)
@@ -293,6 +302,8 @@ def train(run: Run) -> TrainState:
     finally:
         watchdog.stop()
         bar.close()
+        if run.housekeeping is not None:
+            run.housekeeping.stop()
     return state
 
 

@@ -500,22 +500,95 @@ class ParamScheduler:
             "anneal_start_step": self.anneal.start_step if self.anneal is not None else None,
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], *,
-                        allow_config_change: bool = False) -> None:
-        """Restore the position. A different schedule config raises unless
-        ``allow_config_change`` (e.g. deliberately extending training): the step count is
-        then kept and the new config applies from it."""
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, override: bool = False,
+                        use_checkpoint: bool = False) -> None:
+        """Restore the position, with Megatron-LM's rules for the schedule itself: the
+        checkpoint's and this run's schedule must agree, unless ``override``
+        (--override-opt_param-scheduler: this run's schedule applies from the restored
+        position) or ``use_checkpoint`` (--use-checkpoint-opt_param-scheduler: the
+        checkpoint's schedule is restored and this run's flags for it are ignored)."""
+        from megatron_trillion.errors import UserError
+
         if "num_steps" not in state_dict:
             raise ValueError("scheduler state has no 'num_steps'; was it saved by "
                              "ParamScheduler.state_dict()?")
         saved = state_dict.get("lr_config")
         current = dataclasses.asdict(self.lr_config)
-        if saved is not None and saved != current and not allow_config_change:
-            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-            raise ValueError(
-                "the checkpoint's learning-rate schedule differs from this run's "
-                f"(field: (checkpoint, now)) {diff}; pass allow_config_change=True "
-                "(--override-opt-param-scheduler) to continue with the new schedule"
-            )
+        if saved is not None and saved != current:
+            if use_checkpoint:
+                self.lr_config = LRScheduleConfig(**saved)
+                if self.anneal is not None and state_dict.get("anneal_start_step") is not None:
+                    self.anneal = dataclasses.replace(
+                        self.anneal, start_step=int(state_dict["anneal_start_step"]))
+            elif not override:
+                diff = ", ".join(f"{k}: {saved.get(k)} -> {v}" for k, v in current.items()
+                                 if saved.get(k) != v)
+                raise UserError(
+                    "the learning-rate schedule differs from the checkpoint's (" + diff + "). "
+                    "To extend a run keep the schedule fixed with --lr-decay-iters / "
+                    "--lr-decay-samples, or pass --override-opt_param-scheduler (this run's "
+                    "schedule from the restored step) or --use-checkpoint-opt_param-scheduler "
+                    "(the checkpoint's)")
         self.num_steps = int(state_dict["num_steps"])
         self._apply()
+
+
+# --------------------------------------------------------------------------------------------
+# step-wise batch size (--step-batch-size-schedule)
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+@dataclass(frozen=True)
+class StepBatchSizeSchedule:
+    """Megatron-LM's ``--step-batch-size-schedule "0:16 2.4B:320 ..."``: the global batch size
+    is ``sizes[i]`` once ``thresholds[i]`` tokens have been consumed. Same interface as
+    :class:`BatchSizeRampup` (thresholds are kept in samples = tokens / sequence length)."""
+
+    thresholds: tuple
+    sizes: tuple
+    micro_batch_size: int
+    data_parallel_size: int
+
+    @classmethod
+    def from_flag(cls, text: str, seq_length: int, micro_batch_size: int,
+                  data_parallel_size: int) -> "StepBatchSizeSchedule":
+        thresholds, sizes = [], []
+        for item in text.split():
+            threshold, sep, size = item.partition(":")
+            try:
+                scale = _SUFFIXES.get(threshold[-1:].upper(), 1)
+                tokens = float(threshold[:-1] if scale > 1 else threshold) * scale
+                sizes.append(int(size))
+            except ValueError:
+                raise ValueError(f"--step-batch-size-schedule: {item!r} is not THRESHOLD:BS "
+                                 "(e.g. 2.4B:320)") from None
+            if not sep:
+                raise ValueError(f"--step-batch-size-schedule: {item!r} is not THRESHOLD:BS")
+            thresholds.append(math.ceil(tokens / seq_length))
+        if not thresholds or thresholds[0] != 0:
+            raise ValueError("--step-batch-size-schedule must start at threshold 0 (e.g. 0:16)")
+        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+            raise ValueError("--step-batch-size-schedule thresholds must increase")
+        unit = micro_batch_size * data_parallel_size
+        bad = [s for s in sizes if s <= 0 or s % unit]
+        if bad:
+            raise ValueError(f"--step-batch-size-schedule batch sizes {bad} are not positive "
+                             f"multiples of --micro-batch-size x data-parallel size ({unit})")
+        return cls(tuple(thresholds), tuple(sizes), micro_batch_size, data_parallel_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        """The final (largest-threshold) batch size."""
+        return self.sizes[-1]
+
+    def global_batch_size_at(self, consumed_samples: int) -> int:
+        size = self.sizes[0]
+        for threshold, value in zip(self.thresholds, self.sizes):
+            if consumed_samples >= threshold:
+                size = value
+        return size
+
+    def num_microbatches_at(self, consumed_samples: int) -> int:
+        return self.global_batch_size_at(consumed_samples) // (
+            self.micro_batch_size * self.data_parallel_size)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
+
+from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.platform.distributed import ParallelSizes, validate_parallel_sizes
 from megatron_trillion.training.arguments import PretrainConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
         super().__init__("invalid configuration (%d problem%s):\n  - %s" % (
@@ -30,6 +33,12 @@ class RunShape:
     train_samples: int
     train_iters: int
     seq_length: int
+    lr_decay_samples: int
+    """Length of the learning-rate schedule in samples (--lr-decay-iters/-samples, else the
+    run's length)."""
+    lr_warmup_samples: int
+    batch_schedule: Any = None
+    """BatchSizeRampup or StepBatchSizeSchedule: the global batch size of each iteration."""
 
 
 def parallel_sizes(config: PretrainConfig, num_layers: int) -> ParallelSizes:
@@ -53,6 +62,9 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
     errors: list[str] = []
     par, batch, train = config.parallel, config.batch, config.training
     errors += _model_errors(config, preset)
+    from megatron_trillion.training.model_flags import model_flag_errors
+
+    errors += model_flag_errors(config.model, preset)
     sizes = parallel_sizes(config, preset.num_layers)
     errors += validate_parallel_sizes(
         sizes, world_size, num_layers=preset.num_layers,
@@ -82,13 +94,27 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
 
     mp = sizes.model_parallel()
     dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
+    seq_length = config.model.seq_length or preset.seq_length
     if batch.micro_batch_size < 1:
         errors.append(f"--micro-batch-size must be >= 1, got {batch.micro_batch_size}")
     global_batch = batch.global_batch_size or batch.micro_batch_size * dp
     rampup = None
     try:
-        rampup = BatchSizeRampup.from_flag(batch.rampup_batch_size, global_batch,
-                                           max(batch.micro_batch_size, 1), dp)
+        if batch.step_batch_size_schedule:
+            from megatron_trillion.training.schedules import StepBatchSizeSchedule
+
+            for flag_text, value in (("--global-batch-size", batch.global_batch_size),
+                                     ("--rampup-batch-size", batch.rampup_batch_size)):
+                if value is not None:
+                    errors.append(f"--step-batch-size-schedule sets the global batch size: drop "
+                                  f"{flag_text}")
+            rampup = StepBatchSizeSchedule.from_flag(
+                batch.step_batch_size_schedule, max(seq_length, 1),
+                max(batch.micro_batch_size, 1), dp)
+            global_batch = rampup.global_batch_size
+        else:
+            rampup = BatchSizeRampup.from_flag(batch.rampup_batch_size, global_batch,
+                                               max(batch.micro_batch_size, 1), dp)
     except ValueError as exc:
         errors.append(str(exc).replace("\n", " "))
     if sizes.virtual_pipeline and sizes.virtual_pipeline > 1 and rampup is not None:
@@ -107,14 +133,16 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
             errors.append("--rampup-batch-size counts samples: use --train-samples, "
                           "not --train-iters")
         train_iters = train.train_iters
-        train_samples = train_iters * global_batch
+        train_samples = (_samples_for_iters(rampup, train_iters)
+                         if batch.step_batch_size_schedule and rampup else
+                         train_iters * global_batch)
     else:
         train_samples = train.train_samples
         train_iters = _iters_for_samples(rampup, train_samples) if rampup else 0
     if train_samples is not None and train_samples <= 0 and not errors:
         errors.append("--train-iters / --train-samples must be positive")
+    decay_samples, warmup_samples = _schedule_samples(config, global_batch, train_samples, errors)
 
-    seq_length = config.model.seq_length or preset.seq_length
     if seq_length < 2:
         errors.append(f"--seq-length must be >= 2, got {seq_length}")
     if par.sequence_parallel and seq_length % par.tensor_model_parallel_size:
@@ -130,39 +158,50 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
     if prec.fp8_format and not prec.bf16:
         errors.append("--fp8-format needs --bf16")
 
-    if train_samples and train_samples > 0:
+    if decay_samples > 0:
         try:
-            warmup = config.schedule.lr_warmup_iters * global_batch
             LRScheduleConfig(
                 max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
-                total_steps=train_samples, warmup_steps=warmup,
-                style=config.schedule.lr_decay_style,
+                total_steps=decay_samples, warmup_steps=warmup_samples,
+                init_lr=config.schedule.lr_warmup_init,
+                style=config.schedule.lr_decay_style.lower(),
                 wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
                 wsd_decay_style=config.schedule.lr_wsd_decay_style,
             )
         except ValueError as exc:
             errors += [e.strip(" -") for e in str(exc).splitlines()[1:]] or [str(exc)]
+    if config.schedule.override_opt_param_scheduler and \
+            config.schedule.use_checkpoint_opt_param_scheduler:
+        errors.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                      "are mutually exclusive")
 
     data = config.data
-    if not data.mock_data and not data.data_path:
-        errors.append("give --data-path (or --mock-data for a synthetic run)")
-    if data.data_path and data.mock_data:
-        errors.append("--data-path and --mock-data are mutually exclusive")
-    if data.data_path:
-        from megatron_trillion.training.data import parse_data_path, parse_lang_beta
+    splits = None
+    blend_given = data.data_path or data.data_args_path or data.train_data_path
+    if data.mock_data:
+        if blend_given:
+            errors.append("--mock-data replaces --data-path/--data-args-path/"
+                          "--train-data-path: give one")
+    else:
+        from megatron_trillion.training.data import resolve_data_splits
 
-        for flag_name, tokens in (("--data-path", data.data_path),
-                                  ("--anneal-data-path", config.anneal.anneal_data_path),
-                                  ("--valid-data-path", data.valid_data_path)):
-            if tokens:
-                try:
-                    parse_data_path(tokens, flag_name)
-                except ValueError as exc:
-                    errors.append(str(exc))
         try:
-            parse_lang_beta(data.lang_beta)
+            splits = resolve_data_splits(data)
         except ValueError as exc:
             errors.append(str(exc))
+    from megatron_trillion.training.data import parse_data_path, parse_lang_beta
+
+    if config.anneal.anneal_data_path:
+        try:
+            parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
+        except ValueError as exc:
+            errors.append(str(exc))
+    try:
+        parse_lang_beta(data.lang_beta)
+    except ValueError as exc:
+        errors.append(str(exc))
+    if data.num_workers < 0:
+        errors.append(f"--num-workers must be >= 0, got {data.num_workers}")
     if not 0.0 <= data.xlda_mixing_prob <= 1.0:
         errors.append(f"--xlda-mixing-prob must be in [0, 1], got {data.xlda_mixing_prob}")
     if data.lang_alpha is not None and not 0.0 <= data.lang_alpha <= 1.0:
@@ -172,7 +211,8 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
         errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
                       "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
 
-    errors += _blend_errors(config)
+    errors += _blend_errors(config, splits)
+    errors += kernel_errors(config, transformer_engine_available)
     errors += _interval_errors(config)
 
     ckpt = config.checkpoint
@@ -189,12 +229,62 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                              ("--finetune", ckpt.finetune)):
         if value and not ckpt.load:
             errors.append(f"{flag_name} needs --load")
-    if config.eval.eval_interval and not data.valid_data_path and not data.mock_data:
-        errors.append("--eval-interval needs --valid-data-path")
+    if config.eval.eval_interval and config.eval.eval_iters and not data.mock_data and \
+            splits is not None and not (splits.valid or splits.test):
+        errors.append("--eval-interval needs held-out data: --valid-data-path, or a validation "
+                      "share of --data-path with --split (e.g. 949,50,1); --eval-iters 0 "
+                      "turns evaluation off")
     if errors:
         raise ConfigError(errors)
     return RunShape(parallel=sizes, data_parallel_size=dp, global_batch_size=global_batch,
-                    train_samples=train_samples, train_iters=train_iters, seq_length=seq_length)
+                    train_samples=train_samples, train_iters=train_iters, seq_length=seq_length,
+                    lr_decay_samples=decay_samples, lr_warmup_samples=warmup_samples,
+                    batch_schedule=rampup)
+
+
+def _schedule_samples(config: PretrainConfig, global_batch: int, train_samples: int,
+                      errors: list) -> tuple[int, int]:
+    """(schedule length, warmup length) in samples, by Megatron-LM's rules: iteration-based
+    runs take --lr-decay-iters / --lr-warmup-iters (x the global batch), sample-based runs
+    --lr-decay-samples / --lr-warmup-samples; --lr-warmup-fraction is a fraction of the decay
+    length. An explicit decay length is what lets a run be extended unchanged."""
+    sched, train = config.schedule, config.training
+    if train.train_samples is not None:
+        for flag_text, value in (("--lr-decay-iters", sched.lr_decay_iters),
+                                 ("--lr-warmup-iters", sched.lr_warmup_iters or None)):
+            if value is not None:
+                errors.append(f"{flag_text} counts iterations but the run counts samples "
+                              f"(--train-samples): use {flag_text.replace('iters', 'samples')}")
+        decay = sched.lr_decay_samples or train_samples
+        warmup = sched.lr_warmup_samples
+    else:
+        for flag_text, value in (("--lr-decay-samples", sched.lr_decay_samples),
+                                 ("--lr-warmup-samples", sched.lr_warmup_samples or None)):
+            if value is not None:
+                errors.append(f"{flag_text} counts samples but the run counts iterations "
+                              f"(--train-iters): use {flag_text.replace('samples', 'iters')}")
+        decay = (sched.lr_decay_iters * global_batch if sched.lr_decay_iters is not None
+                 else train_samples)
+        warmup = sched.lr_warmup_iters * global_batch
+    if sched.lr_warmup_fraction is not None:
+        if sched.lr_warmup_iters or sched.lr_warmup_samples:
+            errors.append("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples")
+        if not 0.0 <= sched.lr_warmup_fraction <= 1.0:
+            errors.append(f"--lr-warmup-fraction must be in [0, 1], got "
+                          f"{sched.lr_warmup_fraction}")
+        warmup = int(sched.lr_warmup_fraction * decay)
+    for flag_text, value in (("--lr-decay-iters", sched.lr_decay_iters),
+                             ("--lr-decay-samples", sched.lr_decay_samples)):
+        if value is not None and value <= 0:
+            errors.append(f"{flag_text} must be positive, got {value}")
+    return max(decay or 0, 0), max(warmup, 0)
+
+
+def _samples_for_iters(batch_schedule, iterations: int) -> int:
+    consumed = 0
+    for _ in range(iterations):
+        consumed += batch_schedule.global_batch_size_at(consumed)
+    return consumed
 
 
 # Preset fields -> the flags that set them, so preset problems read like flag problems.
@@ -257,31 +347,27 @@ def _model_errors(config: PretrainConfig, preset: ModelPreset) -> list[str]:
     return errors
 
 
-def _blend_errors(config: PretrainConfig) -> list[str]:
+def _blend_errors(config: PretrainConfig, splits) -> list[str]:
     """The language mixture must refer to languages that the data has."""
     import inspect
 
-    from megatron_trillion.training.data import (
-        parse_data_path,
-        parse_lang_beta,
-        write_mock_datasets,
-    )
+    from megatron_trillion.training.data import parse_lang_beta, write_mock_datasets
 
     data = config.data
     errors: list[str] = []
     try:
         beta = parse_lang_beta(data.lang_beta)
-        if data.mock_data:  # the languages --mock-data writes
-            mock = inspect.signature(write_mock_datasets).parameters["languages"].default
-            entries = [(None, "mock", lang) for lang in mock]
-        elif data.data_path:
-            entries = parse_data_path(data.data_path)
-        else:
-            return errors
     except ValueError:
         return errors  # already reported by validate()
-    languages = sorted({lang for _, _, lang in entries})
-    weights = [w for w, _, _ in entries]
+    if data.mock_data:  # the languages --mock-data writes
+        mock = inspect.signature(write_mock_datasets).parameters["languages"].default
+        entries = [(None, "mock", lang) for lang in mock]
+    elif splits is not None:
+        entries = splits.train
+    else:
+        return errors
+    languages = sorted({entry[2] for entry in entries})
+    weights = [entry[0] for entry in entries]
     if any(w is not None and w <= 0 for w in weights):
         errors.append("--data-path weights must be > 0, got "
                       + " ".join(str(w) for w in weights if w is not None))
@@ -297,11 +383,81 @@ def _blend_errors(config: PretrainConfig) -> list[str]:
         total = sum(beta.values())
         if abs(total - 1.0) > 1e-6 or any(v < 0 for v in beta.values()):
             errors.append(f"--lang-beta values must be >= 0 and sum to 1, got {total:g}")
+    # With one language there is nothing to mix: training uses document blocks (pretrain says
+    # so); with several, cross-lingual sequences are built around the anchor.
     if data.attention_masking == "xlda" and data.xlda_mixing_prob > 0 and \
-            data.anchor_language not in languages:
+            len(languages) > 1 and data.anchor_language not in languages:
         errors.append(f"--anchor-language {data.anchor_language} is not among the "
                       f"--data-path languages {languages} (needed for --xlda-mixing-prob > 0)")
     return errors
+
+
+def kernel_errors(config: PretrainConfig, te_available: bool) -> list[str]:
+    """Kernel and precision flags whose kernel (Transformer Engine, CUDA) is missing here, or
+    whose other precondition does not hold."""
+    import torch
+
+    errors: list[str] = []
+    kernels, train, par = config.kernels, config.training, config.parallel
+    cuda = torch.cuda.is_available()
+    if kernels.apply_rope_fusion and not te_available:
+        errors.append("--apply-rope-fusion needs Transformer Engine's fused RoPE (GPU image); "
+                      "drop it (it is on by default where TE is installed)")
+    if kernels.cross_entropy_loss_fusion and kernels.cross_entropy_fusion_impl == "te" and \
+            not te_available:
+        errors.append("--cross-entropy-fusion-impl te needs Transformer Engine; use "
+                      "--cross-entropy-fusion-impl native (megatron-core's, runs anywhere)")
+    if kernels.moe_grouped_gemm and not te_available:
+        errors.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM (GPU); "
+                      "without it experts run one after another (SequentialMLP): drop the flag")
+    if kernels.tp_comm_overlap:
+        if not (te_available and cuda):
+            errors.append("--tp-comm-overlap needs Transformer Engine userbuffers on CUDA GPUs; "
+                          "drop the flag")
+        elif not (par.sequence_parallel and par.tensor_model_parallel_size > 1):
+            errors.append("--tp-comm-overlap needs --sequence-parallel and "
+                          "--tensor-model-parallel-size > 1")
+    if train.fp8_param_gather:
+        if not train.fp8_format:
+            errors.append("--fp8-param-gather needs --fp8-format")
+        if not par.use_distributed_optimizer:
+            errors.append("--fp8-param-gather needs --use-distributed-optimizer")
+    return errors
+
+
+def platform_notes(config: PretrainConfig, preset: ModelPreset, te_available: bool,
+                   cuda: bool) -> list[str]:
+    """Accepted flags that change nothing on this machine, each said once in the log."""
+    notes: list[str] = []
+    kernels, train, prof = config.kernels, config.training, config.profiling
+    if kernels.attention_backend not in ("auto", "local") and not te_available:
+        notes.append(f"--attention-backend {kernels.attention_backend} has no effect without "
+                     "Transformer Engine: the local (XLDA) attention is the only one here")
+    if not kernels.masked_softmax_fusion and not cuda:
+        notes.append("--no-masked-softmax-fusion has no effect on CPU (the fusion is CUDA-only)")
+    if not kernels.gradient_accumulation_fusion and not cuda:
+        notes.append("--no-gradient-accumulation-fusion has no effect on CPU (the fusion is "
+                     "CUDA-only)")
+    if kernels.moe_grouped_gemm and not preset.is_moe:
+        notes.append("--moe-grouped-gemm has no effect: the model is dense")
+    if config.model.moe_token_dispatcher_type != "alltoall" and not preset.is_moe:
+        notes.append("--moe-token-dispatcher-type has no effect: the model is dense")
+    if train.empty_unused_memory_level and not cuda:
+        notes.append("--empty-unused-memory-level has no effect on CPU (no CUDA cache)")
+    if prof.record_memory_history and not cuda:
+        notes.append("--record-memory-history has no effect on CPU (it records the CUDA "
+                     "allocator)")
+    if prof.profile and not prof.use_pytorch_profiler and not cuda:
+        notes.append("--profile without CUDA has no nsys capture range to open; add "
+                     "--use-pytorch-profiler for a torch.profiler trace")
+    if train.grad_reduce_in_bf16 and not train.bf16:
+        notes.append("--grad-reduce-in-bf16 has no effect without --bf16 (gradients are fp32)")
+    if config.data.tiktoken_pattern is not None:
+        notes.append("--tiktoken-pattern has no effect: no tokenizer here is a TikTokenizer")
+    if config.data.num_workers > 1:
+        notes.append(f"--num-workers {config.data.num_workers}: one background thread "
+                     "prefetches the next step (the packed reads are sequential)")
+    return notes
 
 
 def _interval_errors(config: PretrainConfig) -> list[str]:
@@ -310,10 +466,12 @@ def _interval_errors(config: PretrainConfig) -> list[str]:
     for flag_text, value in (("--log-interval", config.logging.log_interval),
                              ("--save-interval", config.checkpoint.save_interval),
                              ("--eval-interval", config.eval.eval_interval),
-                             ("--eval-iters", config.eval.eval_iters),
                              ("--exit-interval", config.training.exit_interval)):
         if value is not None and value < 1:
             errors.append(f"{flag_text} must be >= 1, got {value}")
+    if config.eval.eval_iters < 0:
+        errors.append(f"--eval-iters must be >= 0 (0 disables evaluation), got "
+                      f"{config.eval.eval_iters}")
     hang = getattr(config.training, "hang_timeout_seconds", None)
     if hang is not None and hang <= 0:
         errors.append(f"--hang-timeout-seconds must be > 0, got {hang}")
@@ -341,4 +499,4 @@ def transformer_engine_available() -> bool:
 
 
 __all__ = ["ConfigError", "RunShape", "validate", "parallel_sizes", "world_size_from_env",
-           "transformer_engine_available"]
+           "transformer_engine_available", "kernel_errors", "platform_notes"]
