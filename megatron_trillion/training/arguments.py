@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -295,8 +296,9 @@ class DataArgs:
                              "vocabulary (default: a sample of documents), with a progress bar")
     mmap_bin_files: bool = flag(True, "memory-map the .bin files (else read with file I/O)")
     num_workers: int = flag(
-        2, "background threads that read and pack the next step's micro-batches while this "
-        "step trains (0: read in the training loop)")
+        2, "> 0: a background thread reads and packs the next step's micro-batches while this "
+        "step trains (one thread whatever N: the packed reads are sequential); 0: read in "
+        "the training loop")
     create_attention_mask_in_dataloader: bool = flag(
         True, "accepted for Megatron-LM scripts: no dense mask is ever built here (packed "
         "blocks carry their boundaries)")
@@ -370,8 +372,9 @@ class CheckpointArgs:
     async_save: bool = flag(False, "write checkpoints in the background (megatron-core "
                             "async torch_dist writer; finished saves are published at the "
                             "next step boundary)")
-    ckpt_format: str = flag("torch_dist", "checkpoint format (torch_dist only)",
-                            choices=["torch_dist"])
+    ckpt_format: str = flag("torch_dist", "checkpoint format (only torch_dist is written and "
+                            "read here; the others are refused)",
+                            choices=["torch_dist", "torch", "torch_dcp", "zarr", "fsdp_dtensor"])
     ckpt_step: Optional[int] = flag(None, "load this iteration from --load instead of the "
                                     "newest (latest_checkpointed_iteration.txt)")
     ckpt_keep_last: Optional[int] = flag(None, "keep only the newest N checkpoints in --save")
@@ -454,6 +457,15 @@ REFUSED_FLAGS: dict[str, tuple[int, str]] = {
 }
 
 
+# Values of accepted flags that are refused the same way: {field: {value: reason}}.
+_CKPT = ("only megatron-core's torch_dist checkpoints are written and read here (resharding, "
+         "async save, HF export build on it); use --ckpt-format torch_dist")
+REFUSED_VALUES: dict[str, dict[Any, str]] = {
+    "ckpt_format": {"torch": _CKPT, "torch_dcp": _CKPT, "zarr": _CKPT,
+                    "fsdp_dtensor": _CKPT + " (fsdp_dtensor is Megatron-FSDP's, not supported)"},
+}
+
+
 class _Refused(argparse.Action):
     """Records a refused flag; ``parse_args`` raises one UserError listing them all."""
 
@@ -498,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help=reason.replace("%", "%%"), dest="_refused",
                              metavar="VALUE" if nargs else None)
     return parser
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    """The parser, built once per process (parsing does not change it)."""
+    return build_parser()
 
 
 def _scalar_type(f: dataclasses.Field):
@@ -618,8 +636,7 @@ def _fields_by_key() -> dict:
 def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
     """Parse flags (and ``--config``) into a :class:`PretrainConfig`; raise UserError on misuse
     (argparse itself exits 2 on an unknown flag or a malformed value)."""
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
+    namespace = _parser().parse_args(argv)
     values = vars(namespace)
     refused = values.pop("_refused", None)
     if refused:
@@ -643,6 +660,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
             coerced = _coerce(f, value, f"--config {config_path}")
             merged[f.name] = (not coerced) if inverted and coerced is not None else coerced
     merged.update(values)
+    refused = [f"--{name.replace('_', '-')} {merged[name]}: {reasons[merged[name]]}"
+               for name, reasons in REFUSED_VALUES.items() if merged.get(name) in reasons]
+    if refused:
+        raise UserError("refused flag value:\n  " + "\n  ".join(refused))
     groups = {}
     for group_name, cls in GROUPS.items():
         names = {f.name for f in dataclasses.fields(cls)}

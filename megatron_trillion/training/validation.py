@@ -454,9 +454,6 @@ def platform_notes(config: PretrainConfig, preset: ModelPreset, te_available: bo
         notes.append("--grad-reduce-in-bf16 has no effect without --bf16 (gradients are fp32)")
     if config.data.tiktoken_pattern is not None:
         notes.append("--tiktoken-pattern has no effect: no tokenizer here is a TikTokenizer")
-    if config.data.num_workers > 1:
-        notes.append(f"--num-workers {config.data.num_workers}: one background thread "
-                     "prefetches the next step (the packed reads are sequential)")
     return notes
 
 
