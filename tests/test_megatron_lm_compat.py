@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -311,19 +311,27 @@ def test_plain_untagged_prefix_trains_a_flags_defined_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data has one language (und)" in out
     assert "model-from-flags: 2 layers, hidden 64" in out
-    assert out.count(" iteration ") == 3
+    assert len(re.findall(r"^ iteration +\d+/ +3 \|", out, re.M)) == 3
     assert "validation" in out.lower()
     # --eval-iters 0 turns evaluation off (Megatron-LM's way).
     assert main(common + ["--eval-iters", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.count(" iteration ") == 3 and "validation" not in out.lower()
+    assert len(re.findall(r"^ iteration +\d+/ +3 \|", out, re.M)) == 3
+    assert "validation" not in out.lower()
 
 
 def _run(argv, losses):
+    import torch
+
+    from megatron_trillion.platform.distributed import destroy_distributed
     from megatron_trillion.pretrain import pretrain
 
-    pretrain(parse_args(argv), log=lambda line: None,
-             on_step=lambda state, result: losses.append(result["lm loss"]))
+    try:
+        pretrain(parse_args(argv), log=lambda line: None,
+                 on_step=lambda state, result: losses.append(result["lm loss"]))
+    finally:
+        if torch.distributed.is_initialized():
+            destroy_distributed()
 
 
 def test_extending_a_run_with_a_fixed_schedule_equals_the_straight_run(tmp_path):
@@ -339,9 +347,3 @@ def test_extending_a_run_with_a_fixed_schedule_equals_the_straight_run(tmp_path)
     _run(base + ["--train-iters", "6", "--save", ckpt, "--load", ckpt], extended)
     assert len(straight) == len(extended) == 6
     np.testing.assert_allclose(extended, straight, rtol=0, atol=1e-6)
-    # Without a fixed schedule the lengths differ, and the error names real flags.
-    with pytest.raises(UserError) as info:
-        _run([a for a in base if a not in ("--lr-decay-iters", "6")]
-             + ["--train-iters", "8", "--load", ckpt], [])
-    assert "--override-opt_param-scheduler" in str(info.value)
-    assert "--lr-decay-iters" in str(info.value)

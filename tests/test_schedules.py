@@ -177,8 +177,12 @@ def test_scheduler_state_round_trip():
 
     other = ParamScheduler(_optimizer(*groups), LRScheduleConfig(
         max_lr=2e-4, min_lr=2e-5, total_steps=20_000, warmup_steps=100), anneal)
-    with pytest.raises(ValueError, match="total_steps"):
+    with pytest.raises(ValueError, match="total_steps") as info:
         other.load_state_dict(state)
+    # The error names flags that exist (Megatron-LM's spelling).
+    for flag in ("--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                 "--lr-decay-iters"):
+        assert flag in str(info.value)
     other.load_state_dict(state, override=True)  # --override-opt_param-scheduler
     assert other.num_steps == 9250 and other.lr_config.total_steps == 20_000
     checkpoint_schedule = ParamScheduler(_optimizer(*groups), LRScheduleConfig(
