@@ -244,39 +244,39 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
 
 def _schedule_samples(config: PretrainConfig, global_batch: int, train_samples: int,
                       errors: list) -> tuple[int, int]:
-    """(schedule length, warmup length) in samples, by Megatron-LM's rules: iteration-based
-    runs take --lr-decay-iters / --lr-warmup-iters (x the global batch), sample-based runs
-    --lr-decay-samples / --lr-warmup-samples; --lr-warmup-fraction is a fraction of the decay
-    length. An explicit decay length is what lets a run be extended unchanged."""
-    sched, train = config.schedule, config.training
-    if train.train_samples is not None:
-        for flag_text, value in (("--lr-decay-iters", sched.lr_decay_iters),
-                                 ("--lr-warmup-iters", sched.lr_warmup_iters or None)):
-            if value is not None:
-                errors.append(f"{flag_text} counts iterations but the run counts samples "
-                              f"(--train-samples): use {flag_text.replace('iters', 'samples')}")
-        decay = sched.lr_decay_samples or train_samples
-        warmup = sched.lr_warmup_samples
+    """(schedule length, warmup length) in samples, as Megatron-LM computes them: the schedule
+    spans --lr-decay-samples, or --lr-decay-iters x the global batch, or the whole run; the
+    warmup is --lr-warmup-fraction of that, or --lr-warmup-samples, or --lr-warmup-iters x the
+    global batch. (Megatron-LM only pairs *-iters with --train-iters; either unit works here.)
+    An explicit schedule length is what lets a run be extended unchanged."""
+    sched = config.schedule
+    for kind, iters, samples in (("decay", sched.lr_decay_iters, sched.lr_decay_samples),
+                                 ("warmup", sched.lr_warmup_iters or None,
+                                  sched.lr_warmup_samples or None)):
+        if iters is not None and samples is not None:
+            errors.append(f"give one of --lr-{kind}-iters and --lr-{kind}-samples")
+    for flag_text, value in (("--lr-decay-iters", sched.lr_decay_iters),
+                             ("--lr-decay-samples", sched.lr_decay_samples)):
+        if value is not None and value <= 0:
+            errors.append(f"{flag_text} must be positive, got {value}")
+    for flag_text, value in (("--lr-warmup-iters", sched.lr_warmup_iters),
+                             ("--lr-warmup-samples", sched.lr_warmup_samples)):
+        if value < 0:
+            errors.append(f"{flag_text} must be >= 0, got {value}")
+    if sched.lr_decay_samples is not None:
+        decay = sched.lr_decay_samples
+    elif sched.lr_decay_iters is not None:
+        decay = sched.lr_decay_iters * global_batch
     else:
-        for flag_text, value in (("--lr-decay-samples", sched.lr_decay_samples),
-                                 ("--lr-warmup-samples", sched.lr_warmup_samples or None)):
-            if value is not None:
-                errors.append(f"{flag_text} counts samples but the run counts iterations "
-                              f"(--train-iters): use {flag_text.replace('samples', 'iters')}")
-        decay = (sched.lr_decay_iters * global_batch if sched.lr_decay_iters is not None
-                 else train_samples)
-        warmup = sched.lr_warmup_iters * global_batch
+        decay = train_samples
+    warmup = sched.lr_warmup_samples or sched.lr_warmup_iters * global_batch
     if sched.lr_warmup_fraction is not None:
         if sched.lr_warmup_iters or sched.lr_warmup_samples:
             errors.append("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples")
         if not 0.0 <= sched.lr_warmup_fraction <= 1.0:
             errors.append(f"--lr-warmup-fraction must be in [0, 1], got "
                           f"{sched.lr_warmup_fraction}")
-        warmup = int(sched.lr_warmup_fraction * decay)
-    for flag_text, value in (("--lr-decay-iters", sched.lr_decay_iters),
-                             ("--lr-decay-samples", sched.lr_decay_samples)):
-        if value is not None and value <= 0:
-            errors.append(f"{flag_text} must be positive, got {value}")
+        warmup = int(sched.lr_warmup_fraction * (decay or 0))
     return max(decay or 0, 0), max(warmup, 0)
 
 
