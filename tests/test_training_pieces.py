@@ -96,8 +96,8 @@ def test_data_path_syntax(tmp_path):
     assert parse_data_path(["0.7", en, "0.3", f"ja:{other}"]) == [
         (0.7, en, "en"), (0.3, other, "ja")]
     assert infer_language("/x/corpus_ko_text_document") == "ko"
-    with pytest.raises(ValueError, match="cannot tell the language"):
-        parse_data_path([other])
+    # A name that tells no language: one unnamed language (Megatron-LM's plain PREFIX form).
+    assert parse_data_path([other]) == [(None, other, "und")]
     with pytest.raises(ValueError, match="does not exist"):
         parse_data_path([str(tmp_path / "missing_en_text_document")])
     with pytest.raises(ValueError, match="not followed by a dataset"):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from megatron_trillion.errors import UserError
+
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer")
 
 # Tried in order when a tokenizer.json comes without a tokenizer_config.json naming its EOS.
@@ -74,9 +76,9 @@ class TokenizerConfig:
 
 def _require_file(path: Optional[str], flag: str, tokenizer_type: str) -> Path:
     if not path:
-        raise ValueError(f"--tokenizer-type {tokenizer_type} needs {flag}")
+        raise UserError(f"--tokenizer-type {tokenizer_type} needs {flag}")
     if not os.path.exists(path):
-        raise ValueError(f"{flag} {path}: no such file or directory")
+        raise UserError(f"{flag} {path}: no such file or directory")
     return Path(path)
 
 
@@ -104,11 +106,11 @@ class HuggingFaceTokenizer:
         root = _require_file(path, "--tokenizer-model", "HuggingFaceTokenizer")
         json_path = root / "tokenizer.json" if root.is_dir() else root
         if not json_path.is_file():
-            raise ValueError(f"--tokenizer-model {path}: no tokenizer.json in this directory")
+            raise UserError(f"--tokenizer-model {path}: no tokenizer.json in this directory")
         try:
             self._tokenizer = Tokenizer.from_file(str(json_path))
         except Exception as exc:  # the Rust error says what is wrong with the file
-            raise ValueError(f"--tokenizer-model {json_path}: not a tokenizer.json ({exc})")
+            raise UserError(f"--tokenizer-model {json_path}: not a tokenizer.json ({exc})")
         self.path = str(json_path)
         self.include_special_tokens = include_special_tokens
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
@@ -125,13 +127,13 @@ class HuggingFaceTokenizer:
             if content is not None:
                 token_id = token_to_id(content)
                 if token_id is None:
-                    raise ValueError(f"{config_path}: {key} {content!r} is not in the vocabulary")
+                    raise UserError(f"{config_path}: {key} {content!r} is not in the vocabulary")
                 return token_id
             return _first_present(candidates, token_to_id)
 
         eod = named("eos_token", _EOS_CANDIDATES)
         if eod is None:
-            raise ValueError(
+            raise UserError(
                 f"--tokenizer-model {path}: cannot tell the end-of-document token; add a "
                 f"tokenizer_config.json with \"eos_token\" next to tokenizer.json"
             )
@@ -171,13 +173,13 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         try:
             model = models.BPE.from_file(str(vocab), str(merges))
         except Exception as exc:
-            raise ValueError(f"--vocab-file {vocab} / --merge-file {merges}: cannot read ({exc})")
+            raise UserError(f"--vocab-file {vocab} / --merge-file {merges}: cannot read ({exc})")
         tokenizer = Tokenizer(model)
         # GPT-2's split regex and byte-to-unicode map; no prefix space, as GPT-2 encodes.
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tokenizer.decoder = decoders.ByteLevel()
         if tokenizer.token_to_id(self.EOD_TOKEN) is None:
-            raise ValueError(f"--vocab-file {vocab}: has no {self.EOD_TOKEN} entry for the EOD")
+            raise UserError(f"--vocab-file {vocab}: has no {self.EOD_TOKEN} entry for the EOD")
         tokenizer.add_special_tokens([AddedToken(self.EOD_TOKEN, special=True, normalized=False)])
         self._tokenizer = tokenizer
         self.path = str(vocab)
@@ -198,12 +200,12 @@ class SentencePieceTokenizer:
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except Exception as exc:
-            raise ValueError(f"--tokenizer-model {path}: not a SentencePiece model ({exc})")
+            raise UserError(f"--tokenizer-model {path}: not a SentencePiece model ({exc})")
         self.path = str(path)
         self.num_threads = num_threads
         self.vocab_size = self._sp.get_piece_size()
         if self._sp.eos_id() < 0:
-            raise ValueError(f"--tokenizer-model {path}: the model defines no EOS piece for EOD")
+            raise UserError(f"--tokenizer-model {path}: the model defines no EOS piece for EOD")
         self.eod = self._sp.eos_id()
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
@@ -227,7 +229,7 @@ def build_tokenizer(config: TokenizerConfig) -> TextTokenizer:
         return SentencePieceTokenizer(config.tokenizer_model)
     if kind == "GPT2BPETokenizer":
         return GPT2BPETokenizer(config.vocab_file, config.merge_file)
-    raise ValueError(f"--tokenizer-type {kind!r} is not supported; choose one of {TOKENIZER_TYPES}")
+    raise UserError(f"--tokenizer-type {kind!r} is not supported; choose one of {TOKENIZER_TYPES}")
 
 
 def _content_digest(path: str) -> str:

@@ -312,7 +312,9 @@ def get_preset(name: str) -> ModelPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
+        from megatron_trillion.errors import UserError
+
+        raise UserError(
             f"unknown model preset {name!r} (--preset); known presets: "
             + ", ".join(preset_names())
         ) from None
