@@ -94,7 +94,9 @@ def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
         # Kernel flags (validate() refused those whose kernel is missing here).
         attention_backend=AttnBackend[kernels.attention_backend],
         apply_rope_fusion=te if kernels.apply_rope_fusion is None else kernels.apply_rope_fusion,
-        masked_softmax_fusion=kernels.masked_softmax_fusion and torch.cuda.is_available(),
+        # Only megatron-core's own DotProductAttention uses it; TE's and the XLDA attention
+        # (the two built here) do not (platform_notes says so for --no-masked-softmax-fusion).
+        masked_softmax_fusion=False,
         gradient_accumulation_fusion=(kernels.gradient_accumulation_fusion
                                       and _gradient_accumulation_fusion_available()),
         cross_entropy_loss_fusion=kernels.cross_entropy_loss_fusion,

@@ -133,7 +133,8 @@ class KernelArgs:
         None, "fused RoPE kernel (TE); default: on when Transformer Engine is present",
         negative="--no-rope-fusion")
     masked_softmax_fusion: bool = flag(
-        True, "fused scale+mask+softmax of megatron-core's unfused CUDA attention")
+        True, "fused scale+mask+softmax of megatron-core's DotProductAttention (not used by "
+        "the TE or XLDA attention built here: accepted, and reported as no effect)")
     gradient_accumulation_fusion: bool = flag(
         True, "fuse weight-gradient accumulation into the GEMM (TE/apex, CUDA)")
     cross_entropy_loss_fusion: bool = flag(

@@ -433,8 +433,10 @@ def platform_notes(config: PretrainConfig, preset: ModelPreset, te_available: bo
     if kernels.attention_backend not in ("auto", "local") and not te_available:
         notes.append(f"--attention-backend {kernels.attention_backend} has no effect without "
                      "Transformer Engine: the local (XLDA) attention is the only one here")
-    if not kernels.masked_softmax_fusion and not cuda:
-        notes.append("--no-masked-softmax-fusion has no effect on CPU (the fusion is CUDA-only)")
+    if not kernels.masked_softmax_fusion:
+        notes.append("--no-masked-softmax-fusion has no effect: the fused masked softmax belongs "
+                     "to megatron-core's DotProductAttention, which neither attention built here "
+                     "(Transformer Engine's, XLDA's) uses")
     if not kernels.gradient_accumulation_fusion and not cuda:
         notes.append("--no-gradient-accumulation-fusion has no effect on CPU (the fusion is "
                      "CUDA-only)")
