@@ -313,11 +313,41 @@ def test_plain_untagged_prefix_trains_a_flags_defined_model(tmp_path, capsys):
     assert "model-from-flags: 2 layers, hidden 64" in out
     assert len(re.findall(r"^ iteration +\d+/ +3 \|", out, re.M)) == 3
     assert "validation" in out.lower()
-    # --eval-iters 0 turns evaluation off (Megatron-LM's way).
-    assert main(common + ["--eval-iters", "0"]) == 0
+    # --eval-iters 0 turns evaluation off (Megatron-LM's way); the same blend given through
+    # --data-args-path; the PyTorch profiler traces iteration 2.
+    args_file = tmp_path / "blend.txt"
+    args_file.write_text(prefix + "\n")
+    again = [a for a in common if a not in ("--data-path", prefix)]
+    tensorboard = tmp_path / "tb"
+    assert main(again + ["--data-args-path", str(args_file), "--eval-iters", "0", "--profile",
+                         "--use-pytorch-profiler", "--profile-step-start", "1",
+                         "--profile-step-end", "2", "--tensorboard-dir", str(tensorboard)]) == 0
     out = capsys.readouterr().out
     assert len(re.findall(r"^ iteration +\d+/ +3 \|", out, re.M)) == 3
     assert "validation" not in out.lower()
+    assert list((tensorboard / "profile").glob("*.pt.trace.json"))
+
+
+def test_data_path_forms(tmp_path):
+    from megatron_trillion.training.data import resolve_data_splits
+
+    prefix = _write_untagged_corpus(tmp_path, num_docs=100)
+    splits = resolve_data_splits(parse_args(["--data-path", prefix, "--split", "'98,1,1'"]).data)
+    assert splits.train == [(None, prefix, "und", (0, 98))]
+    assert splits.valid == [(None, prefix, "und", (98, 99))]
+    assert splits.test == [(None, prefix, "und", (99, 100))]
+    whole = resolve_data_splits(parse_args(["--train-data-path", prefix,
+                                            "--valid-data-path", prefix]).data)
+    assert whole.train == whole.valid == [(None, prefix, "und")] and whole.test is None
+    for argv, expected in (
+            (["--data-path", prefix, "--train-data-path", prefix], "--train-data-path replaces"),
+            (["--data-path", prefix, "--split", "90,10,0", "--valid-data-path", prefix],
+             "use one"),
+            (["--data-path", prefix, "--split", "0,1,0"], "leaves no training documents"),
+            (["--data-path", prefix, "--split", "a,b"], "comma-separated proportions"),
+            (["--data-args-path", str(tmp_path / "none.txt")], "no such file")):
+        with pytest.raises(UserError, match=expected):
+            resolve_data_splits(parse_args(argv).data)
 
 
 def _run(argv, losses):
