@@ -400,6 +400,10 @@ def kernel_errors(config: PretrainConfig, te_available: bool) -> list[str]:
     errors: list[str] = []
     kernels, train, par = config.kernels, config.training, config.parallel
     cuda = torch.cuda.is_available()
+    if kernels.attention_backend == "local" and te_available and \
+            config.model.transformer_impl != "local":
+        errors.append("--attention-backend local turns Transformer Engine's attention off: "
+                      "add --transformer-impl local (Megatron-LM: --spec local)")
     if kernels.apply_rope_fusion and not te_available:
         errors.append("--apply-rope-fusion needs Transformer Engine's fused RoPE (GPU image); "
                       "drop it (it is on by default where TE is installed)")
