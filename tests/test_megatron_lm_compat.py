@@ -377,3 +377,23 @@ def test_extending_a_run_with_a_fixed_schedule_equals_the_straight_run(tmp_path)
     _run(base + ["--train-iters", "6", "--save", ckpt, "--load", ckpt], extended)
     assert len(straight) == len(extended) == 6
     np.testing.assert_allclose(extended, straight, rtol=0, atol=1e-6)
+
+
+def test_kernel_flags_refused_without_their_kernel_and_no_effect_said():
+    from megatron_trillion.models.presets import get_preset
+    from megatron_trillion.training.validation import kernel_errors, platform_notes
+
+    config = parse_args(["--moe-grouped-gemm", "--tp-comm-overlap", "--apply-rope-fusion",
+                         "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te",
+                         "--fp8-param-gather"])
+    errors = "\n".join(kernel_errors(config, te_available=False))
+    for flag in ("--moe-grouped-gemm", "--tp-comm-overlap", "--apply-rope-fusion",
+                 "--cross-entropy-fusion-impl te", "--fp8-param-gather needs --fp8-format",
+                 "--fp8-param-gather needs --use-distributed-optimizer"):
+        assert flag in errors
+    # megatron-core's own cross entropy fusion runs anywhere.
+    assert kernel_errors(parse_args(["--cross-entropy-loss-fusion"]), te_available=False) == []
+    notes = platform_notes(parse_args(["--empty-unused-memory-level", "1", "--moe-grouped-gemm",
+                                       "--no-masked-softmax-fusion"]),
+                           get_preset("tiny-tri-7b"), te_available=False, cuda=False)
+    assert len(notes) == 3 and "--moe-grouped-gemm has no effect: the model is dense" in notes
