@@ -370,7 +370,9 @@ def test_extending_a_run_with_a_fixed_schedule_equals_the_straight_run(tmp_path)
             "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--lr", "3e-3",
             "--min-lr", "3e-4", "--lr-decay-iters", "6", "--no-progress-bar"]
     straight: list = []
-    _run(base + ["--train-iters", "6"], straight)
+    # Read in the loop (no prefetch thread) and with the wall-clock exit armed: same numbers.
+    _run(base + ["--train-iters", "6", "--num-workers", "0", "--exit-duration-in-mins", "600"],
+         straight)
     extended: list = []
     ckpt = str(tmp_path / "ckpt")
     _run(base + ["--train-iters", "3", "--save", ckpt], extended)
