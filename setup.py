@@ -19,6 +19,7 @@ setup(
         "sentencepiece",
         "safetensors",
         "tqdm",
+        "numba>=0.60",  # the sample-index builder's compiled loop (data/sample_index.py)
         "tensorboard",
     ],
     extras_require={

@@ -146,12 +146,12 @@ def test_blocks_per_masking_mode(corpus):
 
 def test_same_seed_same_samples_other_seed_differs_and_cache_is_used(corpus, tmp_path,
                                                                      monkeypatch):
-    from megatron_trillion.data import xlda_packing
+    from megatron_trillion.data.sample_index import ChunkedSampleIndex
 
     first = _build(corpus, cache_dir=str(tmp_path / "a"))
     assert first.cache_path and first.cache_path.startswith(str(tmp_path / "a"))
     second = _build(corpus, cache_dir=str(tmp_path / "b"))   # rebuilt from scratch
-    monkeypatch.setattr(xlda_packing, "build_sample_index",
+    monkeypatch.setattr(ChunkedSampleIndex, "_build",
                         lambda *a, **k: pytest.fail("cached index was rebuilt"))
     cached = _build(corpus, cache_dir=str(tmp_path / "a"))
     for i in range(0, SAMPLES, 11):

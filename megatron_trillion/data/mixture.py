@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+import numba
 import numpy as np
 
 __all__ = [
@@ -48,6 +49,10 @@ __all__ = [
     "MixtureState",
     "MixtureSampler",
     "describe_mixture_change",
+    "sample_randoms",
+    "DeficitTables",
+    "pick_language_by_deficit",
+    "pick_source_by_deficit",
 ]
 
 _SUM_TOLERANCE = 1e-6
@@ -273,6 +278,82 @@ def describe_mixture_change(previous: MixtureState, mixture: LanguageMixture) ->
     return changes
 
 
+# One Philox4x64 counter step yields 4 uint64 = 4 doubles: sample k's numbers are exactly the
+# block at counter k, so any sample's draws are computable directly (no replay).
+RANDOMS_PER_SAMPLE = 4
+
+
+def sample_randoms(seed: int, first_sample: int, count: int = 1) -> np.ndarray:
+    """Uniform numbers of samples ``first_sample..+count`` -> [count, 4] (same on every rank
+    and for any DP layout)."""
+    bitgen = np.random.Philox(key=int(seed))
+    bitgen.advance(int(first_sample))
+    return np.random.Generator(bitgen).random((int(count), RANDOMS_PER_SAMPLE))
+
+
+# The deficit rules, compiled: the sample-index builder (``sample_index``) calls them from its
+# compiled loop and ``MixtureSampler`` from Python, so the rules exist once.
+
+
+@numba.njit(cache=True, nogil=True)
+def pick_language_by_deficit(language_tokens, language_probabilities, name_rank, candidates,
+                             upcoming_tokens):
+    """Index of the candidate language furthest below its share after ``upcoming_tokens``
+    more (ties: the larger language name); -1 when no candidate has a positive probability."""
+    total = language_tokens.sum() + upcoming_tokens
+    best, best_value = -1, 0.0
+    for language in range(len(language_tokens)):
+        if not candidates[language] or language_probabilities[language] <= 0:
+            continue
+        value = language_probabilities[language] * total - language_tokens[language]
+        if best < 0 or value > best_value or (value == best_value
+                                              and name_rank[language] > name_rank[best]):
+            best, best_value = language, value
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def pick_source_by_deficit(source_tokens, source_probabilities, members, language_probability):
+    """Index of the source (of ``members``, one language's sources in mixture order) furthest
+    below its share of the language's tokens drawn in this phase (ties: the first)."""
+    total = 1
+    for i in members:
+        total += source_tokens[i]
+    best, best_value = -1, 0.0
+    for i in members:
+        value = source_probabilities[i] / language_probability * total - source_tokens[i]
+        if best < 0 or value > best_value:
+            best, best_value = i, value
+    return best
+
+
+@dataclass(frozen=True)
+class DeficitTables:
+    """A mixture as the arrays the compiled deficit rules take (languages in mixture order)."""
+
+    language_probabilities: np.ndarray   # float64 [languages]
+    name_rank: np.ndarray                # int64 [languages]: rank of the name, the tie-break
+    source_language: np.ndarray          # int64 [sources]
+    source_probabilities: np.ndarray     # float64 [sources]
+    members: tuple                       # per language: int64 array of its sources
+    language_source_probability: np.ndarray  # float64 [languages]: sum of its sources' p
+
+    @classmethod
+    def of(cls, mixture: LanguageMixture) -> "DeficitTables":
+        languages = mixture.languages
+        ranks = {name: rank for rank, name in enumerate(sorted(languages))}
+        members = tuple(np.asarray(mixture.source_index(l), dtype=np.int64) for l in languages)
+        probs = mixture.source_probabilities
+        return cls(
+            np.asarray([mixture.language_probabilities[l] for l in languages], dtype=np.float64),
+            np.asarray([ranks[l] for l in languages], dtype=np.int64),
+            np.asarray([languages.index(s.language) for s in mixture.sources], dtype=np.int64),
+            np.asarray(probs, dtype=np.float64),
+            members,
+            # Summed in member order, as the sampler always has (the float result matters).
+            np.asarray([sum(probs[i] for i in m) for m in members], dtype=np.float64))
+
+
 class MixtureSampler:
     """Chooses the source of each packed sequence or document by token deficit; owns the state.
 
@@ -281,9 +362,7 @@ class MixtureSampler:
     what was taken. ``state`` is the checkpointable :class:`MixtureState`.
     """
 
-    # One Philox4x64 counter step yields 4 uint64 = 4 doubles: sample k's numbers are exactly
-    # the block at counter k, so any sample's draws are computable directly (no replay).
-    RANDOMS_PER_SAMPLE = 4
+    RANDOMS_PER_SAMPLE = RANDOMS_PER_SAMPLE
     _BLOCK = 4096
 
     def __init__(self, mixture: LanguageMixture, seed: int,
@@ -307,13 +386,12 @@ class MixtureSampler:
         self.samples = int(start.samples)
         self._source_tokens = np.zeros(len(prefixes), dtype=np.int64)  # this phase's draws
         self._block_start, self._block = 0, None  # cache of upcoming random numbers
+        self.tables = DeficitTables.of(mixture)
 
     def randoms(self, first_sample: int, count: int = 1) -> np.ndarray:
         """Uniform numbers of samples ``first_sample..+count`` -> [count, 4] (same on every
         rank and for any DP layout)."""
-        bitgen = np.random.Philox(key=self.seed)
-        bitgen.advance(int(first_sample))
-        return np.random.Generator(bitgen).random((int(count), self.RANDOMS_PER_SAMPLE))
+        return sample_randoms(self.seed, first_sample, count)
 
     def begin_sample(self) -> np.ndarray:
         """The next sample's random numbers; advances the RNG position by one sample."""
@@ -329,20 +407,21 @@ class MixtureSampler:
 
     def pick_language(self, candidates: Sequence[str], upcoming_tokens: int) -> str:
         """The candidate language furthest below its share after ``upcoming_tokens`` more."""
-        probs = self.mixture.language_probabilities
-        candidates = [l for l in candidates if probs[l] > 0]
-        if not candidates:
+        languages = self.mixture.languages
+        wanted = set(candidates)
+        picked = pick_language_by_deficit(
+            np.asarray([self.language_tokens[l] for l in languages], dtype=np.int64),
+            self.tables.language_probabilities, self.tables.name_rank,
+            np.asarray([l in wanted for l in languages]), int(upcoming_tokens))
+        if picked < 0:
             raise ValueError("no language with a positive mixture probability to sample from")
-        total = sum(self.language_tokens.values()) + upcoming_tokens
-        return max(candidates, key=lambda l: (probs[l] * total - self.language_tokens[l], l))
+        return languages[picked]
 
     def pick_source(self, language: str) -> int:
-        members = self.mixture.source_index(language)
-        probs = self.mixture.source_probabilities
-        total = sum(int(self._source_tokens[i]) for i in members) + 1
-        language_p = sum(probs[i] for i in members)
-        return max(members, key=lambda i: (probs[i] / language_p * total
-                                           - self._source_tokens[i], -i))
+        n = self.mixture.languages.index(language)
+        return int(pick_source_by_deficit(self._source_tokens, self.tables.source_probabilities,
+                                          self.tables.members[n],
+                                          self.tables.language_source_probability[n]))
 
     def record(self, source: int, tokens: int) -> None:
         self.cursor[source] += tokens

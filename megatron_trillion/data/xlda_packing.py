@@ -7,15 +7,17 @@ Public interface (what the training loop calls)::
         seq_length=4096, num_samples=total_train_samples,
         masking="xlda",            # "xlda" | "document" | "none" (the ablation switch)
         rho=0.5, anchor_language="en", alpha=None, beta=None, seed=1234,
-        cache_dir=None,            # default: <dir of first source>/xlda_index_cache
-        start_state=None)          # a MixtureState dict: continue from it (anchor switch)
+        cache_dir=None,            # --data-cache-path; default: <dir of first source>/xlda_index_cache
+        start_state=None)          # a MixtureState dict: continue from it (anneal switch)
     sample = dataset[i]            # dict of numpy arrays, see XLDAPackedDataset.__getitem__
     dataset.state_dict(consumed_samples)        # -> checkpoint["data"]
     dataset = resume_xlda_dataset(checkpoint["data"], consumed_samples, **same kwargs)
     for indices in PretrainingIndexSampler(len(dataset), consumed, micro_batch, dp_rank, dp_size)
     # then megatron_trillion.data.packed_batch.collate_packed([dataset[i] for i in indices])
 
-How a sample is made (the sample index, built once per configuration and cached as .npz):
+How a sample is made (the sample index: ``megatron_trillion.data.sample_index`` builds it in
+chunks, caches them as memory-mapped .npy files and says which stream ranges form a sample; this
+module reads those ranges and derives tokens, labels and attention blocks):
 
 * Every source is a *stream*: its documents in a seeded per-epoch permutation, concatenated
   over epochs. Samples take contiguous token ranges ("pieces") from streams, so every token of
@@ -47,11 +49,8 @@ extension is not needed).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -60,19 +59,22 @@ import torch
 
 from megatron_trillion.data.mixture import (
     LanguageMixture,
-    MixtureSampler,
     MixtureState,
     describe_mixture_change,
     parse_sources,
+)
+from megatron_trillion.data.sample_index import (
+    DEFAULT_CHUNK_SAMPLES,
+    ChunkedSampleIndex,
+    DocumentStream,
+    IndexSpec,
 )
 
 __all__ = [
     "MASKING_MODES",
     "PackingConfig",
-    "DocumentStream",
-    "SampleIndex",
-    "build_sample_index",
     "XLDAPackedDataset",
+    "attention_block_boundaries",
     "build_xlda_dataset",
     "resume_xlda_dataset",
     "PretrainingIndexSampler",
@@ -81,7 +83,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASKING_MODES = ("xlda", "document", "none")
-_INDEX_VERSION = 1
 _MONOLINGUAL = -1  # piece block id: every document of the piece is its own block (xlda mode)
 
 
@@ -122,160 +123,18 @@ class PackingConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# streams
+# attention blocks
 
 
-class DocumentStream:
-    """One source's documents in a seeded per-epoch order, addressed by token offset."""
-
-    _KEEP_EPOCHS = 4
-
-    def __init__(self, sizes: np.ndarray, seed: int, key: str) -> None:
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.total = int(self.sizes.sum())
-        # The key (path basename) rather than the position in the mixture seeds the order, so
-        # changing the mixture does not reshuffle a source.
-        self._seed = [int(seed), zlib.crc32(key.encode())]
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document order, cumulative end offsets) of one epoch."""
-        if epoch not in self._epochs:
-            if len(self._epochs) >= self._KEEP_EPOCHS:
-                # Bounded: a small, heavily upsampled source runs through many epochs.
-                del self._epochs[next(iter(self._epochs))]
-            order = np.random.default_rng(self._seed + [epoch]).permutation(len(self.sizes))
-            self._epochs[epoch] = (order, np.cumsum(self.sizes[order]))
-        return self._epochs[epoch]
-
-    def tokens_to_document_end(self, offset: int) -> int:
-        epoch, rest = divmod(int(offset), self.total)
-        _, ends = self.epoch(epoch)
-        position = int(np.searchsorted(ends, rest, side="right"))
-        return int(ends[position]) - rest
-
-    def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, bool]]:
-        """(document id, offset in document, count, starts_document) covering the range."""
-        offset, length = int(offset), int(length)
-        while length > 0:
-            epoch, rest = divmod(offset, self.total)
-            order, ends = self.epoch(epoch)
-            position = int(np.searchsorted(ends, rest, side="right"))
-            start = int(ends[position] - self.sizes[order[position]])
-            inner = rest - start
-            count = min(length, int(ends[position]) - rest)
-            yield int(order[position]), inner, count, inner == 0
-            offset += count
-            length -= count
-
-
-# ---------------------------------------------------------------------------------------------
-# the sample index
-
-
-@dataclass
-class SampleIndex:
-    """Pieces of samples ``first_sample .. first_sample + num_samples - 1``.
-
-    Sample ``first_sample + k`` is pieces ``sample_ptr[k]:sample_ptr[k+1]``; piece ``p`` is
-    ``piece_length[p]`` tokens of stream ``piece_source[p]`` from offset ``piece_start[p]``,
-    in attention block ``piece_block[p]`` (-1: each document its own block).
-    ``cursor_after[k]`` is every source's stream cursor after sample k (the mixture state).
-    """
-
-    first_sample: int
-    sample_ptr: np.ndarray
-    piece_source: np.ndarray
-    piece_start: np.ndarray
-    piece_length: np.ndarray
-    piece_block: np.ndarray
-    cross_lingual: np.ndarray
-    cursor_after: np.ndarray
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.sample_ptr) - 1
-
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **{k: (np.asarray(v)) for k, v in self.__dict__.items()})
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial file
-
-    @classmethod
-    def load(cls, path: str) -> "SampleIndex":
-        with np.load(path) as data:
-            fields = {k: data[k] for k in data.files}
-        fields["first_sample"] = int(fields["first_sample"])
-        return cls(**fields)
-
-
-def build_sample_index(mixture: LanguageMixture, streams: Sequence[DocumentStream],
-                       config: PackingConfig, num_samples: int,
-                       start: Optional[MixtureState] = None) -> SampleIndex:
-    """Pack samples ``start.samples .. num_samples - 1`` (all of them without a start state)."""
-    sampler = MixtureSampler(mixture, config.seed, start=start)
-    first = sampler.samples
-    if num_samples <= first:
-        raise ValueError(f"num_samples={num_samples} but the mixture state is already at sample "
-                         f"{first}; raise --train-samples/--train-iters")
-    seq = config.seq_length
-    anchor = config.anchor_language
-    languages = mixture.languages
-    partners = [l for l in languages if l != anchor]
-    count = num_samples - first
-    ptr = np.zeros(count + 1, dtype=np.int64)
-    cross = np.zeros(count, dtype=bool)
-    cursor_after = np.zeros((count, len(streams)), dtype=np.int64)
-    src, starts, lengths, blocks = [], [], [], []
-    for k in range(count):
-        draws = sampler.begin_sample()
-        if draws[0] < config.rho:
-            cross[k] = True
-            partner = sampler.pick_language(partners, seq // 2)
-            order = [anchor, partner] if draws[1] < 0.5 else [partner, anchor]
-            chosen = [sampler.pick_source(order[0]), sampler.pick_source(order[1])]
-            remaining, turn = seq, 0
-            while remaining > 0:
-                source = chosen[turn % 2]
-                # The first piece leaves room for the other language.
-                limit = min(remaining, seq // 2) if turn == 0 else remaining
-                length = min(limit, streams[source].tokens_to_document_end(sampler.cursor[source]))
-                src.append(source)
-                starts.append(int(sampler.cursor[source]))
-                lengths.append(length)
-                blocks.append(turn // 2)
-                sampler.record(source, length)
-                remaining -= length
-                turn += 1
-        else:
-            language = sampler.pick_language(languages, seq)
-            source = sampler.pick_source(language)
-            src.append(source)
-            starts.append(int(sampler.cursor[source]))
-            lengths.append(seq)
-            blocks.append(_MONOLINGUAL)
-            sampler.record(source, seq)
-        ptr[k + 1] = len(src)
-        cursor_after[k] = sampler.cursor
-    _warn_if_shares_missed(mixture, sampler, config)
-    return SampleIndex(first, ptr, np.asarray(src, dtype=np.int32),
-                       np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64),
-                       np.asarray(blocks, dtype=np.int32), cross, cursor_after)
-
-
-def _warn_if_shares_missed(mixture: LanguageMixture, sampler: MixtureSampler,
-                           config: PackingConfig) -> None:
-    # Cross-lingual samples give the anchor about half their tokens; if rho is high and the
-    # anchor's target share low, monolingual samples cannot compensate. Say so.
-    total = sum(sampler.language_tokens.values())
-    for language, target in mixture.language_probabilities.items():
-        realised = sampler.language_tokens[language] / total
-        if abs(realised - target) > 0.02:
-            logger.warning(
-                "language %s gets %.3f of the tokens instead of its eq. 2 share %.3f: "
-                "rho=%.2f with anchor %s is not reachable for this mixture; lower rho or "
-                "raise the anchor's share", language, realised, target, config.rho,
-                config.anchor_language)
+def attention_block_boundaries(masking: str, seq_length: int, document_starts: list,
+                               pair_starts: list) -> np.ndarray:
+    """cu_seqlens of a sample's attention blocks: "none" - the whole sample; "document" - each
+    document (piece); "xlda" - each cross-lingual pair, and each document of a monolingual
+    piece (``pair_starts``: where each such block starts)."""
+    if masking == "none":
+        return np.asarray([0, seq_length], dtype=np.int32)
+    starts = document_starts if masking == "document" else pair_starts
+    return np.asarray(sorted(set(starts)) + [seq_length], dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,23 +144,29 @@ def _warn_if_shares_missed(mixture: LanguageMixture, sampler: MixtureSampler,
 class XLDAPackedDataset(torch.utils.data.Dataset):
     """Global sample index -> packed sample. Valid indices: ``[first_sample, len(self))``."""
 
-    def __init__(self, mixture: LanguageMixture, config: PackingConfig, index: SampleIndex,
-                 streams: Sequence[DocumentStream], start_state: MixtureState,
-                 cache_path: Optional[str] = None, mmap_bin_files: bool = True) -> None:
+    def __init__(self, mixture: LanguageMixture, config: PackingConfig,
+                 index: ChunkedSampleIndex, streams: Sequence[DocumentStream],
+                 start_state: MixtureState, mmap_bin_files: bool = True) -> None:
         self.mixture = mixture
         self.mmap_bin_files = mmap_bin_files
         self.config = config
         self.index = index
         self.streams = list(streams)
         self.start_state = start_state
-        self.cache_path = cache_path
         self._datasets: list = [None] * len(mixture.sources)
+
+    @property
+    def cache_path(self) -> str:
+        return self.index.directory
 
     def __len__(self) -> int:
         return self.index.first_sample + self.index.num_samples
 
-    def _reader(self, source: int):
+    def __getstate__(self) -> dict:
         # Opened lazily so the dataset pickles cheaply into DataLoader workers.
+        return {**self.__dict__, "_datasets": [None] * len(self._datasets)}
+
+    def _reader(self, source: int):
         if self._datasets[source] is None:
             from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -315,8 +180,7 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
         parts, doc_starts, doc_ids, position = [], [], [], 0
         # Stream document ids count from the source's first document (a --split share).
         first = (self.mixture.sources[source].documents or (0, 0))[0]
-        for document, inner, count, starts_document in self.streams[source].segments(offset,
-                                                                                     length):
+        for document, inner, count, _ in self.streams[source].segments(offset, length):
             parts.append(np.asarray(reader.get(first + document, offset=inner, length=count),
                                     dtype=np.int64))
             doc_starts.append(position)
@@ -324,20 +188,20 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
             position += count
         return np.concatenate(parts), doc_starts, doc_ids
 
-    def pieces(self, idx: int) -> range:
-        k = self._local(idx)
-        return range(int(self.index.sample_ptr[k]), int(self.index.sample_ptr[k + 1]))
-
-    def _local(self, idx: int) -> int:
+    def _global(self, idx: int) -> int:
         idx = int(idx)
         if idx < 0:
             idx += len(self)
-        k = idx - self.index.first_sample
-        if idx >= len(self) or k < 0:
+        if idx >= len(self) or idx < self.index.first_sample:
             raise IndexError(
                 f"sample {idx} is outside this dataset's range [{self.index.first_sample}, "
-                f"{len(self)})" + (" (it belongs to an earlier mixture phase)" if k < 0 else ""))
-        return k
+                f"{len(self)})" + (" (it belongs to an earlier mixture phase)"
+                                   if 0 <= idx < self.index.first_sample else ""))
+        return idx
+
+    def pieces(self, idx: int) -> list[tuple[int, int, int, int]]:
+        """(source, stream offset, length, block) of each piece of sample ``idx``."""
+        return self.index.pieces(self._global(idx))
 
     def __getitem__(self, idx: int) -> dict:
         """One sample: tokens, labels, loss_mask, position_ids [S]; cu_seqlens of documents
@@ -346,33 +210,24 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
         tokens = np.empty(seq, dtype=np.int64)
         labels = np.empty(seq, dtype=np.int64)
         doc_bounds: list[int] = []
-        block_bounds: list[int] = [0]
+        pair_bounds: list[int] = [0]
         document_ids: list[tuple[int, int]] = []
         position = 0
         previous_block = None
-        for p in self.pieces(idx):
-            source = int(self.index.piece_source[p])
-            length = int(self.index.piece_length[p])
-            block = int(self.index.piece_block[p])
+        for source, start, length, block in self.pieces(idx):
             # One token more: the label of the piece's last position.
-            read, doc_starts, doc_ids = self._read(source, int(self.index.piece_start[p]),
-                                                   length + 1)
+            read, doc_starts, doc_ids = self._read(source, start, length + 1)
             tokens[position:position + length] = read[:length]
             labels[position:position + length] = read[1:length + 1]
             starts = [position + s for s in doc_starts if s < length]
             doc_bounds.extend(starts)
             document_ids.extend((source, d) for s, d in zip(doc_starts, doc_ids) if s < length)
             if block == _MONOLINGUAL or block != previous_block:
-                block_bounds.extend(starts if block == _MONOLINGUAL else [position])
+                pair_bounds.extend(starts if block == _MONOLINGUAL else [position])
             previous_block = block
             position += length
         doc_cu = np.asarray(sorted(set(doc_bounds)) + [seq], dtype=np.int32)
-        if self.config.masking == "none":
-            block_cu = np.asarray([0, seq], dtype=np.int32)
-        elif self.config.masking == "document":
-            block_cu = doc_cu
-        else:
-            block_cu = np.asarray(sorted(set(block_bounds)) + [seq], dtype=np.int32)
+        block_cu = attention_block_boundaries(self.config.masking, seq, doc_bounds, pair_bounds)
         block_lengths = np.diff(block_cu)
         position_ids = np.arange(seq, dtype=np.int64) - np.repeat(block_cu[:-1], block_lengths)
         loss_mask = np.ones(seq, dtype=np.float32)
@@ -394,21 +249,10 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
     def mixture_state(self, consumed_samples: int) -> MixtureState:
         """The sampler state after ``consumed_samples`` samples (stream cursors, RNG position)."""
         consumed_samples = int(consumed_samples)
-        k = consumed_samples - self.index.first_sample
-        if k < 0 or k > self.index.num_samples:
+        if not self.index.first_sample <= consumed_samples <= len(self):
             raise ValueError(f"consumed_samples={consumed_samples} is outside this dataset's "
                              f"range [{self.index.first_sample}, {len(self)}]")
-        state = MixtureState.from_dict(self.start_state.to_dict())
-        if k == 0:
-            return _with_probabilities(state, self.mixture)
-        cursors = self.index.cursor_after[k - 1]
-        start = [state.consumed_tokens.get(s.path_prefix, 0) for s in self.mixture.sources]
-        for source, cursor, begin in zip(self.mixture.sources, cursors, start):
-            state.consumed_tokens[source.path_prefix] = int(cursor)
-            state.tokens_per_language[source.language] = (
-                state.tokens_per_language.get(source.language, 0) + int(cursor) - begin)
-        state.samples = consumed_samples
-        return _with_probabilities(state, self.mixture)
+        return _with_probabilities(self.index.mixture_state(consumed_samples), self.mixture)
 
     def state_dict(self, consumed_samples: int) -> dict:
         """What the checkpoint stores under "data"."""
@@ -428,22 +272,6 @@ def _with_probabilities(state: MixtureState, mixture: LanguageMixture) -> Mixtur
 # building (with the cache) and resuming
 
 
-def _index_key(mixture: LanguageMixture, config: PackingConfig, num_samples: int,
-               start: MixtureState) -> tuple[str, str]:
-    description = {
-        "version": _INDEX_VERSION,
-        "mixture": mixture.describe(),
-        "seq_length": config.seq_length,
-        "rho": config.rho,
-        "anchor_language": config.anchor_language,
-        "seed": config.seed,
-        "num_samples": int(num_samples),
-        "start": {k: v for k, v in start.to_dict().items() if k != "source_probabilities"},
-    }
-    text = json.dumps(description, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32], text
-
-
 def _sizes(path_prefix: str, documents: Optional[tuple[int, int]] = None) -> np.ndarray:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -453,17 +281,26 @@ def _sizes(path_prefix: str, documents: Optional[tuple[int, int]] = None) -> np.
     return sizes if documents is None else sizes[documents[0]:documents[1]]
 
 
+def default_cache_dir(sources: Sequence[tuple]) -> str:
+    """Next to the first data prefix, as megatron-core does without --data-cache-path."""
+    first = parse_sources(sources)[0].path_prefix
+    return os.path.join(os.path.dirname(os.path.abspath(first)), "xlda_index_cache")
+
+
 def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: int, *,
                        masking: str = "xlda", rho: float = 0.5, anchor_language: str = "en",
                        alpha: Optional[float] = None, beta: Optional[Mapping[str, float]] = None,
                        seed: int = 1234, cache_dir: Optional[str] = None,
                        start_state: Optional[Mapping] = None, eod_token: Optional[int] = None,
-                       mask_eod_loss: bool = False, mmap_bin_files: bool = True
-                       ) -> XLDAPackedDataset:
+                       mask_eod_loss: bool = False, mmap_bin_files: bool = True,
+                       chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+                       ready_sample: Optional[int] = None) -> XLDAPackedDataset:
     """The training dataset: ``sources`` = ``[(weight_or_None, path_prefix, language), ...]``.
 
-    Builds (on global rank 0; other ranks wait at a barrier and load) or loads the cached sample
-    index for samples ``[start_state.samples or 0, num_samples)``.
+    Samples ``[start_state.samples or 0, num_samples)``. The chunk holding ``ready_sample``
+    (default: the first sample) and the ones before it are found in the cache or built (on
+    global rank 0 while the other ranks wait at a barrier); later chunks are built when first
+    read (global rank 0 builds the next one in the background).
     """
     parsed = parse_sources(sources)
     mixture = LanguageMixture.from_sources(parsed, alpha=alpha, beta=beta)
@@ -475,36 +312,32 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     start = MixtureState.from_dict(start_state) if start_state is not None \
         else MixtureState(config.seed)
+    if start.seed != config.seed:
+        raise ValueError(f"resuming a data mixture with --seed {config.seed} but the "
+                         f"checkpoint was written with seed {start.seed}")
+    if int(num_samples) <= start.samples:
+        raise ValueError(f"num_samples={num_samples} but the mixture state is already at sample "
+                         f"{start.samples}; raise --train-samples/--train-iters")
+    if chunk_samples < 1:
+        raise ValueError(f"chunk_samples must be >= 1, got {chunk_samples}")
     streams = [DocumentStream(_sizes(s.path_prefix, s.documents), config.seed,
                               os.path.basename(s.path_prefix)) for s in parsed]
-    key, description = _index_key(mixture, config, num_samples, start)
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(
-        parsed[0].path_prefix)), "xlda_index_cache")
-    path = os.path.join(cache_dir, f"{key}.npz")
-
+    spec = IndexSpec.of(mixture, streams, config.seq_length, config.rho,
+                        config.anchor_language, config.seed, start, chunk_samples)
+    index = ChunkedSampleIndex(spec, cache_dir or default_cache_dir(sources), start.samples,
+                               int(num_samples) - start.samples)
+    ready = start.samples if ready_sample is None else min(int(ready_sample),
+                                                           int(num_samples) - 1)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
-    if rank == 0 and not os.path.exists(path):
-        index = build_sample_index(mixture, streams, config, int(num_samples), start)
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            index.save(path)
-            with open(os.path.join(cache_dir, f"{key}.json"), "w") as f:
-                f.write(description)
-        except OSError as exc:  # read-only data directory: still usable, just not cached
-            logger.warning("could not cache the XLDA sample index in %s (%s); pass cache_dir",
-                           cache_dir, exc)
-            path = None
-    else:
-        index = None
+    if rank == 0:
+        index.ensure(ready)
     if distributed:
         torch.distributed.barrier()
-    if index is None:
-        if path is None or not os.path.exists(path):
-            index = build_sample_index(mixture, streams, config, int(num_samples), start)
-        else:
-            index = SampleIndex.load(path)
-    return XLDAPackedDataset(mixture, config, index, streams, start, cache_path=path,
+        if rank != 0:
+            index.ensure(ready)
+    index.prefetch = rank == 0
+    return XLDAPackedDataset(mixture, config, index, streams, start,
                              mmap_bin_files=mmap_bin_files)
 
 
@@ -526,7 +359,8 @@ def resume_xlda_dataset(data_state: Mapping, consumed_samples: int, **kwargs) ->
                                            alpha=kwargs.get("alpha"), beta=kwargs.get("beta"))
     changes = describe_mixture_change(phase_start, mixture)
     if not changes:
-        dataset = build_xlda_dataset(start_state=phase_start.to_dict(), **kwargs)
+        dataset = build_xlda_dataset(start_state=phase_start.to_dict(),
+                                     ready_sample=consumed_samples, **kwargs)
     else:
         dataset = build_xlda_dataset(start_state=data_state["current"], **kwargs)
         for change in changes:
