@@ -33,6 +33,7 @@ setup(
             "megatron-trillion-train-tokenizer=megatron_trillion.tools_entry:train_tokenizer",
             "megatron-trillion-convert=megatron_trillion.tools_entry:convert_checkpoint",
             "megatron-trillion-plan=megatron_trillion.tools_entry:plan",
+            "megatron-trillion-build-data-index=megatron_trillion.tools_entry:build_data_index",
         ]
     },
 )

@@ -189,14 +189,11 @@ def build_optimizer(config: PretrainConfig, model_chunks: list):
     return get_megatron_optimizer(optimizer_config, model_chunks)
 
 
-def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
-    from megatron_trillion.training.schedules import (
-        LRScheduleConfig,
-        ParamScheduler,
-        anneal_config_for,
-    )
+def lr_schedule_config(config: PretrainConfig, shape: RunShape):
+    """The learning-rate schedule in samples (its WSD decay start is the anneal boundary)."""
+    from megatron_trillion.training.schedules import LRScheduleConfig
 
-    lr_config = LRScheduleConfig(
+    return LRScheduleConfig(
         max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
         total_steps=shape.lr_decay_samples, warmup_steps=shape.lr_warmup_samples,
         init_lr=config.schedule.lr_warmup_init,
@@ -204,6 +201,24 @@ def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
         wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
         wsd_decay_style=config.schedule.lr_wsd_decay_style,
     )
+
+
+def anneal_data_switch_sample(config: PretrainConfig, shape: RunShape) -> Optional[int]:
+    """Consumed samples when training switches to ``--anneal-data-path``: the first step
+    boundary at or past the WSD decay start (None: no switch within the run)."""
+    lr_config = lr_schedule_config(config, shape)
+    if not config.anneal.anneal_data_path or lr_config.style != "wsd":
+        return None
+    consumed = 0
+    while consumed < lr_config.decay_start:
+        consumed += shape.batch_schedule.global_batch_size_at(consumed)
+    return consumed if consumed < shape.train_samples else None
+
+
+def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
+    from megatron_trillion.training.schedules import ParamScheduler, anneal_config_for
+
+    lr_config = lr_schedule_config(config, shape)
     anneal = None
     if lr_config.style == "wsd":
         mtp_alpha = preset.mtp_loss_scaling_factor
@@ -217,6 +232,19 @@ def build_schedules(config: PretrainConfig, optimizer, shape: RunShape, preset):
     return scheduler, shape.batch_schedule, anneal
 
 
+def data_workdir(config: PretrainConfig) -> str:
+    """Where generated files (mock data, sample-index caches) go when no path is given."""
+    return (config.data.data_cache_path or config.checkpoint.save
+            or os.path.join(tempfile.gettempdir(), "megatron-trillion"))
+
+
+def report_sample_index(dataset, say) -> None:
+    index = dataset.index
+    say(f" sample index {index.directory}: samples [{index.first_sample}, "
+        f"{index.first_sample + index.num_samples}), {index.found} chunk(s) read from the "
+        f"cache, {index.built} built")
+
+
 def data_sources(config: PretrainConfig, vocab_size: int, workdir: str):
     """The train / valid / test sources (``training.data.DataSplits``)."""
     from megatron_trillion.training.data import (
@@ -227,9 +255,11 @@ def data_sources(config: PretrainConfig, vocab_size: int, workdir: str):
 
     if config.data.mock_data:
         directory = os.path.join(workdir, "mock-data")
-        if torch.distributed.get_rank() == 0:
+        distributed = torch.distributed.is_initialized()  # not in tools/build_data_index.py
+        if not distributed or torch.distributed.get_rank() == 0:
             write_mock_datasets(directory, vocab_size, config.training.seed)
-        torch.distributed.barrier()
+        if distributed:
+            torch.distributed.barrier()
         sources = write_mock_datasets(directory, vocab_size, config.training.seed)
         return DataSplits(sources, sources, None)
     return resolve_data_splits(config.data)
@@ -249,7 +279,7 @@ def build_dataset(config: PretrainConfig, sources, shape: RunShape, eod: int, wo
     """The XLDA-packed dataset over ``sources``; ``changes`` override the flags' values."""
     from megatron_trillion.data.xlda_packing import build_xlda_dataset
 
-    kwargs = _dataset_kwargs(config, sources, shape, eod, workdir)
+    kwargs = dataset_kwargs(config, sources, shape, eod, workdir)
     kwargs.update(changes)
     return build_xlda_dataset(**kwargs)
 
@@ -381,8 +411,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
 
     # 3. data
     # Where generated files (mock data, sample-index caches) go when no path is given.
-    workdir = (config.data.data_cache_path or config.checkpoint.save
-               or os.path.join(tempfile.gettempdir(), "megatron-trillion"))
+    workdir = data_workdir(config)
     eod = tokenizer.eod if tokenizer is not None else 0
     splits = data_sources(config, vocab, workdir)
     sources = splits.train
@@ -409,6 +438,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
             anneal = scheduler.anneal  # the checkpoint's, with --use-checkpoint-opt_param-...
             guard.load_state_dict(common["numerics"])
     dataset = _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common, say)
+    report_sample_index(dataset, say)
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
                           shape.data_parallel_size, prefetch=config.data.num_workers > 0)
@@ -520,7 +550,7 @@ def _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common
         sources = parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
     if common is None or "data" not in common:
         return build_dataset(config, sources, shape, eod, workdir)
-    kwargs = _dataset_kwargs(config, sources, shape, eod, workdir)
+    kwargs = dataset_kwargs(config, sources, shape, eod, workdir)
     dataset, changes = resume_xlda_dataset(common["data"], common["train_state"][
         "consumed_samples"], **kwargs)
     for change in changes:
@@ -528,7 +558,9 @@ def _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common
     return dataset
 
 
-def _dataset_kwargs(config, sources, shape, eod, workdir) -> dict:
+def dataset_kwargs(config, sources, shape, eod, workdir) -> dict:
+    """``build_xlda_dataset``'s arguments from the flags: training and
+    tools/build_data_index.py share them, so both address the same cached index."""
     from megatron_trillion.training.data import parse_lang_beta
 
     data = config.data
@@ -553,10 +585,11 @@ def _anneal_dataset(config, current, shape, eod, workdir, consumed, say):
 
     sources = parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
     dataset, changes = resume_xlda_dataset(current.state_dict(consumed), consumed,
-                                           **_dataset_kwargs(config, sources, shape, eod,
+                                           **dataset_kwargs(config, sources, shape, eod,
                                                              workdir))
     for change in changes:
         say(f" anneal data mixture: {change}")
+    report_sample_index(dataset, say)
     return dataset
 
 

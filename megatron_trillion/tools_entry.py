@@ -37,3 +37,8 @@ def plan() -> None:
 def convert_checkpoint() -> None:
     """megatron-trillion-convert: see tools/convert_checkpoint.py."""
     sys.exit(_tool_main("convert_checkpoint")())
+
+
+def build_data_index() -> None:
+    """megatron-trillion-build-data-index: see tools/build_data_index.py."""
+    sys.exit(_tool_main("build_data_index")())

@@ -179,9 +179,10 @@ def _dp_rank_reads(sources, cache_dir, micro_batch_size):
 
     torch.distributed.init_process_group("gloo")
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # Small chunks: both ranks build and read a chain of chunks concurrently.
     dataset = build_xlda_dataset(sources, SEQ, 40, masking="xlda", rho=0.5,
                                  anchor_language="en", alpha=ALPHA, beta=BETA, seed=7,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, chunk_samples=7)
     reads = []
     for indices in PretrainingIndexSampler(len(dataset), 8, micro_batch_size, rank, size):
         reads.extend((i, _sample_digest(dataset[i])) for i in indices)

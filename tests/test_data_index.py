@@ -1,0 +1,183 @@
+"""The chunked sample index: chunked == one go (chunk sizes that do and do not divide the run,
+resume mid-chunk, the anneal switch), stale data files, killed builders, and the build tool
+followed by a 2-process training run that builds nothing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from multiprocess import run_distributed
+from xlda_test_data import write_language_dataset
+
+SEQ = 48
+SAMPLES = 240
+SWITCH = 123  # mid-chunk for every chunk size below
+KWARGS = dict(seq_length=SEQ, num_samples=SAMPLES, masking="xlda", rho=0.5,
+              anchor_language="en", alpha=0.5, beta={"en": 0.3, "ko": 0.4, "ja": 0.3}, seed=7)
+ANNEAL_BETA = {"en": 0.1, "ko": 0.6, "ja": 0.3}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("index_corpus"))
+    return [(None, write_language_dataset(directory, "en", 60, seed=1), "en"),
+            (None, write_language_dataset(directory, "ko", 40, seed=2, max_len=90), "ko"),
+            (None, write_language_dataset(directory, "ja", 30, seed=3), "ja")]
+
+
+def _records(dataset, indices):
+    return [(tuple(map(int, s)), tuple(map(int, t)) if s[1] >= 0 else (int(t[0]),))
+            for s, t in (dataset.index.record(i) for i in indices)]
+
+
+def test_chunked_matches_one_go_across_resume_and_anneal_switch(sources, tmp_path):
+    from megatron_trillion.data.xlda_packing import build_xlda_dataset, resume_xlda_dataset
+
+    def phases(chunk_samples, cache):
+        main = build_xlda_dataset(sources, cache_dir=str(cache), chunk_samples=chunk_samples,
+                                  **KWARGS)
+        annealed, changes = resume_xlda_dataset(
+            main.state_dict(SWITCH), SWITCH, sources=sources, cache_dir=str(cache),
+            chunk_samples=chunk_samples, **{**KWARGS, "beta": ANNEAL_BETA})
+        assert changes
+        return main, annealed
+
+    one_main, one_anneal = phases(SAMPLES, tmp_path / "one-go")
+    assert one_main.index.num_chunks == 1
+    for chunk_samples in (40, 7):   # divides 240 / does not
+        main, annealed = phases(chunk_samples, tmp_path / f"chunks-{chunk_samples}")
+        assert main.index.num_chunks == -(-SAMPLES // chunk_samples)
+        assert _records(main, range(SAMPLES)) == _records(one_main, range(SAMPLES))
+        assert _records(annealed, range(SWITCH, SAMPLES)) == \
+            _records(one_anneal, range(SWITCH, SAMPLES))
+        for consumed in (0, 39, 40, 41, SWITCH, SAMPLES):
+            assert main.mixture_state(consumed).to_dict() == \
+                one_main.mixture_state(consumed).to_dict()
+        assert annealed.mixture_state(SAMPLES).to_dict() == \
+            one_anneal.mixture_state(SAMPLES).to_dict()
+    for i in (0, 57, SWITCH - 1):
+        np.testing.assert_array_equal(main[i]["tokens"], one_main[i]["tokens"])
+        np.testing.assert_array_equal(main[i]["cu_seqlens_blocks"],
+                                      one_main[i]["cu_seqlens_blocks"])
+
+    # Resume mid-chunk from a checkpoint into an empty cache: the chain up to the resumed
+    # chunk is rebuilt and the run continues sample for sample.
+    resumed, changes = resume_xlda_dataset(one_main.state_dict(101), 101, sources=sources,
+                                           cache_dir=str(tmp_path / "resumed"),
+                                           chunk_samples=40, **KWARGS)
+    assert changes == []
+    assert resumed.index.built == 3   # chunks 0..2: the one holding sample 101 and before
+    assert _records(resumed, range(101, SAMPLES)) == _records(one_main, range(101, SAMPLES))
+    assert resumed.index.built == 6
+
+
+def test_longer_run_reuses_chunks_and_extends_the_last(sources, tmp_path):
+    from megatron_trillion.data.sample_index import ChunkedSampleIndex
+    from megatron_trillion.data.xlda_packing import build_xlda_dataset
+
+    short = build_xlda_dataset(sources, cache_dir=str(tmp_path), chunk_samples=100,
+                               **{**KWARGS, "num_samples": 150})
+    short.index.prefetch = False   # count the builds of this thread only
+    _records(short, range(150))
+    assert short.index.built == 2
+    full = build_xlda_dataset(sources, cache_dir=str(tmp_path), chunk_samples=100, **KWARGS)
+    full.index.prefetch = False
+    assert full.cache_path == short.cache_path   # the sample count does not key the index
+    assert _records(full, range(SAMPLES)) == _records(
+        build_xlda_dataset(sources, cache_dir=str(tmp_path / "fresh"), chunk_samples=100,
+                           **KWARGS), range(SAMPLES))
+    assert (full.index.found, full.index.built) == (1, 2)  # chunk 1 was short: extended
+    assert isinstance(full.index, ChunkedSampleIndex)
+
+
+def test_changed_data_file_rebuilds_in_a_new_place(sources, tmp_path):
+    from megatron_trillion.data.xlda_packing import build_xlda_dataset
+
+    before = build_xlda_dataset(sources, cache_dir=str(tmp_path), **KWARGS)
+    prefix = sources[1][1]
+    stat = os.stat(prefix + ".bin")
+    try:
+        os.utime(prefix + ".bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        after = build_xlda_dataset(sources, cache_dir=str(tmp_path), **KWARGS)
+        assert after.cache_path != before.cache_path
+        assert after.index.built == 1 and after.index.found == 0
+    finally:
+        os.utime(prefix + ".bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = build_xlda_dataset(sources, cache_dir=str(tmp_path), **KWARGS)
+    assert again.cache_path == before.cache_path and again.index.built == 0
+
+
+def test_killed_builder_leaves_nothing_readable_and_bad_chunks_are_named(sources, tmp_path,
+                                                                          monkeypatch):
+    from megatron_trillion.data import sample_index
+    from megatron_trillion.data.xlda_packing import build_xlda_dataset
+
+    real_save = np.save
+
+    def killed(path, array):   # the builder dies half-way through writing the chunk
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_index.np, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_xlda_dataset(sources, cache_dir=str(tmp_path), **KWARGS)
+    monkeypatch.setattr(sample_index.np, "save", real_save)
+    directory = next(p for p in tmp_path.iterdir() if p.name.startswith("xlda-index-"))
+    assert not (directory / "samples-000000.npy").exists()
+    assert any(".tmp" in p.name for p in directory.iterdir())   # the half-written file
+    dataset = build_xlda_dataset(sources, cache_dir=str(tmp_path), **KWARGS)
+    assert dataset.index.built == 1
+    reference = build_xlda_dataset(sources, cache_dir=str(tmp_path / "ref"), **KWARGS)
+    assert _records(dataset, range(SAMPLES)) == _records(reference, range(SAMPLES))
+
+    np.save(directory / "samples-000000.npy", np.zeros(SAMPLES, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"samples-000000\.npy has dtype int64.*delete it"):
+        build_xlda_dataset(sources, cache_dir=str(tmp_path), **KWARGS)
+
+
+def _train_logged(argv: list[str]) -> list[str]:
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+
+    quiet_known_warnings()
+    lines: list[str] = []
+    pretrain(parse_args(argv), log=lines.append)
+    return lines
+
+
+def _index_files(cache) -> dict:
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns
+            for p in cache.glob("xlda-index-*/*")}
+
+
+@pytest.mark.slow
+def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
+    import importlib.util
+
+    cache = tmp_path / "cache"
+    mock = cache / "mock-data"
+    argv = ["--preset", "tiny-tri-7b", "--mock-data", "--data-cache-path", str(cache),
+            "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
+            "--train-iters", "4", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1",
+            "--lr-wsd-decay-fraction", "0.5", "--seed", "7", "--no-progress-bar",
+            "--anneal-data-path", "0.3", f"en:{mock}/mock_en_text_document",
+            "0.7", f"ko:{mock}/mock_ko_text_document"]
+    spec = importlib.util.spec_from_file_location(
+        "build_data_index", os.path.join(os.path.dirname(__file__), os.pardir, "tools",
+                                         "build_data_index.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(argv) == 0
+    built = _index_files(cache)
+    assert len([f for f in built if f.endswith("samples-000000.npy")]) == 2  # main + anneal
+
+    logs = run_distributed(_train_logged, 2, timeout=600, argv=argv)
+    index_lines = [line for line in logs[0] if "sample index" in line]
+    assert len(index_lines) == 2, logs[0]   # the main mixture, then the anneal mixture
+    assert all(line.endswith("1 chunk(s) read from the cache, 0 built") for line in index_lines)
+    assert "samples [0, 32)" in index_lines[0] and "samples [16, 32)" in index_lines[1]
+    assert _index_files(cache) == built   # nothing written, nothing added

@@ -1,0 +1,103 @@
+"""Build the XLDA sample index a pretraining run will use, before the run and off the GPUs.
+
+    python tools/build_data_index.py <the run's pretrain flags> [--world-size N]
+    megatron-trillion-build-data-index <the run's pretrain flags>
+
+Takes the same flags as ``megatron_trillion.pretrain`` (every one is accepted; those that
+shape the data matter: ``--data-path``/``--mock-data``, ``--seq-length``, ``--train-samples``/
+``--train-iters`` and the batch flags incl. ``--rampup-batch-size``, ``--xlda-mixing-prob``,
+``--anchor-language``, ``--lang-alpha``/``--lang-beta``, ``--seed``, ``--data-cache-path``, the
+WSD schedule and ``--anneal-data-path``, ``--valid-data-path``/``--eval-*``) and builds exactly the
+chunks training will read: the main mixture up to the anneal switch, then the anneal mixture
+from the mixture state at the switch, and the validation sets. Training on the same flags finds
+them (its log says "0 built"). ``--world-size`` only sizes the validation sets (their sample
+count is eval-iters x micro-batch x data-parallel size); default: one data-parallel rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    own = argparse.ArgumentParser(prog="build_data_index.py", allow_abbrev=False,
+                                  description=__doc__.splitlines()[0])
+    own.add_argument("--world-size", type=int, default=None,
+                     help="GPUs of the run (sizes the validation sets; default: DP 1)")
+    own_args, rest = own.parse_known_args(argv)
+
+    from tqdm import tqdm
+
+    from megatron_trillion import pretrain
+    from megatron_trillion.data.xlda_packing import resume_xlda_dataset
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.data import parse_data_path
+    from megatron_trillion.training.validation import validate
+
+    try:
+        config = parse_args(rest)
+        tokenizer = pretrain.build_tokenizer(config)
+        base_vocab = (tokenizer.vocab_size if tokenizer is not None
+                      else config.data.vocab_size
+                      or pretrain.resolve_model_preset(config, check=False).vocab_size)
+        vocab = pretrain.padded_vocab_size(base_vocab, config.model.make_vocab_size_divisible_by,
+                                           config.parallel.tensor_model_parallel_size)
+        preset = pretrain.resolve_model_preset(config, vocab, check=False)
+        par = config.parallel
+        world = own_args.world_size or (par.tensor_model_parallel_size
+                                        * par.pipeline_model_parallel_size
+                                        * par.context_parallel_size)
+        # The index does not depend on the model or the devices: validate as if they exist.
+        shape = validate(config, preset, world, transformer_engine_available=True)
+        workdir = pretrain.data_workdir(config)
+        eod = tokenizer.eod if tokenizer is not None else 0
+        sources = pretrain.data_sources(config, vocab, workdir)
+        switch = pretrain.anneal_data_switch_sample(config, shape)
+        anneal_sources = (parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
+                          if switch is not None else None)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def build(dataset, end: int, what: str) -> None:
+        index = dataset.index
+        began = time.perf_counter()
+        last = (end - 1 - index.first_sample) // index.chunk_samples
+        with tqdm(total=last + 1, desc=what, unit="chunk") as bar:
+            for chunk in range(last + 1):
+                index.chunk(chunk)
+                bar.update(1)
+        print(f"{what}: samples [{index.first_sample}, {end}) in {index.directory}: "
+              f"{index.found} chunk(s) already there, {index.built} built, "
+              f"{time.perf_counter() - began:.1f} s")
+
+    if switch == 0:  # the anneal boundary is at step 0: training reads only the anneal mixture
+        sources, switch = anneal_sources, None
+    main_data = pretrain.build_dataset(config, sources, shape, eod, workdir)
+    main_data.index.prefetch = False
+    build(main_data, switch if switch is not None else shape.train_samples, "main mixture")
+    if switch is not None:
+        anneal_data, changes = resume_xlda_dataset(
+            main_data.state_dict(switch), switch,
+            **pretrain._dataset_kwargs(config, anneal_sources, shape, eod, workdir))
+        anneal_data.index.prefetch = False
+        for change in changes:
+            print(f"anneal data mixture at sample {switch}: {change}")
+        build(anneal_data, shape.train_samples, "anneal mixture")
+    valid_sources = (sources if config.data.mock_data else
+                     parse_data_path(config.data.valid_data_path, "--valid-data-path")
+                     if config.data.valid_data_path else [])
+    if valid_sources and config.eval.eval_interval is not None:
+        pretrain.build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank=0)
+        print("validation sets: built")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
