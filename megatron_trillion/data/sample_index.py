@@ -304,6 +304,20 @@ class IndexSpec:
         return 2 + self.seq_length // self.streams[source].total
 
 
+def _warn_if_shares_missed(spec: IndexSpec, language_tokens: np.ndarray) -> None:
+    # Cross-lingual samples give the anchor about half their tokens; if rho is high and the
+    # anchor's target share low, monolingual samples cannot compensate. Say so.
+    total = int(language_tokens.sum())
+    for language, tokens in zip(spec.mixture.languages, language_tokens):
+        target = spec.mixture.language_probabilities[language]
+        if total and abs(tokens / total - target) > 0.02:
+            logger.warning(
+                "language %s gets %.3f of the tokens instead of its eq. 2 share %.3f: "
+                "rho=%.2f with anchor %s is not reachable for this mixture; lower rho or "
+                "raise the anchor's share", language, tokens / total, target, spec.rho,
+                spec.anchor_language)
+
+
 class _Walker:
     """Runs the compiled loop: keeps the deficit tables and each stream's window of
     document ends (moved forward when a cursor leaves it)."""
@@ -424,6 +438,7 @@ class ChunkedSampleIndex:
         self.chunk_samples = spec.chunk_samples
         self.built = 0
         self.found = 0
+        self._shares_checked = False
         self._chunks: dict[int, np.ndarray] = {}
         self._walker: Optional[_Walker] = None
         self._lock = threading.RLock()   # one builder at a time in this process
@@ -535,6 +550,9 @@ class ChunkedSampleIndex:
                 _atomic_save(self._cursors_path(chunk), after)
             _atomic_save(self._samples_path(chunk), records)
             self.built += 1
+            if not self._shares_checked:
+                self._shares_checked = True
+                _warn_if_shares_missed(self.spec, self._walker.language_tokens(after))
             logger.info("sample index %s: built chunk %d (%d samples) in %.1f s",
                         self.directory, chunk, length, time.perf_counter() - began)
             return after

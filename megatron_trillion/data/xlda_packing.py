@@ -7,7 +7,7 @@ Public interface (what the training loop calls)::
         seq_length=4096, num_samples=total_train_samples,
         masking="xlda",            # "xlda" | "document" | "none" (the ablation switch)
         rho=0.5, anchor_language="en", alpha=None, beta=None, seed=1234,
-        cache_dir=None,            # --data-cache-path; default: <dir of first source>/xlda_index_cache
+        cache_dir=None,            # --data-cache-path (default: next to the first source)
         start_state=None)          # a MixtureState dict: continue from it (anneal switch)
     sample = dataset[i]            # dict of numpy arrays, see XLDAPackedDataset.__getitem__
     dataset.state_dict(consumed_samples)        # -> checkpoint["data"]
@@ -38,11 +38,11 @@ tokens are identical, so ablations differ in one flag): "none" - the whole sampl
 a block, and documents of monolingual samples are blocks of their own. Position ids restart at
 each block, matching RoPE over the block cu_seqlens.
 
-Determinism: the index depends only on the configuration (sources and their sizes, mixture,
-seq_length, rho, anchor, seed, number of samples, start state), not on the data-parallel size;
-sample ``i`` is the same on every rank and every run, and the consumed-samples counter alone
-restores the position. megatron-core's ``BlendedMegatronDatasetBuilder``/``GPTDataset`` blend
-whole samples of single datasets, which cannot express samples that mix datasets, so the index
+Determinism: the index depends only on the configuration (sources, their sizes and files,
+mixture, seq_length, rho, anchor, seed, phase start state), not on the data-parallel size or the
+number of samples (a longer run extends it); sample ``i`` is the same on every rank and every
+run, and the consumed-samples counter alone restores the position. megatron-core's
+``BlendedMegatronDatasetBuilder``/``GPTDataset`` blend whole samples of single datasets, which cannot express samples that mix datasets, so the index
 is built here; documents are read with megatron-core's ``IndexedDataset`` (its C++ ``helpers``
 extension is not needed).
 """
