@@ -42,8 +42,8 @@ Determinism: the index depends only on the configuration (sources, their sizes a
 mixture, seq_length, rho, anchor, seed, phase start state), not on the data-parallel size or the
 number of samples (a longer run extends it); sample ``i`` is the same on every rank and every
 run, and the consumed-samples counter alone restores the position. megatron-core's
-``BlendedMegatronDatasetBuilder``/``GPTDataset`` blend whole samples of single datasets, which cannot express samples that mix datasets, so the index
-is built here; documents are read with megatron-core's ``IndexedDataset`` (its C++ ``helpers``
+``BlendedMegatronDatasetBuilder``/``GPTDataset`` blend whole samples of single datasets, which
+cannot express samples that mix datasets, so the index is built here; documents are read with megatron-core's ``IndexedDataset`` (its C++ ``helpers``
 extension is not needed).
 """
 
