@@ -50,6 +50,9 @@ def test_chunked_matches_one_go_across_resume_and_anneal_switch(sources, tmp_pat
     for chunk_samples in (40, 7):   # divides 240 / does not
         main, annealed = phases(chunk_samples, tmp_path / f"chunks-{chunk_samples}")
         assert main.index.num_chunks == -(-SAMPLES // chunk_samples)
+        # The anneal phase's index starts at the switch: it holds only the anneal samples.
+        assert annealed.index.first_sample == SWITCH
+        assert len(annealed.index.chunk(0)) == min(chunk_samples, SAMPLES - SWITCH)
         assert _records(main, range(SAMPLES)) == _records(one_main, range(SAMPLES))
         assert _records(annealed, range(SWITCH, SAMPLES)) == \
             _records(one_anneal, range(SWITCH, SAMPLES))
@@ -162,7 +165,7 @@ def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
     mock = cache / "mock-data"
     argv = ["--preset", "tiny-tri-7b", "--mock-data", "--data-cache-path", str(cache),
             "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", "4", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1",
+            "--train-iters", "2", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1",
             "--lr-wsd-decay-fraction", "0.5", "--seed", "7", "--no-progress-bar",
             "--anneal-data-path", "0.3", f"en:{mock}/mock_en_text_document",
             "0.7", f"ko:{mock}/mock_ko_text_document"]
@@ -179,5 +182,5 @@ def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
     index_lines = [line for line in logs[0] if "sample index" in line]
     assert len(index_lines) == 2, logs[0]   # the main mixture, then the anneal mixture
     assert all(line.endswith("1 chunk(s) read from the cache, 0 built") for line in index_lines)
-    assert "samples [0, 32)" in index_lines[0] and "samples [16, 32)" in index_lines[1]
+    assert "samples [0, 16)" in index_lines[0] and "samples [8, 16)" in index_lines[1]
     assert _index_files(cache) == built   # nothing written, nothing added

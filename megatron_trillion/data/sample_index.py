@@ -92,7 +92,7 @@ _RANDOM_BLOCK = 1 << 18  # random numbers are made this many samples at a time (
 class DocumentStream:
     """One source's documents in a seeded per-epoch order, addressed by token offset."""
 
-    _KEEP = 4
+    _KEEP = 2  # epochs and windows cached for the reader (each ~8-16 bytes per document)
 
     def __init__(self, sizes: np.ndarray, seed: int, key: str) -> None:
         self.sizes = np.asarray(sizes, dtype=np.int64)
@@ -104,12 +104,15 @@ class DocumentStream:
         self._windows: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # the background chunk builder shares the caches
 
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self._seed + [epoch]).permutation(len(self.sizes))
+
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, cumulative end offsets inside the epoch) of one epoch."""
         with self._lock:
             cached = self._epochs.get(epoch)
         if cached is None:
-            order = np.random.default_rng(self._seed + [epoch]).permutation(len(self.sizes))
+            order = self._order(epoch)
             cached = (order, np.cumsum(self.sizes[order]))
             with self._lock:
                 if len(self._epochs) >= self._KEEP:
@@ -118,8 +121,18 @@ class DocumentStream:
                 self._epochs[epoch] = cached
         return cached
 
-    def window(self, first_epoch: int, epochs: int) -> np.ndarray:
-        """Absolute stream offsets of the document ends of epochs ``first_epoch + [0, epochs)``."""
+    def window(self, first_epoch: int, epochs: int, out: Optional[np.ndarray] = None
+               ) -> np.ndarray:
+        """Absolute stream offsets of the document ends of epochs ``first_epoch + [0, epochs)``.
+
+        With ``out`` (the index builder's buffer) nothing is cached: the builder's memory is
+        its window, whatever the run's length; without, windows are cached for the reader."""
+        if out is not None:
+            n = len(self.sizes)
+            for e in range(epochs):
+                np.cumsum(self.sizes[self._order(first_epoch + e)], out=out[e * n:(e + 1) * n])
+                out[e * n:(e + 1) * n] += (first_epoch + e) * self.total
+            return out
         with self._lock:
             cached = self._windows.get(first_epoch)
         if cached is None or len(cached) != epochs * len(self.sizes):
@@ -351,8 +364,8 @@ class _Walker:
         if epoch == self.window_epoch[source]:
             raise RuntimeError(f"stream {source}: the window at epoch {epoch} misses offset "
                                f"{cursor}")  # an internal invariant; the sizing above holds it
-        ends = stream.window(epoch, self.spec.window_epochs(source))
-        self.window_ends[self.window_ptr[source]:self.window_ptr[source + 1]] = ends
+        stream.window(epoch, self.spec.window_epochs(source),
+                      out=self.window_ends[self.window_ptr[source]:self.window_ptr[source + 1]])
         self.window_lo[source] = epoch * stream.total
         self.window_epoch[source] = epoch
 
