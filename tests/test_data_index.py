@@ -184,3 +184,16 @@ def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
     assert all(line.endswith("1 chunk(s) read from the cache, 0 built") for line in index_lines)
     assert "samples [0, 16)" in index_lines[0] and "samples [8, 16)" in index_lines[1]
     assert _index_files(cache) == built   # nothing written, nothing added
+
+
+def test_dataset_pickles_for_dataloader_workers(sources, tmp_path):
+    import pickle
+
+    from megatron_trillion.data.xlda_packing import build_xlda_dataset
+
+    dataset = build_xlda_dataset(sources, cache_dir=str(tmp_path), chunk_samples=50, **KWARGS)
+    dataset[120]   # open chunks, readers, the prefetch thread
+    copy = pickle.loads(pickle.dumps(dataset))
+    for i in (3, 120, 239):
+        np.testing.assert_array_equal(copy[i]["tokens"], dataset[i]["tokens"])
+    assert copy.index.cross_lingual[120] == dataset.index.cross_lingual[120]

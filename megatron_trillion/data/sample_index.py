@@ -104,6 +104,13 @@ class DocumentStream:
         self._windows: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # the background chunk builder shares the caches
 
+    def __getstate__(self) -> dict:  # pickles (DataLoader workers) without caches and lock
+        return {**self.__dict__, "_epochs": {}, "_windows": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng(self._seed + [epoch]).permutation(len(self.sizes))
 
@@ -282,6 +289,9 @@ class IndexSpec:
     @classmethod
     def of(cls, mixture, streams, seq_length, rho, anchor_language, seed, phase_start,
            chunk_samples=DEFAULT_CHUNK_SAMPLES, check_files=True) -> "IndexSpec":
+        if len(mixture.sources) > np.iinfo(np.int16).max:
+            raise ValueError(f"{len(mixture.sources)} data sources: the sample index holds at "
+                             f"most {np.iinfo(np.int16).max} (its source ids are int16)")
         fingerprints = ([file_fingerprint(s.path_prefix) for s in mixture.sources]
                         if check_files else None)
         return cls(mixture, list(streams), int(seq_length), float(rho), anchor_language,
@@ -469,6 +479,15 @@ class ChunkedSampleIndex:
         except OSError as exc:
             raise ValueError(f"cannot write the sample index cache {self.directory} ({exc}); "
                              "give a writable --data-cache-path") from exc
+
+    def __getstate__(self) -> dict:  # pickles without open files, builder thread or lock
+        return {**self.__dict__, "_chunks": {}, "_walker": None, "_lock": None,
+                "_prefetch": None, "prefetch": False}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self.cross_lingual = _CrossLingual(self)
 
     @property
     def num_chunks(self) -> int:
