@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if switch is not None:
         anneal_data, changes = resume_xlda_dataset(
             main_data.state_dict(switch), switch,
-            **pretrain._dataset_kwargs(config, anneal_sources, shape, eod, workdir))
+            **pretrain.dataset_kwargs(config, anneal_sources, shape, eod, workdir))
         anneal_data.index.prefetch = False
         for change in changes:
             print(f"anneal data mixture at sample {switch}: {change}")
