@@ -37,7 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_trillion import pretrain
     from megatron_trillion.data.xlda_packing import resume_xlda_dataset
     from megatron_trillion.training.arguments import parse_args
-    from megatron_trillion.training.data import parse_data_path
+    from megatron_trillion.data.tokenizers import tokenizer_fingerprint
+    from megatron_trillion.training.data import check_data_files, parse_data_path
     from megatron_trillion.training.validation import validate
 
     try:
@@ -55,6 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         * par.context_parallel_size)
         # The index does not depend on the model or the devices: validate as if they exist.
         shape = validate(config, preset, world, transformer_engine_available=True)
+        # The start-up data checks of training, so a bad file fails here, not on the GPUs.
+        fingerprint = (tokenizer_fingerprint(pretrain.tokenizer_config(config), tokenizer)
+                       if tokenizer is not None else None)
+        check_data_files(config, fingerprint, base_vocab, print)
         workdir = pretrain.data_workdir(config)
         eod = tokenizer.eod if tokenizer is not None else 0
         sources = pretrain.data_sources(config, vocab, workdir)
