@@ -32,10 +32,11 @@ written under a temporary name and renamed: a killed builder leaves no chunk tha
 
 Why a compiled loop. The deficit choice of sample ``i`` depends on the tokens every earlier
 sample took, and a cross-lingual piece's length on where the document ends, so the loop is
-sequential and not expressible as numpy array operations; in Python it costs ~10-30 us per
-sample (~1.3 h for a 2T-token run). numba compiles the same loop to ~0.2-0.5 us per sample
-(bench/bench_data_index.py) with no compiler needed at install time; megatron-core's own
-answer (its C++ ``helpers``) builds at import time with a compiler present.
+sequential and not expressible as numpy array operations; in Python it cost ~21 CPU-us per
+sample (~3 h for a 2T-token run). numba compiles the same loop to ~0.6 CPU-us per sample end
+to end, files included (bench/bench_data_index.py on these 2 cores; ~3 s of compilation once
+per machine, then cached), with no compiler needed at install time; megatron-core's own answer
+(its C++ ``helpers``) needs a compiler when it is first imported.
 
 Cache layout: ``<cache_root>/xlda-index-<hash>/`` with ``spec.json`` (what the hash covers:
 mixture, token counts, the data files' sizes and modification times, packing settings, phase
