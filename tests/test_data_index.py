@@ -162,13 +162,15 @@ def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
     import importlib.util
 
     cache = tmp_path / "cache"
-    mock = cache / "mock-data"
-    argv = ["--preset", "tiny-tri-7b", "--mock-data", "--data-cache-path", str(cache),
-            "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", "2", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1",
-            "--lr-wsd-decay-fraction", "0.5", "--seed", "7", "--no-progress-bar",
-            "--anneal-data-path", "0.3", f"en:{mock}/mock_en_text_document",
-            "0.7", f"ko:{mock}/mock_ko_text_document"]
+    data = {lang: write_language_dataset(str(tmp_path), lang, 200, seed=n, max_len=120)
+            for n, lang in enumerate(("en", "ko", "ja"))}
+    argv = ["--preset", "tiny-tri-7b", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+            "1000", "--data-path", *(f"{lang}:{prefix}" for lang, prefix in data.items()),
+            "--data-cache-path", str(cache), "--seq-length", "64", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--train-iters", "2", "--lr", "2e-3", "--min-lr",
+            "2e-4", "--lr-warmup-iters", "1", "--lr-wsd-decay-fraction", "0.5", "--seed", "7",
+            "--no-progress-bar", "--anneal-data-path", "0.5", f"en:{data['en']}", "0.5",
+            f"ko:{data['ko']}"]
     spec = importlib.util.spec_from_file_location(
         "build_data_index", os.path.join(os.path.dirname(__file__), os.pardir, "tools",
                                          "build_data_index.py"))

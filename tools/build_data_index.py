@@ -35,9 +35,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm import tqdm
 
     from megatron_trillion import pretrain
+    from megatron_trillion.data.tokenizers import tokenizer_fingerprint
     from megatron_trillion.data.xlda_packing import resume_xlda_dataset
     from megatron_trillion.training.arguments import parse_args
-    from megatron_trillion.data.tokenizers import tokenizer_fingerprint
     from megatron_trillion.training.data import check_data_files, parse_data_path
     from megatron_trillion.training.validation import validate
 
@@ -62,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_data_files(config, fingerprint, base_vocab, print)
         workdir = pretrain.data_workdir(config)
         eod = tokenizer.eod if tokenizer is not None else 0
-        sources = pretrain.data_sources(config, vocab, workdir)
+        splits = pretrain.data_sources(config, vocab, workdir)
+        sources = splits.train
         switch = pretrain.anneal_data_switch_sample(config, shape)
         anneal_sources = (parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
                           if switch is not None else None)
@@ -95,11 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for change in changes:
             print(f"anneal data mixture at sample {switch}: {change}")
         build(anneal_data, shape.train_samples, "anneal mixture")
-    valid_sources = (sources if config.data.mock_data else
-                     parse_data_path(config.data.valid_data_path, "--valid-data-path")
-                     if config.data.valid_data_path else [])
-    if valid_sources and config.eval.eval_interval is not None:
-        pretrain.build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank=0)
+    valid_sources = splits.valid or splits.test or []   # as training chooses them
+    if valid_sources and pretrain.build_eval_batches(config, valid_sources, shape, eod, workdir,
+                                                     dp_rank=0):
         print("validation sets: built")
     return 0
 

@@ -67,6 +67,7 @@ from megatron_trillion.data.mixture import (
     pick_source_by_deficit,
     sample_randoms,
 )
+from megatron_trillion.errors import UserError
 
 __all__ = [
     "DEFAULT_CHUNK_SAMPLES",
@@ -291,7 +292,7 @@ class IndexSpec:
     def of(cls, mixture, streams, seq_length, rho, anchor_language, seed, phase_start,
            chunk_samples=DEFAULT_CHUNK_SAMPLES, check_files=True) -> "IndexSpec":
         if len(mixture.sources) > np.iinfo(np.int16).max:
-            raise ValueError(f"{len(mixture.sources)} data sources: the sample index holds at "
+            raise UserError(f"{len(mixture.sources)} data sources: the sample index holds at "
                              f"most {np.iinfo(np.int16).max} (its source ids are int16)")
         fingerprints = ([file_fingerprint(s.path_prefix) for s in mixture.sources]
                         if check_files else None)
@@ -478,7 +479,7 @@ class ChunkedSampleIndex:
                     json.dump(spec.describe(), f, indent=1, sort_keys=True)
                 os.replace(tmp, spec_path)
         except OSError as exc:
-            raise ValueError(f"cannot write the sample index cache {self.directory} ({exc}); "
+            raise UserError(f"cannot write the sample index cache {self.directory} ({exc}); "
                              "give a writable --data-cache-path") from exc
 
     def __getstate__(self) -> dict:  # pickles without open files, builder thread or lock
@@ -539,10 +540,10 @@ class ChunkedSampleIndex:
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            raise ValueError(f"sample index chunk {path} is unreadable ({exc}); delete it "
+            raise UserError(f"sample index chunk {path} is unreadable ({exc}); delete it "
                              "and it is rebuilt") from exc
         if records.dtype != SAMPLE_DTYPE or records.ndim != 1:
-            raise ValueError(f"sample index chunk {path} has dtype {records.dtype}, shape "
+            raise UserError(f"sample index chunk {path} has dtype {records.dtype}, shape "
                              f"{records.shape}; expected {SAMPLE_DTYPE} records: delete it")
         if len(records) < self._chunk_length(chunk):
             return None  # built for a shorter run: extended below
