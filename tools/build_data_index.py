@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     own = argparse.ArgumentParser(prog="build_data_index.py", allow_abbrev=False,
-                                  description=__doc__.splitlines()[0])
+                                  description=__doc__.splitlines()[0],
+                                  epilog="Every flag of `python -m megatron_trillion.pretrain "
+                                  "--help` is accepted too: give the run's own flags.")
     own.add_argument("--world-size", type=int, default=None,
                      help="GPUs of the run (sizes the validation sets; default: DP 1)")
     own_args, rest = own.parse_known_args(argv)
