@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_trillion.errors import UserError
+from megatron_trillion.platform.device import compute_device
 from megatron_trillion.training.arguments import PretrainConfig, parse_args, to_flat_dict
 from megatron_trillion.training.validation import (
     RunShape,
@@ -151,6 +152,13 @@ def build_model_chunks(config: PretrainConfig, preset, transformer_config, shape
         for stage in range(stages)
     ]
     initialize_weights(chunks, seed=config.training.seed)
+    # Modules megatron-core builds put their parameters on the current CUDA device already;
+    # torch-built ones (e.g. torch norms) are created on the host. One move, before DDP
+    # allocates its gradient buffers next to the parameters (Megatron-LM's get_model does
+    # the same).
+    device = compute_device()
+    for chunk in chunks:
+        chunk.to(device)
     par = config.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=not config.training.grad_reduce_in_bf16,
@@ -342,7 +350,7 @@ class ExitSignal:
 
     def agreed(self) -> bool:
         """True on every rank once any rank received the signal (a collective)."""
-        flag = torch.tensor([1 if self.received else 0])
+        flag = torch.tensor([1 if self.received else 0], device=compute_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from megatron_trillion.platform import cpu_compat
+from megatron_trillion.platform.device import require_single_device_connection
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,9 @@ def initialize_distributed(
         os.environ.setdefault("MASTER_PORT", "29500")
         if cpu_compat.cuda_available():
             backend = "nccl"
+            note = require_single_device_connection(sizes.tensor, sizes.context)
+            if note and rank == 0:
+                print(f" {note}", flush=True)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         else:
             backend = "gloo"

@@ -22,6 +22,7 @@ import numpy as np
 
 from megatron_trillion.data.packed_batch import collate_packed
 from megatron_trillion.errors import UserError
+from megatron_trillion.platform.device import pin_batch
 
 UNNAMED_LANGUAGE = "und"
 """The language of a prefix whose name tells none (ISO 639-2 "undetermined")."""
@@ -238,7 +239,7 @@ class StepBatches:
 
     def _read(self, consumed: int, global_batch: int) -> list[dict]:
         return [
-            collate_packed([self.dataset[i] for i in indices])
+            pin_batch(collate_packed([self.dataset[i] for i in indices]))
             for indices in microbatch_indices(consumed, global_batch, self.micro_batch,
                                               self.dp_rank, self.dp_size)
         ]

@@ -6,6 +6,11 @@ A step is megatron-core's pipeline schedule (``get_forward_backward_func``: no p
 MoE expert-bias updates), then the optimizer step behind the NaN/inf guard. Losses are summed
 per token (``calculate_per_token_loss``) so that any DP size and micro-batch split gives the
 loss and gradients of one process on the whole global batch.
+
+Device discipline (``platform.device``): batches arrive in host memory and ``forward_step``
+moves them to the compute device once; every tensor this module hands to a collective is
+created there. The step reads one value on the host (the NaN guard's agreed skip decision);
+losses, token counts and FLOPs are summed on the device and read once per log line.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from megatron_trillion.platform.device import compute_device, to_device
 from megatron_trillion.training.reporting import (
     MetricWriters,
     ProgressBar,
@@ -42,7 +48,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """megatron-core's forward-step contract: (output, loss function of the output)."""
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))
     output = model(
         batch["tokens"], batch["position_ids"], None,
         labels=batch["labels"], loss_mask=batch["loss_mask"],
@@ -111,7 +117,7 @@ def _reduce_lm_loss(outputs: list, key: str = "lm loss") -> torch.Tensor:
     """[loss sum, tokens] of this step over all micro-batches and DP ranks, on every rank."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2)
+    total = torch.zeros(2, device=compute_device())
     for out in outputs:
         total += out[key].float()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -147,18 +153,20 @@ def train_step(run: Run, batches: list) -> dict:
         micro_batch_size=1,
         forward_only=False,
     )
-    loss_sum, tokens = _reduce_lm_loss(outputs).tolist()
-    loss = loss_sum / max(tokens, 1.0)
+    report = _reduce_lm_loss(outputs)  # [loss sum, tokens] on the device, not read here
+    loss = report[0] / report[1].clamp(min=1.0)
     decision, updated, grad_norm, _ = guarded_optimizer_step(
-        run.optimizer, run.guard, run.state.iteration + 1, torch.tensor(loss),
+        run.optimizer, run.guard, run.state.iteration + 1, loss,
         # Gathered only for a step to skip (a collective that every rank reaches then).
         samples=functools.partial(_step_sample_refs, batches, run.train_batches.dataset),
     )
     if not decision.proceed:
         restore_expert_bias(expert_bias)
-    grad_norm = float(grad_norm) if grad_norm is not None else None
-    return {"lm loss": loss, "grad_norm": grad_norm, "skipped": not decision.proceed,
-            "skipped_step": decision.skipped, "updated": bool(updated), "tokens": tokens}
+    grad_norm = float(grad_norm) if grad_norm is not None else None  # megatron-core's float
+    # "lm loss" (0-d) and "loss report" ([sum, tokens]) stay on the device.
+    return {"lm loss": loss, "loss report": report, "grad_norm": grad_norm,
+            "skipped": not decision.proceed, "skipped_step": decision.skipped,
+            "updated": bool(updated)}
 
 
 def _sample_refs(batches: list, dataset: Any = None) -> tuple:
@@ -200,7 +208,7 @@ def evaluate(run: Run) -> dict:
 
     for chunk in run.model:
         chunk.eval()
-    losses, total = {}, torch.zeros(2)
+    losses, total = {}, torch.zeros(2, device=compute_device())
     try:
         with torch.no_grad():
             for language, batches in run.eval_batches.items():
@@ -234,7 +242,9 @@ def train(run: Run) -> TrainState:
     # Without the bar, lines go to run.log (pretrain's `log`), so callers see every line.
     say = (bar.write if run.progress else run.log) if is_logging_rank else (lambda line: None)
     watch = Stopwatch()
-    window = {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0}
+    window = _new_window()
+    totals = _DeviceTotals()
+    shown = {"loss": None, "tokens_per_second": None}  # the bar shows the last log line's
     # issue 11: hang watchdog (a no-op unless --hang-timeout-seconds is given)
     watchdog = HangWatchdog(run.hang_timeout_seconds, torch.distributed.get_rank())
     watchdog.start(state.iteration + 1)
@@ -244,13 +254,13 @@ def train(run: Run) -> TrainState:
                 run.housekeeping.before_step(state.iteration + 1)
             global_batch = run.rampup.global_batch_size_at(state.consumed_samples)
             batches = run.train_batches.for_step(state.consumed_samples, global_batch)
-            step_flops = _global_step_flops(run.step_flops(batches))
+            totals.add_local_flops(run.step_flops(batches))  # host arithmetic on host data
             result = train_step(run, batches)
+            totals.add_loss(result["loss report"])
 
             previous = run.scheduler.num_steps
             state.iteration += 1
             state.consumed_samples += global_batch
-            state.floating_point_operations += step_flops
             if result["skipped"]:
                 state.skipped_iterations += 1
                 state.nan_iterations += 1
@@ -265,19 +275,20 @@ def train(run: Run) -> TrainState:
                     if run.on_anneal_switch is not None:
                         run.on_anneal_switch(switches, state)
 
-            elapsed = watch.lap()
-            window["time"] += elapsed
+            window["time"] += watch.lap()
             window["iters"] += 1
-            window["flops"] += step_flops
-            window["tokens"] += result["tokens"]
-            tokens_per_second = result["tokens"] / max(elapsed, 1e-9)
-            bar.update(result["lm loss"], run.scheduler.lr, tokens_per_second)
+            bar.update(shown["loss"], run.scheduler.lr, shown["tokens_per_second"])
             if run.on_step is not None:
-                run.on_step(state, result)
+                # A callback (tests, tools) gets host values: one read per step, only for it.
+                run.on_step(state, {**result, "lm loss": float(result["lm loss"]),
+                                    "tokens": float(result["loss report"][1])})
 
             if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
+                totals.read_into(window, state)
                 _log_iteration(run, state, result, window, global_batch, say)
-                window = {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0}
+                shown["loss"] = window["loss sum"] / max(window["tokens"], 1.0)
+                shown["tokens_per_second"] = window["tokens"] / max(window["time"], 1e-9)
+                window = _new_window()
             if run.eval_interval and run.eval_batches and (
                     state.iteration % run.eval_interval == 0
                     or state.iteration == run.train_iters):
@@ -290,8 +301,10 @@ def train(run: Run) -> TrainState:
                 run.housekeeping.after_step(state.iteration)
             if run.save is not None and run.save_interval and \
                     state.iteration % run.save_interval == 0:
+                totals.read_into(window, state)  # the checkpoint holds the FLOPs so far
                 run.save(state)
             if run.exit_requested():
+                totals.read_into(window, state)
                 say(f" exiting at iteration {state.iteration} on request "
                     "(signal, --exit-interval or --exit-duration-in-mins)")
                 if run.save is not None and not (run.save_interval and
@@ -299,6 +312,7 @@ def train(run: Run) -> TrainState:
                     run.save(state)
                 break
             watchdog.step_done(state.iteration)  # issue 11: eval and save count as the step
+        totals.read_into(window, state)
     finally:
         watchdog.stop()
         bar.close()
@@ -307,14 +321,40 @@ def train(run: Run) -> TrainState:
     return state
 
 
-def _global_step_flops(local: float) -> float:
-    """Model FLOPs of the step over all data-parallel ranks' data (identical on every rank)."""
-    from megatron.core import parallel_state as ps
+def _new_window() -> dict:
+    return {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0, "loss sum": 0.0}
 
-    total = torch.tensor([local], dtype=torch.float64)
-    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(
-        with_context_parallel=True))
-    return float(total.item())
+
+class _DeviceTotals:
+    """What the steps since the last read add up to, kept where it is produced: the loss sum
+    and token count on the device (already reduced over DP by ``_reduce_lm_loss``), this
+    rank's model FLOPs on the host. ``read_into`` is one DP all-reduce of the FLOPs and one
+    device-to-host read for all of it; every rank calls it at the same iterations (log lines,
+    saves, exit), so the collective matches."""
+
+    def __init__(self) -> None:
+        self._loss = torch.zeros(2, dtype=torch.float64, device=compute_device())
+        self._local_flops = 0.0
+
+    def add_loss(self, report: torch.Tensor) -> None:
+        self._loss += report
+
+    def add_local_flops(self, flops: float) -> None:
+        self._local_flops += flops
+
+    def read_into(self, window: dict, state: "TrainState") -> None:
+        from megatron.core import parallel_state as ps
+
+        flops = torch.tensor([self._local_flops], dtype=torch.float64, device=compute_device())
+        torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group(
+            with_context_parallel=True))
+        loss_sum, tokens, global_flops = torch.cat([self._loss, flops]).tolist()
+        self._loss.zero_()
+        self._local_flops = 0.0
+        window["loss sum"] += loss_sum
+        window["tokens"] += tokens
+        window["flops"] += global_flops
+        state.floating_point_operations += global_flops
 
 
 def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, global_batch: int,
@@ -323,7 +363,8 @@ def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, glob
     seconds = max(window["time"], 1e-9)
     tflops = window["flops"] / seconds / run.world_size / 1e12
     mfu = tflops / run.device_peak_tflops if run.device_peak_tflops else None
-    losses = {"lm loss": result["lm loss"]}
+    # Megatron-LM's log line: the per-token mean over the iterations since the last line.
+    losses = {"lm loss": window["loss sum"] / max(window["tokens"], 1.0)}
     losses.update(_mtp_and_moe_losses(run))
     line = format_iteration_line(
         iteration=state.iteration, train_iters=run.train_iters,
@@ -353,12 +394,14 @@ def _mtp_and_moe_losses(run: Run) -> dict:
     num_mtp = config.mtp_num_layers or 0
     if not num_mtp:
         return {}
-    values = torch.zeros(num_mtp)
+    values = torch.zeros(num_mtp, device=compute_device())
     if "values" in MTPLossLoggingHelper.tracker:  # only the last stage holds the MTP block
         totals: dict = {}
         MTPLossLoggingHelper.track_mtp_metrics(1.0, run.state.iteration, None,
                                                total_loss_dict=totals)
-        values = torch.tensor([float(totals[f"mtp_{i + 1} loss"]) for i in range(num_mtp)])
+        values = torch.stack([torch.as_tensor(totals[f"mtp_{i + 1} loss"],
+                                              device=compute_device()).float().reshape(())
+                              for i in range(num_mtp)])
     torch.distributed.broadcast(values, ps.get_pipeline_model_parallel_last_rank(),
                                 group=ps.get_pipeline_model_parallel_group())
     # megatron-core sums one per-token mean per micro-batch: report their mean.

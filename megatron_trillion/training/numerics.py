@@ -79,6 +79,24 @@ def _as_float(value: Any) -> Optional[float]:
     return float(value)
 
 
+def _nonfinite_flag(values: Sequence[Any]) -> torch.Tensor:
+    """[1] (int32, on the compute device) when any of ``values`` (floats, tensors or None)
+    is not finite, else [0]."""
+    from megatron_trillion.platform.device import compute_device
+
+    device = compute_device()
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    for value in values:
+        if value is None:
+            continue
+        if torch.is_tensor(value):
+            finite = torch.isfinite(value.detach().float().to(device)).all()
+            flag |= (~finite).to(torch.int32)
+        elif not math.isfinite(float(value)):
+            flag.fill_(1)
+    return flag
+
+
 @dataclass
 class NumericsGuard:
     """Counts non-finite steps; see the module docstring.
@@ -108,20 +126,24 @@ class NumericsGuard:
         the loss). With torch.distributed initialised the decision is agreed over ``group``
         (a collective: every rank of the group must call ``check`` for the same iteration).
         """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            # Decided on the device: the loss is not copied to the host for a good step; the
+            # agreed flag is the one value read (every rank must know now whether to step).
+            flag = _nonfinite_flag((loss, grad_norm))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+            if not flag.item():
+                self.consecutive_bad_steps = 0
+                return StepDecision(proceed=True)
         loss_f, norm_f = _as_float(loss), _as_float(grad_norm)
         reasons = []
         if loss_f is not None and not math.isfinite(loss_f):
             reasons.append(f"loss is {loss_f}")
         if norm_f is not None and not math.isfinite(norm_f):
             reasons.append(f"grad norm is {norm_f}")
-        local_bad = bool(reasons)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([1 if local_bad else 0], dtype=torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-            if flag.item() and not local_bad:
-                reasons.append("another rank saw a non-finite loss or grad norm")
-            local_bad = bool(flag.item())
-        if not local_bad:
+        if distributed and not reasons:
+            reasons.append("another rank saw a non-finite loss or grad norm")
+        if not reasons:
             self.consecutive_bad_steps = 0
             return StepDecision(proceed=True)
 

@@ -80,10 +80,16 @@ class ProgressBar:
             self._bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True,
                              file=sys.stderr, leave=True)
 
-    def update(self, loss: float, lr: float, tokens_per_second: float) -> None:
+    def update(self, loss: Optional[float], lr: float,
+               tokens_per_second: Optional[float]) -> None:
+        """One iteration done; ``loss`` / ``tokens_per_second`` are the last log line's (None
+        before the first): reading them every step would stall the device every step."""
         if self._bar is not None:
-            self._bar.set_postfix_str(
-                f"loss={loss:.4f} lr={lr:.2e} tok/s={tokens_per_second:,.0f}", refresh=False)
+            shown = [] if loss is None else [f"loss={loss:.4f}"]
+            shown.append(f"lr={lr:.2e}")
+            if tokens_per_second is not None:
+                shown.append(f"tok/s={tokens_per_second:,.0f}")
+            self._bar.set_postfix_str(" ".join(shown), refresh=False)
             self._bar.update(1)
 
     def write(self, line: str) -> None:
