@@ -602,9 +602,9 @@ def _anneal_dataset(config, current, shape, eod, workdir, consumed, say):
 
 
 def _default_peak() -> Optional[float]:
-    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
-        return 989.0  # H100 SXM dense BF16 TFLOP/s
-    return None
+    from megatron_trillion.platform.device import device_peak_tflops
+
+    return device_peak_tflops()
 
 
 # --------------------------------------------------------------------------------------------

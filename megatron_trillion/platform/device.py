@@ -105,3 +105,21 @@ def require_single_device_connection(tensor_parallel: int, context_parallel: int
                 "--tensor-model-parallel-size or --context-parallel-size > 1 (kernels may run "
                 "out of order with their communication)")
     return None
+
+
+# Dense BF16 tensor-core peak of one device (TFLOP/s), by a substring of its CUDA name: the
+# figure MFU is measured against. H200 has H100's compute (more, faster memory).
+_PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0))
+
+
+def device_peak_tflops(name: str | None = None) -> float | None:
+    """Peak dense BF16 TFLOP/s of the device called ``name`` (default: this rank's CUDA device);
+    None when unknown (pass --device-peak-tflops) or without CUDA."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    for key, peak in _PEAK_BF16_TFLOPS:
+        if key in name:
+            return peak
+    return None

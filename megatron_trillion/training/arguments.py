@@ -342,7 +342,7 @@ class LoggingArgs:
     wandb_exp_name: Optional[str] = flag(None, "Weights & Biases run name")
     no_progress_bar: bool = flag(False, "disable the progress bar on rank 0")
     device_peak_tflops: Optional[float] = flag(
-        None, "peak dense TFLOP/s of one device for MFU (default: H100 BF16 989 on GPU)")
+        None, "peak dense TFLOP/s of one device for MFU (default: H100/H200 BF16 989 on GPU)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_trillion.selftest import main
+
+sys.exit(main())

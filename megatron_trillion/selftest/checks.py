@@ -1,0 +1,564 @@
+"""The self-test's checks, in the order the table prints them.
+
+Each check is a function ``(Context) -> Result``; an exception is its FAIL. GPU-only work is
+kept to the few lines that need the device; the arithmetic around it (version ranges, the
+reference-curve comparison, bus bandwidth, layer FLOPs, attention error measures) is plain
+functions, tested on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_trillion.selftest import FAIL, PASS, SKIPPED, Check, Context, Result
+
+SUPPORTED_MEGATRON_CORE = "0.16.1"
+REFERENCE_CURVE = Path(__file__).with_name("reference_curve.json")
+
+# --------------------------------------------------------------------------------------------
+# the process group all checks share
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """One rank (NCCL on GPU, gloo on CPU) with megatron-core's parallel state, for the whole
+    run; the training checks re-initialise the parallel state through ``pretrain``."""
+    from megatron_trillion.platform.distributed import (
+        destroy_distributed,
+        initialize_single_process,
+    )
+
+    initialize_single_process()
+    try:
+        yield
+    finally:
+        destroy_distributed()
+
+
+# --------------------------------------------------------------------------------------------
+# 1. versions and features
+
+
+def installed_version(*names: str) -> Optional[str]:
+    """Version of the first installed distribution among ``names`` (None if none is)."""
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def transformer_engine_requirement() -> str:
+    """The Transformer Engine range megatron-core's ``dev`` extra is developed against, read
+    from the installed megatron-core's metadata (e.g. ``>=2.9.0a0,<2.12.0``)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    for line in metadata.requires("megatron-core") or []:
+        requirement = Requirement(line)
+        if requirement.name.replace("_", "-") == "transformer-engine" and \
+                requirement.marker is not None and \
+                requirement.marker.evaluate({"extra": "dev"}):
+            return str(requirement.specifier)
+    raise RuntimeError("the installed megatron-core declares no transformer-engine requirement "
+                       "in its dev extra")
+
+
+def version_in_range(version: str, specifier: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    return SpecifierSet(specifier).contains(Version(version), prereleases=True)
+
+
+def check_versions(context: Context) -> Result:
+    core = installed_version("megatron-core")
+    parts = [f"torch {torch.__version__}", f"megatron-core {core}"]
+    if context.cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+        nccl = torch.cuda.nccl.version()
+        parts.append("NCCL " + (".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)))
+        parts.append(f"{context.gpu_count} x {context.device_name}")
+    else:
+        parts.append("no CUDA device")
+    if core != SUPPORTED_MEGATRON_CORE:
+        return Result(FAIL, ", ".join(parts) + f"; this project is written for megatron-core "
+                      f"{SUPPORTED_MEGATRON_CORE} (pip install megatron-core=="
+                      f"{SUPPORTED_MEGATRON_CORE})")
+    return Result(PASS, ", ".join(parts))
+
+
+def check_transformer_engine(context: Context) -> Result:
+    wanted = transformer_engine_requirement()
+    if context.te_version is None:
+        if context.cuda:
+            return Result(FAIL, f"not installed; GPU training (XLDA attention, FP8) needs "
+                                f"transformer-engine{wanted}")
+        return Result(SKIPPED, f"not installed (needs CUDA); megatron-core {SUPPORTED_MEGATRON_CORE}"
+                               f" wants transformer-engine{wanted}")
+    if not version_in_range(context.te_version, wanted):
+        return Result(FAIL, f"transformer-engine {context.te_version} is outside {wanted}, the "
+                            f"range megatron-core {SUPPORTED_MEGATRON_CORE} is developed against "
+                            "(use the Dockerfile's NGC image)")
+    return Result(PASS, f"transformer-engine {context.te_version} in {wanted}; "
+                        + ", ".join(_te_features()))
+
+
+def _te_features() -> list[str]:
+    from megatron.core.utils import is_te_min_version
+
+    features = [f"THD attention {'yes' if is_te_min_version('1.10.0') else 'no'}",
+                f"context parallel with THD {'yes' if is_te_min_version('1.10.0') else 'no'}"]
+    from transformer_engine.pytorch import fp8
+
+    available, reason = fp8.check_fp8_support()
+    features.append("FP8 yes" if available else f"FP8 no ({reason})")
+    return features
+
+
+# --------------------------------------------------------------------------------------------
+# 2. XLDA attention: the CPU reference, and TE against it
+
+_BLOCKS = [0, 7, 30, 31, 64, 96]  # attention blocks of one packed row (lengths 7, 23, 1, 33, 32)
+_HEADS, _GROUPS, _HEAD_DIM = 4, 2, 64
+_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # max |error| / max |reference|
+
+
+def attention_inputs(seed: int = 0) -> dict:
+    """fp32 CPU q [T, heads, d], k/v [T, groups, d] and an output weighting for the loss."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = _BLOCKS[-1]
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32, device="cpu")
+
+    return {"q": draw(tokens, _HEADS, _HEAD_DIM), "k": draw(tokens, _GROUPS, _HEAD_DIM),
+            "v": draw(tokens, _GROUPS, _HEAD_DIM), "w": draw(tokens, _HEADS * _HEAD_DIM),
+            "cu_seqlens": torch.tensor(_BLOCKS, dtype=torch.int32, device="cpu")}
+
+
+def dense_block_causal_attention(q, k, v, cu_seqlens) -> torch.Tensor:
+    """Block-causal attention written out densely (the definition): query i sees key j iff
+    both are in the same block and j <= i. [T, heads, d] -> [T, heads * d]."""
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    block = torch.bucketize(torch.arange(q.shape[0], device=q.device),
+                            cu_seqlens[1:].to(q.device), right=True)
+    positions = torch.arange(q.shape[0], device=q.device)
+    allowed = (block[:, None] == block[None, :]) & (positions[None, :] <= positions[:, None])
+    scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(q.shape[0], -1)
+
+
+def run_attention(attention: Callable, inputs: dict, dtype: torch.dtype,
+                  device: torch.device) -> dict:
+    """Output and q/k/v gradients of ``attention(q, k, v, cu_seqlens)`` (as fp32 CPU tensors)
+    for the loss sum(out * w)."""
+    leaves = {name: inputs[name].to(device=device, dtype=dtype).requires_grad_()
+              for name in ("q", "k", "v")}
+    out = attention(leaves["q"], leaves["k"], leaves["v"], inputs["cu_seqlens"].to(device))
+    out = out.reshape(out.shape[0], -1)
+    (out.float() * inputs["w"].to(device)).sum().backward()
+    result = {"out": out.detach()}
+    result.update({f"d{name}": leaf.grad for name, leaf in leaves.items()})
+    return {name: value.float().cpu() for name, value in result.items()}
+
+
+def relative_errors(measured: dict, reference: dict) -> dict:
+    """max |measured - reference| / max |reference| per tensor."""
+    return {name: float((measured[name] - reference[name]).abs().max()
+                        / reference[name].abs().max().clamp(min=1e-30))
+            for name in reference}
+
+
+def _within(errors: dict, tolerance: float) -> Result:
+    worst = max(errors, key=errors.get)
+    detail = ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
+    detail += f" (relative max error; tolerance {tolerance:.0e})"
+    return Result(PASS if errors[worst] <= tolerance else FAIL, detail)
+
+
+def _attention_config(dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=_HEADS * _HEAD_DIM,
+                             num_attention_heads=_HEADS, num_query_groups=_GROUPS,
+                             kv_channels=_HEAD_DIM, attention_dropout=0.0, params_dtype=dtype,
+                             bf16=dtype == torch.bfloat16)
+
+
+def xlda_reference_attention() -> Callable:
+    """This project's CPU XLDA core attention as ``(q, k, v, cu_seqlens) -> out``."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_trillion.data.packed_batch import packed_seq_params_from_blocks
+    from megatron_trillion.models.xlda_attention import XLDACoreAttention
+
+    module = XLDACoreAttention(_attention_config(torch.float32), layer_number=1,
+                               attn_mask_type=AttnMaskType.causal, attention_type="self",
+                               require_packed_seq_params=True)
+    return lambda q, k, v, cu: module(q, k, v, None,
+                                      packed_seq_params=packed_seq_params_from_blocks(cu))
+
+
+def check_xlda_reference(context: Context) -> Result:
+    inputs = attention_inputs()
+    cpu = torch.device("cpu")
+    measured = run_attention(xlda_reference_attention(), inputs, torch.float32, cpu)
+    definition = run_attention(dense_block_causal_attention, inputs, torch.float32, cpu)
+    return _within(relative_errors(measured, definition), 1e-5)
+
+
+def _check_te_attention(dtype: torch.dtype) -> Result:
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_trillion.data.packed_batch import packed_seq_params_from_blocks
+    from megatron_trillion.platform.device import compute_device, to_device
+
+    module = TEDotProductAttention(_attention_config(dtype), layer_number=1,
+                                   attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+    def te_attention(q, k, v, cu):
+        params = to_device({"packed_seq_params": packed_seq_params_from_blocks(cu.cpu())})
+        return module(q, k, v, None, attn_mask_type=AttnMaskType.causal,
+                      packed_seq_params=params["packed_seq_params"])
+
+    inputs = attention_inputs()
+    reference = run_attention(xlda_reference_attention(), inputs, torch.float32,
+                              torch.device("cpu"))
+    try:
+        measured = run_attention(te_attention, inputs, dtype, compute_device())
+    except Exception as exc:  # noqa: BLE001 - only TE's "no backend" answer is a skip
+        if dtype == torch.float32 and "backend" in str(exc).lower():
+            return Result(SKIPPED, f"TE has no fp32 THD attention backend here: {exc}")
+        raise
+    return _within(relative_errors(measured, reference), _TOLERANCE[dtype])
+
+
+def check_te_attention_fp32(context: Context) -> Result:
+    return _check_te_attention(torch.float32)
+
+
+def check_te_attention_bf16(context: Context) -> Result:
+    return _check_te_attention(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. a tiny preset against the committed CPU fp32 loss curve; FP8 steps
+
+REFERENCE_STEPS = 20
+# Same flags on every machine; --transformer-impl auto is TE on GPU and local on CPU.
+REFERENCE_ARGV = (
+    "--preset", "tiny-tri-7b", "--mock-data", "--seq-length", "128", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", str(REFERENCE_STEPS), "--lr", "1e-3",
+    "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--seed", "1234",
+    "--no-progress-bar", "--log-interval", str(REFERENCE_STEPS),
+)
+# fp32 on CPU repeats the reference up to summation order; BF16 with TE kernels drifts by
+# rounding (BF16 keeps 8 bits of mantissa) but must follow the same curve.
+CURVE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # max |loss - reference| / reference per step
+
+
+def train_tiny(workdir: str, steps: int, *extra: str) -> tuple[list[float], object, object]:
+    """``steps`` iterations of the reference run (the schedule of the full 20) through the
+    real entry point; returns (losses, final TrainState, Run)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_trillion.pretrain import pretrain
+    from megatron_trillion.training.arguments import parse_args
+
+    argv = [*REFERENCE_ARGV, "--data-cache-path", os.path.join(workdir, "data"), *extra]
+    if steps < REFERENCE_STEPS:
+        argv += ["--exit-interval", str(steps)]
+    losses: list[float] = []
+    ps.destroy_model_parallel()  # pretrain lays out its own parallel state
+    final, run = pretrain(parse_args(argv), log=lambda line: None,
+                          on_step=lambda state, result: losses.append(result["lm loss"]))
+    return losses, final, run
+
+
+def compare_curve(measured: Sequence[float], reference: Sequence[float],
+                  tolerance: float) -> Result:
+    if len(measured) > len(reference):
+        raise ValueError(f"{len(measured)} losses for a reference of {len(reference)} steps")
+    if not all(math.isfinite(x) for x in measured):
+        return Result(FAIL, f"non-finite loss: {list(measured)}")
+    errors = [abs(m - r) / abs(r) for m, r in zip(measured, reference)]
+    step = max(range(len(errors)), key=errors.__getitem__)
+    detail = (f"{len(measured)} steps, loss {measured[0]:.4f} -> {measured[-1]:.4f} "
+              f"(reference {reference[0]:.4f} -> {reference[len(measured) - 1]:.4f}); "
+              f"max relative deviation {errors[step]:.1e} at step {step + 1} "
+              f"(tolerance {tolerance:.0e})")
+    return Result(PASS if errors[step] <= tolerance else FAIL, detail)
+
+
+def read_reference_curve(path: Path = REFERENCE_CURVE) -> list[float]:
+    data = json.loads(Path(path).read_text())
+    if tuple(data["argv"]) != REFERENCE_ARGV:
+        raise ValueError(f"{path}: written for other flags than REFERENCE_ARGV; regenerate it "
+                         "with --write-reference-curve on a CPU machine")
+    return [float(x) for x in data["losses"]]
+
+
+def write_reference_curve(path: str, workdir: str) -> None:
+    """Train the reference run on CPU in fp32 and write its loss curve (atomically)."""
+    if torch.cuda.is_available():
+        raise SystemExit("error: generate the reference curve on a CPU machine (fp32, the "
+                         "local layer spec); this one has CUDA")
+    with single_process_group():
+        losses, _, _ = train_tiny(workdir, REFERENCE_STEPS)
+    payload = {"argv": list(REFERENCE_ARGV), "losses": losses,
+               "generated_with": {"torch": torch.__version__,
+                                  "megatron-core": installed_version("megatron-core"),
+                                  "device": "cpu", "precision": "fp32",
+                                  "command": "python -m megatron_trillion.selftest "
+                                             "--write-reference-curve PATH"}}
+    temporary = f"{path}.tmp"
+    Path(temporary).write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def check_training_curve(context: Context) -> Result:
+    reference = read_reference_curve()
+    precision = "bf16" if context.cuda else "fp32"
+    extra = ("--bf16",) if context.cuda else ()
+    losses, _, _ = train_tiny(context.workdir, context.steps, *extra)
+    result = compare_curve(losses, reference, CURVE_TOLERANCE[precision])
+    where = "GPU BF16" if context.cuda else "CPU fp32"
+    return Result(result.status, f"{where}: {result.detail}")
+
+
+def check_fp8_steps(context: Context) -> Result:
+    from transformer_engine.pytorch import fp8
+
+    available, reason = fp8.check_fp8_support()
+    if not available:
+        return Result(SKIPPED, f"this GPU has no FP8: {reason}")
+    losses, _, _ = train_tiny(context.workdir, 5, "--bf16", "--fp8-format", "hybrid")
+    if not all(math.isfinite(x) for x in losses):
+        return Result(FAIL, f"non-finite FP8 losses {losses}")
+    return Result(PASS, "5 FP8 (hybrid) steps, losses " + " ".join(f"{x:.3f}" for x in losses))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. NCCL bus bandwidth
+
+# NVLink bandwidth per direction of one GPU (GB/s), by name; PCIe boards have no NVLink figure.
+_NVLINK_GBPS = (("H200", 450.0), ("H100", 450.0))
+# Below this fraction of the nominal figure the node is misconfigured (NCCL over PCIe or
+# sockets, a degraded link), not merely slower.
+MIN_BANDWIDTH_FRACTION = 0.25
+_BANDWIDTH_BYTES = 256 << 20
+_BANDWIDTH_ITERS = 20
+
+
+def nominal_link_gbps(device_name: Optional[str]) -> Optional[float]:
+    if not device_name or "PCIe" in device_name:
+        return None
+    for key, value in _NVLINK_GBPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def bus_bandwidth_gbps(op: str, total_bytes: int, seconds: float, ranks: int) -> float:
+    """nccl-tests' bus bandwidth: the algorithm bandwidth (bytes / time) times the share of the
+    data each link carries - 2(n-1)/n for all-reduce, (n-1)/n for all-gather (``total_bytes``
+    is the gathered size)."""
+    factor = {"all_reduce": 2 * (ranks - 1) / ranks, "all_gather": (ranks - 1) / ranks}[op]
+    return total_bytes / seconds * factor / 1e9
+
+
+def _bandwidth_worker(rank: int, ranks: int, port: int, results) -> None:
+    torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=ranks)
+    try:
+        data = torch.ones(_BANDWIDTH_BYTES // 4, dtype=torch.float32, device="cuda")
+        gathered = torch.empty(ranks * data.numel(), dtype=torch.float32, device="cuda")
+        ops = {"all_reduce": (lambda: torch.distributed.all_reduce(data), data.nbytes),
+               "all_gather": (lambda: torch.distributed.all_gather_into_tensor(gathered, data),
+                              gathered.nbytes)}
+        timings = {}
+        for name, (op, nbytes) in ops.items():
+            for _ in range(3):
+                op()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(_BANDWIDTH_ITERS):
+                op()
+            torch.cuda.synchronize()
+            timings[name] = (nbytes, (time.perf_counter() - started) / _BANDWIDTH_ITERS)
+        if rank == 0:
+            results.put(timings)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def check_nccl_bandwidth(context: Context) -> Result:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = context.gpu_count
+    spawn = mp.get_context("spawn")
+    results = spawn.SimpleQueue()
+    workers = [spawn.Process(target=_bandwidth_worker, args=(rank, ranks, port, results))
+               for rank in range(ranks)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+    if any(worker.exitcode != 0 for worker in workers) or results.empty():
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+        return Result(FAIL, f"NCCL workers exited with {[w.exitcode for w in workers]}")
+    timings = results.get()
+    nominal = nominal_link_gbps(context.device_name)
+    parts, worst = [], math.inf
+    for op, (nbytes, seconds) in timings.items():
+        bandwidth = bus_bandwidth_gbps(op, nbytes, seconds, ranks)
+        worst = min(worst, bandwidth)
+        parts.append(f"{op} {bandwidth:.0f} GB/s")
+    detail = f"{ranks} GPUs, 256 MiB: " + ", ".join(parts)
+    if nominal is None:
+        return Result(PASS, detail + " (no nominal figure for this device)")
+    detail += f"; nominal NVLink {nominal:.0f} GB/s per direction"
+    ok = worst >= MIN_BANDWIDTH_FRACTION * nominal
+    return Result(PASS if ok else FAIL,
+                  detail + ("" if ok else f" - below {MIN_BANDWIDTH_FRACTION:.0%} of nominal"))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. distributed checkpoint round trip
+
+
+def check_checkpoint_round_trip(context: Context) -> Result:
+    from megatron_trillion.training.checkpointing import unwrap
+
+    save = os.path.join(context.workdir, "checkpoint")
+    extra = ("--bf16",) if context.cuda else ()
+    short = ("--train-iters", "2")  # (after REFERENCE_ARGV's: argparse keeps the last)
+    _, _, trained = train_tiny(context.workdir, REFERENCE_STEPS, *short, *extra, "--save", save,
+                               "--save-interval", "2")
+    saved = {name: p.detach().float().cpu().clone() for chunk in trained.model
+             for name, p in unwrap(chunk).named_parameters()}
+    _, final, loaded = train_tiny(context.workdir, REFERENCE_STEPS, *short, *extra,
+                                  "--load", save)
+    restored = {name: p.detach().float().cpu() for chunk in loaded.model
+                for name, p in unwrap(chunk).named_parameters()}
+    if final.iteration != 2:
+        return Result(FAIL, f"resumed at iteration {final.iteration}, saved at 2")
+    differing = [name for name in saved if not torch.equal(saved[name], restored[name])]
+    if differing or saved.keys() != restored.keys():
+        return Result(FAIL, f"{len(differing)} of {len(saved)} tensors differ after the round "
+                            f"trip, e.g. {differing[:3]}")
+    return Result(PASS, f"saved and reloaded {len(saved)} tensors bit-exactly (iteration 2, "
+                        "torch_dist format)")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. one Tri-7B-width layer: TFLOP/s and MFU
+
+LAYER_SEQ = 4096
+# Far below this, the layer is not running the kernels it should (e.g. TE fell back to
+# unfused attention, or the clocks are throttled).
+MIN_LAYER_MFU = 0.2
+
+
+def layer_preset():
+    """Trillion/Tri-7B width: hidden 4096, FFN 11008, 32 heads; one layer."""
+    import dataclasses
+
+    from megatron_trillion.models.presets import get_preset
+
+    return dataclasses.replace(get_preset("trillion-7b"), num_layers=1, mtp_num_layers=None)
+
+
+def layer_training_flops(preset, seq: int) -> float:
+    """Forward + backward FLOPs of one dense decoder layer over one causal sequence: the
+    matmul weights (2 FLOPs per weight and token) and the attention scores and values
+    (4 x heads x head_dim per allowed query-key pair), times 3 for the backward."""
+    from megatron_trillion.training.flops import _matmul_params_per_token, causal_pairs
+
+    weights, _ = _matmul_params_per_token(preset)
+    attention = 4 * preset.num_attention_heads * preset.head_dim * causal_pairs([seq])
+    return 3.0 * (2 * weights * seq + attention)
+
+
+def check_layer_throughput(context: Context) -> Result:
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_trillion.models.config import build_transformer_config
+    from megatron_trillion.models.specs import get_layer_specs
+    from megatron_trillion.platform.device import compute_device, device_peak_tflops
+
+    preset = layer_preset()
+    config = build_transformer_config(preset, None, bf16=True)
+    spec = get_layer_specs(config, transformer_impl="transformer_engine",
+                           attention_masking="none")[0]
+    device = compute_device()
+    layer = build_module(spec, config=config, layer_number=1).to(device)
+    hidden = torch.randn(LAYER_SEQ, 1, preset.hidden_size, device=device, dtype=torch.bfloat16,
+                         requires_grad=True)
+    grad = torch.randn_like(hidden)
+
+    def step() -> None:
+        output, _ = layer(hidden, attention_mask=None)
+        output.backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    iterations = 10
+    started = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / iterations
+    tflops = layer_training_flops(preset, LAYER_SEQ) / seconds / 1e12
+    peak = context.device_peak_tflops or device_peak_tflops(context.device_name)
+    detail = (f"hidden {preset.hidden_size}, FFN {preset.ffn_hidden_size}, S {LAYER_SEQ}, BF16:"
+              f" {1000 * seconds:.1f} ms fwd+bwd, {tflops:.0f} TFLOP/s")
+    if peak is None:
+        return Result(PASS, detail + "; MFU unknown for this device (--device-peak-tflops)")
+    mfu = tflops / peak
+    detail += f", MFU {mfu:.1%} of {peak:.0f}"
+    if mfu < MIN_LAYER_MFU:
+        return Result(FAIL, detail + f" - below {MIN_LAYER_MFU:.0%}")
+    return Result(PASS, detail)
+
+
+# --------------------------------------------------------------------------------------------
+
+CHECKS = (
+    Check("versions", check_versions),
+    Check("transformer-engine", check_transformer_engine),
+    Check("xlda-attention-reference", check_xlda_reference),
+    Check("xlda-attention-te-fp32", check_te_attention_fp32, ("cuda", "te")),
+    Check("xlda-attention-te-bf16", check_te_attention_bf16, ("cuda", "te")),
+    Check("training-curve", check_training_curve),
+    Check("fp8-steps", check_fp8_steps, ("cuda", "te")),
+    Check("nccl-bandwidth", check_nccl_bandwidth, ("cuda", "2 gpus")),
+    Check("checkpoint-round-trip", check_checkpoint_round_trip),
+    Check("layer-throughput", check_layer_throughput, ("cuda", "te")),
+)
