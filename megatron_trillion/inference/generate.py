@@ -47,10 +47,13 @@ def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
     """Append up to ``max_new_tokens`` argmax tokens (stops at ``eod``)."""
     if not token_ids:
         raise ValueError("the prompt encodes to no tokens")
+    from megatron_trillion.platform.device import compute_device
+
+    device = compute_device()
     tokens = list(token_ids)
     for _ in range(max_new_tokens):
-        ids = torch.tensor([tokens], dtype=torch.long)
-        positions = torch.arange(len(tokens)).unsqueeze(0)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        positions = torch.arange(len(tokens), device=device).unsqueeze(0)
         logits = model(ids, positions, None)
         next_id = int(logits[0, -1].argmax())
         tokens.append(next_id)

@@ -168,7 +168,7 @@ def run_attention(attention: Callable, inputs: dict, dtype: torch.dtype,
                   device: torch.device) -> dict:
     """Output and q/k/v gradients of ``attention(q, k, v, cu_seqlens)`` (as fp32 CPU tensors)
     for the loss sum(out * w)."""
-    leaves = {name: inputs[name].to(device=device, dtype=dtype).requires_grad_()
+    leaves = {name: inputs[name].detach().to(device=device, dtype=dtype).clone().requires_grad_()
               for name in ("q", "k", "v")}
     out = attention(leaves["q"], leaves["k"], leaves["v"], inputs["cu_seqlens"].to(device))
     out = out.reshape(out.shape[0], -1)

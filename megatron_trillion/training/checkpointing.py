@@ -539,6 +539,7 @@ def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], 
     import dataclasses
 
     from megatron_trillion.models.config import build_model, build_transformer_config
+    from megatron_trillion.platform.device import compute_device
 
     path = resolve_checkpoint(root, iteration, log)
     if path is None:
@@ -547,7 +548,7 @@ def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], 
     signature = dict(common["model"], mtp_num_layers=0)
     preset = dataclasses.replace(preset_from_signature(signature), mtp_num_layers=0)
     config = build_transformer_config(preset, None, hidden_dropout=0.0, attention_dropout=0.0)
-    model = build_model(preset, config=config, attention_masking="none")
+    model = build_model(preset, config=config, attention_masking="none").to(compute_device())
     load_checkpoint_dir(path, [model], None, signature, load_optimizer=False, load_rng=False,
                         log=log, without_mtp=True)
     model.eval()

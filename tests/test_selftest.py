@@ -1,0 +1,143 @@
+"""``python -m megatron_trillion.selftest``: its CPU checks, its table and the arithmetic of its
+GPU checks (run here on CPU; only the kernels themselves need a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_trillion.selftest import (
+    FAIL,
+    PASS,
+    SKIPPED,
+    Check,
+    Context,
+    Result,
+    format_table,
+    parse_args,
+    run_checks,
+)
+from megatron_trillion.selftest import checks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _context(**changes) -> Context:
+    values = dict(cuda=False, te_version=None, gpu_count=0, device_name=None)
+    values.update(changes)
+    return Context(**values)
+
+
+def test_run_checks_turns_preconditions_into_skips_and_exceptions_into_fails():
+    def broken(context):
+        raise RuntimeError("kernel exploded")
+
+    rows = run_checks([Check("fine", lambda c: Result(PASS, "ok")),
+                       Check("gpu-only", lambda c: Result(PASS), ("cuda", "te")),
+                       Check("two-gpus", lambda c: Result(PASS), ("2 gpus",)),
+                       Check("broken", broken)], _context())
+    status = {name: result for name, result, _ in rows}
+    assert status["fine"] == Result(PASS, "ok")
+    assert status["gpu-only"] == Result(SKIPPED, "no CUDA device")
+    assert status["two-gpus"] == Result(SKIPPED, "0 GPU(s) visible, needs 2")
+    assert status["broken"].status == FAIL
+    assert "RuntimeError: kernel exploded (test_selftest.py:" in status["broken"].detail
+    table = format_table(rows)
+    assert "1 passed, 1 failed, 2 skipped" in table
+    assert _context(cuda=True, gpu_count=1).missing(("cuda", "te")) == \
+        "Transformer Engine not installed"
+
+
+def test_transformer_engine_range_comes_from_megatron_core_metadata():
+    wanted = checks.transformer_engine_requirement()
+    assert checks.version_in_range("2.9.0", wanted)
+    assert checks.version_in_range("2.11.0+4f2a1b3", wanted)  # NGC builds carry a local tag
+    assert not checks.version_in_range("2.3.0+5de3e14", wanted)  # the 25.04 image's TE
+    assert not checks.version_in_range("2.12.0", wanted)
+    # TE outside the range is a FAIL naming the range; absent on CPU is a skip.
+    result = checks.check_transformer_engine(_context(cuda=True, te_version="2.3.0"))
+    assert result.status == FAIL and wanted in result.detail and "2.3.0" in result.detail
+    assert checks.check_transformer_engine(_context()).status == SKIPPED
+    assert checks.check_transformer_engine(_context(cuda=True)).status == FAIL
+
+
+def test_reference_curve_comparison():
+    reference = checks.read_reference_curve()
+    assert len(reference) == checks.REFERENCE_STEPS
+    assert checks.compare_curve(reference[:5], reference, 1e-4).status == PASS
+    drifted = [x * 1.001 for x in reference]
+    assert checks.compare_curve(drifted, reference, checks.CURVE_TOLERANCE["bf16"]).status == PASS
+    assert checks.compare_curve(drifted, reference, checks.CURVE_TOLERANCE["fp32"]).status == FAIL
+    diverged = reference[:3] + [reference[3] * 1.2]
+    result = checks.compare_curve(diverged, reference, checks.CURVE_TOLERANCE["bf16"])
+    assert result.status == FAIL and "at step 4" in result.detail
+    assert checks.compare_curve([float("nan")], reference, 1.0).status == FAIL
+
+
+def test_bus_bandwidth_and_nominal_figures():
+    # 8 ranks all-reducing 1 GB in 10 ms: 100 GB/s algorithm bandwidth, x 2*7/8 on the bus.
+    assert checks.bus_bandwidth_gbps("all_reduce", 10**9, 0.01, 8) == pytest.approx(175.0)
+    assert checks.bus_bandwidth_gbps("all_gather", 10**9, 0.01, 8) == pytest.approx(87.5)
+    assert checks.nominal_link_gbps("NVIDIA H100 80GB HBM3") == 450.0
+    assert checks.nominal_link_gbps("NVIDIA H200") == 450.0
+    assert checks.nominal_link_gbps("NVIDIA H100 PCIe") is None
+    from megatron_trillion.platform.device import device_peak_tflops
+
+    assert device_peak_tflops("NVIDIA H200") == device_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert device_peak_tflops("NVIDIA A10G") is None
+
+
+def test_layer_flops_counts_weights_and_causal_attention():
+    preset = checks.layer_preset()
+    assert (preset.hidden_size, preset.ffn_hidden_size, preset.num_layers) == (4096, 11008, 1)
+    h, f, s = 4096, 11008, checks.LAYER_SEQ
+    weights = 4 * h * h + 3 * h * f  # q, k, v, o (32 heads, no GQA) + SwiGLU
+    expected = 3 * (2 * weights * s + 4 * h * s * (s + 1) // 2)
+    assert checks.layer_training_flops(preset, s) == pytest.approx(expected)
+
+
+def test_attention_measures():
+    inputs = checks.attention_inputs()
+    cpu = torch.device("cpu")
+    dense = checks.run_attention(checks.dense_block_causal_attention, inputs, torch.float32, cpu)
+    assert set(dense) == {"out", "dq", "dk", "dv"}
+    errors = checks.relative_errors(dense, dense)
+    assert max(errors.values()) == 0.0
+    # The dense definition keeps blocks apart: changing block 2's keys leaves block 1 alone.
+    changed = dict(inputs, k=inputs["k"].clone())
+    changed["k"][7:30] += 1.0
+    other = checks.run_attention(checks.dense_block_causal_attention, changed, torch.float32, cpu)
+    assert torch.equal(other["out"][:7], dense["out"][:7])
+    assert not torch.allclose(other["out"][7:30], dense["out"][7:30])
+
+
+def test_steps_are_bounded_by_the_reference():
+    assert parse_args(["--steps", "3"]).steps == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "21"])
+
+
+@pytest.mark.slow
+def test_cpu_run_passes_its_checks_and_names_every_skipped_gpu_check(tmp_path):
+    """The command a user runs, on this CPU machine: CPU checks pass, GPU checks are skipped
+    with the reason, exit 0. (Two training steps instead of twenty keep it short.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, "-m", "megatron_trillion.selftest", "--steps", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in {c.name for c in checks.CHECKS}}
+    assert rows == {
+        "versions": PASS, "transformer-engine": SKIPPED, "xlda-attention-reference": PASS,
+        "xlda-attention-te-fp32": SKIPPED, "xlda-attention-te-bf16": SKIPPED,
+        "training-curve": PASS, "fp8-steps": SKIPPED, "nccl-bandwidth": SKIPPED,
+        "checkpoint-round-trip": PASS, "layer-throughput": SKIPPED,
+    }, proc.stdout
+    assert "no CUDA device" in proc.stdout and "CPU fp32: 2 steps" in proc.stdout
+    assert "4 passed, 0 failed, 6 skipped" in proc.stdout
