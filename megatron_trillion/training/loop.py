@@ -256,7 +256,8 @@ def train(run: Run) -> TrainState:
             batches = run.train_batches.for_step(state.consumed_samples, global_batch)
             totals.add_local_flops(run.step_flops(batches))  # host arithmetic on host data
             result = train_step(run, batches)
-            totals.add_loss(result["loss report"])
+            if not result["skipped"]:  # Megatron-LM: a skipped step's loss is not averaged in
+                totals.add_loss(result["loss report"])
 
             previous = run.scheduler.num_steps
             state.iteration += 1
@@ -394,14 +395,14 @@ def _mtp_and_moe_losses(run: Run) -> dict:
     num_mtp = config.mtp_num_layers or 0
     if not num_mtp:
         return {}
-    values = torch.zeros(num_mtp, device=compute_device())
+    totals: dict = {}
     if "values" in MTPLossLoggingHelper.tracker:  # only the last stage holds the MTP block
-        totals: dict = {}
         MTPLossLoggingHelper.track_mtp_metrics(1.0, run.state.iteration, None,
                                                total_loss_dict=totals)
-        values = torch.stack([torch.as_tensor(totals[f"mtp_{i + 1} loss"],
-                                              device=compute_device()).float().reshape(())
-                              for i in range(num_mtp)])
+    # Other stages send zeros, built the same way (one path, on the device, for every rank).
+    values = torch.stack([torch.as_tensor(totals.get(f"mtp_{i + 1} loss", 0.0),
+                                          device=compute_device()).float().reshape(())
+                          for i in range(num_mtp)])
     torch.distributed.broadcast(values, ps.get_pipeline_model_parallel_last_rank(),
                                 group=ps.get_pipeline_model_parallel_group())
     # megatron-core sums one per-token mean per micro-batch: report their mean.
