@@ -3,6 +3,7 @@ GPU checks (run here on CPU; only the kernels themselves need a GPU)."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def test_reference_curve_comparison():
     result = checks.compare_curve(diverged, reference, checks.CURVE_TOLERANCE["bf16"])
     assert result.status == FAIL and "at step 4" in result.detail
     assert checks.compare_curve([float("nan")], reference, 1.0).status == FAIL
+    # A model that learned nothing per batch (uniform logits: ln 4096 every step) is caught.
+    uniform = [math.log(4096)] * len(reference)
+    assert checks.compare_curve(uniform, reference, checks.CURVE_TOLERANCE["bf16"]).status == FAIL
 
 
 def test_bus_bandwidth_and_nominal_figures():

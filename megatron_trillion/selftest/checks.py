@@ -270,8 +270,10 @@ REFERENCE_ARGV = (
     "--no-progress-bar", "--log-interval", str(REFERENCE_STEPS),
 )
 # fp32 on CPU repeats the reference up to summation order; BF16 with TE kernels drifts by
-# rounding (BF16 keeps 8 bits of mantissa) but must follow the same curve.
-CURVE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # max |loss - reference| / reference per step
+# rounding (8 bits of mantissa) but must follow the same per-batch losses. The mock data's
+# token marginal is uniform, so 20 steps stay near ln(vocab) = 8.32 and the curve is set by each
+# batch's content: a model with uniform logits (8.318 everywhere) is > 1% off at step 8.
+CURVE_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}  # max |loss - reference| / reference per step
 
 
 def train_tiny(workdir: str, steps: int, *extra: str) -> tuple[list[float], object, object]:
