@@ -459,7 +459,8 @@ def check_checkpoint_round_trip(context: Context) -> Result:
 
     save = os.path.join(context.workdir, "checkpoint")
     extra = ("--bf16",) if context.cuda else ()
-    short = ("--train-iters", "2")  # (after REFERENCE_ARGV's: argparse keeps the last)
+    # (after REFERENCE_ARGV's flags: argparse keeps the last value)
+    short = ("--train-iters", "2", "--lr-warmup-iters", "1")
     _, _, trained = train_tiny(context.workdir, REFERENCE_STEPS, *short, *extra, "--save", save,
                                "--save-interval", "2")
     saved = {name: p.detach().float().cpu().clone() for chunk in trained.model
