@@ -9,7 +9,8 @@ forward checks its tensors against ``platform.device.compute_device()``.
 The run covers what a step reaches: micro-batches through forward_step, the loss reduction,
 the NaN guard (a poisoned step is skipped, its samples gathered), evaluation, a checkpoint
 save, MTP loss logging (tiny-trinity has an MTP layer and MoE) and the exit signal
-(``--exit-signal-handler``: a SIGUSR1 makes the run save and stop).
+(``--exit-signal-handler``: a SIGUSR1 makes the run save and stop; ``--exit-duration-in-mins``
+agrees on the elapsed time every step).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def _disciplined_run(cache: str, save: str) -> dict:
             "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
             "--train-iters", "6", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1",
             "--seed", "7", "--no-progress-bar", "--eval-interval", "2", "--eval-iters", "1",
-            "--save", save, "--save-interval", "2", "--exit-signal-handler"]
+            "--save", save, "--save-interval", "2", "--exit-signal-handler",
+            "--exit-duration-in-mins", "1000"]  # (a per-step collective too)
     final, _ = pretrain(parse_args(argv), log=lines.append, on_step=on_step)
     return {"counts": counts, "refused": refused, "losses": losses, "lines": lines,
             "iteration": final.iteration, "skipped": final.skipped_iterations,

@@ -70,8 +70,10 @@ class Housekeeping:
         limit = self.training.exit_duration_in_mins
         if limit is None:
             return False
+        from megatron_trillion.platform.device import compute_device
+
         past = torch.tensor([1 if time.monotonic() - self.started > 60.0 * limit else 0],
-                            device="cuda" if self.cuda else "cpu")
+                            device=compute_device())
         torch.distributed.all_reduce(past, op=torch.distributed.ReduceOp.MAX)
         return bool(past.item())
 
