@@ -114,7 +114,7 @@ def _moe_phases(cache: str, save: str) -> dict:
             router.expert_bias[EXPERTS // 2:] = -100.0
     del calls[:]
     result = loop.train_step(run, run.train_batches.for_step(0, GBS))
-    out["zero"] = {"loss": result["lm loss"], "skipped": result["skipped"],
+    out["zero"] = {"loss": float(result["lm loss"]), "skipped": result["skipped"],
                    "counts": calls[0]["counts"]}
 
     # Phase 3: resume from the iteration-2 checkpoint and redo iteration 3.
