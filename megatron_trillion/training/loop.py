@@ -287,7 +287,7 @@ def train(run: Run) -> TrainState:
             if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
                 totals.read_into(window, state)
                 _log_iteration(run, state, result, window, global_batch, say)
-                shown["loss"] = window["loss sum"] / max(window["tokens"], 1.0)
+                shown["loss"] = _window_loss(window)
                 shown["tokens_per_second"] = window["tokens"] / max(window["time"], 1e-9)
                 window = _new_window()
             if run.eval_interval and run.eval_batches and (
@@ -324,6 +324,12 @@ def train(run: Run) -> TrainState:
 
 def _new_window() -> dict:
     return {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0, "loss sum": 0.0}
+
+
+def _window_loss(window: dict) -> float:
+    """Megatron-LM's logged loss: the per-token mean over the iterations since the last line
+    that were not skipped (NaN when all were)."""
+    return window["loss sum"] / window["tokens"] if window["tokens"] else float("nan")
 
 
 class _DeviceTotals:
@@ -364,8 +370,7 @@ def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, glob
     seconds = max(window["time"], 1e-9)
     tflops = window["flops"] / seconds / run.world_size / 1e12
     mfu = tflops / run.device_peak_tflops if run.device_peak_tflops else None
-    # Megatron-LM's log line: the per-token mean over the iterations since the last line.
-    losses = {"lm loss": window["loss sum"] / max(window["tokens"], 1.0)}
+    losses = {"lm loss": _window_loss(window)}
     losses.update(_mtp_and_moe_losses(run))
     line = format_iteration_line(
         iteration=state.iteration, train_iters=run.train_iters,
