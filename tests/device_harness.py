@@ -37,17 +37,24 @@ class HostTensor(torch.Tensor):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", repr(func))
         with torch._C.DisableTorchFunctionSubclass():
-            if func in (torch.Tensor.to, torch.Tensor.cuda):
+            if func is torch.Tensor.cuda or (func is torch.Tensor.to and _names_device(
+                    args[1:], kwargs)):
                 # The host-to-device copy. On CPU ``.to("cpu")`` returns the same storage;
                 # the copy makes the result device memory, as on a GPU.
                 moved = func(*args, **kwargs)
                 return moved.clone() if moved.data_ptr() == args[0].data_ptr() else moved
-            if name in _HOST_READS:
+            if name in _HOST_READS or func is torch.Tensor.to:  # .to(dtype): stays on the host
                 result = func(*args, **kwargs)
                 return result.as_subclass(HostTensor) if torch.is_tensor(result) else result
         raise Misplaced(
             f"torch.{name} on a host (not yet moved) batch tensor: the model inputs must be "
             "moved to the compute device first (platform.device.to_device in forward_step)")
+
+
+def _names_device(args: tuple, kwargs: dict) -> bool:
+    values = [*args, kwargs.get("device")]
+    return any(isinstance(v, (torch.device, str, int)) and not isinstance(v, bool)
+               for v in values if v is not None)
 
 
 # Reading on the host and copying: what the data pipeline and the host-side bookkeeping (FLOPs
