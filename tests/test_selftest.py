@@ -145,3 +145,22 @@ def test_cpu_run_passes_its_checks_and_names_every_skipped_gpu_check(tmp_path):
     }, proc.stdout
     assert "no CUDA device" in proc.stdout and "CPU fp32: 2 steps" in proc.stdout
     assert "4 passed, 0 failed, 6 skipped" in proc.stdout
+
+
+def test_layer_timing_and_mfu_verdict_on_a_small_cpu_layer():
+    """The layer-throughput check's code, run on CPU with the local spec at a small width."""
+    import dataclasses
+
+    with checks.single_process_group():
+        small = dataclasses.replace(checks.layer_preset(), hidden_size=128, ffn_hidden_size=256,
+                                    num_attention_heads=4)
+        seconds = checks.time_layer(small, 64, "local", iterations=1, warmup=1)
+    assert seconds > 0
+    flops = checks.layer_training_flops(small, 64)
+    # The verdict follows the MFU: 50% of the peak passes, 5% fails; an unknown peak passes
+    # and says so.
+    achieved = flops / seconds / 1e12
+    assert checks.layer_result(small, 64, seconds, achieved / 0.5).status == PASS
+    failing = checks.layer_result(small, 64, seconds, achieved / 0.05)
+    assert failing.status == FAIL and "below 20%" in failing.detail
+    assert "MFU unknown" in checks.layer_result(small, 64, seconds, None).detail

@@ -494,7 +494,7 @@ def layer_preset():
 
     from megatron_trillion.models.presets import get_preset
 
-    return dataclasses.replace(get_preset("trillion-7b"), num_layers=1, mtp_num_layers=None)
+    return dataclasses.replace(get_preset("trillion-7b"), num_layers=1, mtp_num_layers=0)
 
 
 def layer_training_flops(preset, seq: int) -> float:
@@ -508,40 +508,45 @@ def layer_training_flops(preset, seq: int) -> float:
     return 3.0 * (2 * weights * seq + attention)
 
 
-def check_layer_throughput(context: Context) -> Result:
+def time_layer(preset, seq: int, transformer_impl: str, iterations: int = 10,
+               warmup: int = 3) -> float:
+    """Seconds per forward + backward of one BF16 decoder layer of ``preset`` over ``seq``
+    tokens on the compute device (the selftest runs it with TE on GPU; tests run it small on
+    CPU with the local spec)."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_trillion.models.config import build_transformer_config
     from megatron_trillion.models.specs import get_layer_specs
-    from megatron_trillion.platform.device import compute_device, device_peak_tflops
+    from megatron_trillion.platform.device import compute_device
 
-    preset = layer_preset()
     config = build_transformer_config(preset, None, bf16=True)
-    spec = get_layer_specs(config, transformer_impl="transformer_engine",
+    spec = get_layer_specs(config, transformer_impl=transformer_impl,
                            attention_masking="none")[0]
     device = compute_device()
     layer = build_module(spec, config=config, layer_number=1).to(device)
-    hidden = torch.randn(LAYER_SEQ, 1, preset.hidden_size, device=device, dtype=torch.bfloat16,
+    hidden = torch.randn(seq, 1, preset.hidden_size, device=device, dtype=torch.bfloat16,
                          requires_grad=True)
     grad = torch.randn_like(hidden)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> None:
         output, _ = layer(hidden, attention_mask=None)
         output.backward(grad)
 
-    for _ in range(3):
+    for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    iterations = 10
+    synchronize()
     started = time.perf_counter()
     for _ in range(iterations):
         step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / iterations
-    tflops = layer_training_flops(preset, LAYER_SEQ) / seconds / 1e12
-    peak = context.device_peak_tflops or device_peak_tflops(context.device_name)
-    detail = (f"hidden {preset.hidden_size}, FFN {preset.ffn_hidden_size}, S {LAYER_SEQ}, BF16:"
-              f" {1000 * seconds:.1f} ms fwd+bwd, {tflops:.0f} TFLOP/s")
+    synchronize()
+    return (time.perf_counter() - started) / iterations
+
+
+def layer_result(preset, seq: int, seconds: float, peak: Optional[float]) -> Result:
+    tflops = layer_training_flops(preset, seq) / seconds / 1e12
+    detail = (f"hidden {preset.hidden_size}, FFN {preset.ffn_hidden_size}, S {seq}, BF16: "
+              f"{1000 * seconds:.1f} ms fwd+bwd, {tflops:.0f} TFLOP/s")
     if peak is None:
         return Result(PASS, detail + "; MFU unknown for this device (--device-peak-tflops)")
     mfu = tflops / peak
@@ -549,6 +554,15 @@ def check_layer_throughput(context: Context) -> Result:
     if mfu < MIN_LAYER_MFU:
         return Result(FAIL, detail + f" - below {MIN_LAYER_MFU:.0%}")
     return Result(PASS, detail)
+
+
+def check_layer_throughput(context: Context) -> Result:
+    from megatron_trillion.platform.device import device_peak_tflops
+
+    preset = layer_preset()
+    seconds = time_layer(preset, LAYER_SEQ, "transformer_engine")
+    peak = context.device_peak_tflops or device_peak_tflops(context.device_name)
+    return layer_result(preset, LAYER_SEQ, seconds, peak)
 
 
 # --------------------------------------------------------------------------------------------
