@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "tqdm",
         "numba>=0.60",  # the sample-index builder's compiled loop (data/sample_index.py)
+        "jinja2>=3.1",  # chat templates (--sft), rendered as transformers renders them
         "tensorboard",
     ],
     extras_require={
@@ -37,6 +38,7 @@ setup(
             "megatron-trillion-plan=megatron_trillion.tools_entry:plan",
             "megatron-trillion-build-data-index=megatron_trillion.tools_entry:build_data_index",
             "megatron-trillion-selftest=megatron_trillion.selftest:main",
+            "megatron-trillion-merge=megatron_trillion.tools_entry:merge_checkpoints",
         ]
     },
 )

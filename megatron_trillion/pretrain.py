@@ -282,6 +282,29 @@ def effective_masking(config: PretrainConfig, languages) -> str:
     return masking
 
 
+def build_chat_format(config: PretrainConfig, tokenizer, log=print):
+    """--sft: the chat template (--chat-template, the tokenizer's own, or the default) bound to
+    the tokenizer; None without --sft."""
+    if not config.data.sft:
+        return None
+    from megatron_trillion.data.chat_template import ChatFormat, resolve_chat_template
+
+    template, origin = resolve_chat_template(config.data.chat_template,
+                                             config.data.tokenizer_model)
+    log(f" SFT chat template: {origin}")
+    return ChatFormat(template, tokenizer)
+
+
+def build_sft_dataset(config: PretrainConfig, chat, sources, shape: RunShape, workdir: str,
+                      num_samples: int, log=print):
+    from megatron_trillion.data.sft import build_sft_dataset as build
+
+    return build(sources, chat, shape.seq_length, num_samples, seed=config.training.seed,
+                 overlong=config.data.sft_overlong_conversations,
+                 cache_dir=config.data.data_cache_path or os.path.join(workdir, "sft-cache"),
+                 log=log)
+
+
 def build_dataset(config: PretrainConfig, sources, shape: RunShape, eod: int, workdir: str,
                   **changes):
     """The XLDA-packed dataset over ``sources``; ``changes`` override the flags' values."""
@@ -293,7 +316,8 @@ def build_dataset(config: PretrainConfig, sources, shape: RunShape, eod: int, wo
 
 
 def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: int,
-                       workdir: str, dp_rank: int) -> dict:
+                       workdir: str, dp_rank: int, chat=None,
+                       log=lambda line: None) -> dict:
     """Micro-batches of held-out data per language (this rank's share)."""
     from megatron_trillion.training.data import StepBatches
 
@@ -309,9 +333,12 @@ def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: in
         # One language per dataset: no cross-lingual blocks to form, so XLDA falls back to its
         # per-document blocks.
         masking = config.data.attention_masking
-        dataset = build_dataset(config, entries, shape, eod, workdir, num_samples=samples,
-                                rho=0.0, anchor_language=language,
-                                masking="document" if masking == "xlda" else masking)
+        if chat is not None:
+            dataset = build_sft_dataset(config, chat, entries, shape, workdir, samples, log)
+        else:
+            dataset = build_dataset(config, entries, shape, eod, workdir, num_samples=samples,
+                                    rho=0.0, anchor_language=language,
+                                    masking="document" if masking == "xlda" else masking)
         batches[language] = StepBatches(dataset, micro, dp_rank, dp).for_step(0, samples)
     return batches
 
@@ -421,10 +448,11 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     # Where generated files (mock data, sample-index caches) go when no path is given.
     workdir = data_workdir(config)
     eod = tokenizer.eod if tokenizer is not None else 0
+    chat = build_chat_format(config, tokenizer, say)
     splits = data_sources(config, vocab, workdir)
     sources = splits.train
     languages = splits.languages()
-    if config.data.attention_masking == "xlda" and len(languages) < 2:
+    if chat is None and config.data.attention_masking == "xlda" and len(languages) < 2:
         say(f" data has one language ({languages[0]}): cross-lingual packing has nothing to "
             "mix, so training uses document blocks (as --attention-masking document)")
     state = TrainState()
@@ -445,14 +473,26 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
                 use_checkpoint=config.schedule.use_checkpoint_opt_param_scheduler)
             anneal = scheduler.anneal  # the checkpoint's, with --use-checkpoint-opt_param-...
             guard.load_state_dict(common["numerics"])
-    dataset = _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common, say)
-    report_sample_index(dataset, say)
+    if common is not None:  # resuming: the data position must be of the same kind of run
+        resumed = common.get("data", {}).get("kind", "pretraining")
+        current = "sft" if chat is not None else "pretraining"
+        if resumed != current:
+            raise UserError(f"--load {config.checkpoint.load} holds a {resumed} run's "
+                            f"checkpoint and this is a {current} run: add --finetune to start "
+                            "from its weights")
+    if chat is not None:  # the position is the consumed-samples count alone
+        dataset = build_sft_dataset(config, chat, sources, shape, workdir, shape.train_samples,
+                                    say)
+    else:
+        dataset = _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common,
+                               say)
+        report_sample_index(dataset, say)
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
                           shape.data_parallel_size, prefetch=config.data.num_workers > 0)
     valid_sources = splits.valid or splits.test or []
-    eval_batches = build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank) \
-        if valid_sources else {}
+    eval_batches = build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank,
+                                      chat, say) if valid_sources else {}
     if scheduler.mtp_loss_scaling is not None and preset.mtp_num_layers:
         set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
 
@@ -473,7 +513,9 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
                            "scheduler": scheduler.state_dict(), "numerics": guard.state_dict(),
                            "data": run.train_batches.dataset.state_dict(
                                train_state.consumed_samples),
-                           "model": model_signature(preset), "config": run_config})
+                           "model": model_signature(preset), "config": run_config,
+                           # --sft: export and generation use the template training used
+                           **({"chat_template": chat.template} if chat is not None else {})})
 
     def at_step_boundary() -> bool:
         """Publish finished background saves; True when a signal asks to save and exit."""

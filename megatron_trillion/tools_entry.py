@@ -42,3 +42,8 @@ def convert_checkpoint() -> None:
 def build_data_index() -> None:
     """megatron-trillion-build-data-index: see tools/build_data_index.py."""
     sys.exit(_tool_main("build_data_index")())
+
+
+def merge_checkpoints() -> None:
+    """megatron-trillion-merge: see tools/merge_checkpoints.py."""
+    sys.exit(_tool_main("merge_checkpoints")())

@@ -40,7 +40,7 @@ PINNED = [
     "--num-workers", "--no-create-attention-mask-in-dataloader", "--tokenizer-type",
     "--tokenizer-model", "--tiktoken-pattern", "--vocab-file", "--merge-file", "--vocab-size",
     "--attention-masking", "--xlda-mixing-prob", "--anchor-language", "--lang-alpha",
-    "--lang-beta", "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput",
+    "--lang-beta", "--sft", "--chat-template", "--sft-overlong-conversations", "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput",
     "--logging-level", "--tensorboard-dir", "--wandb-project", "--wandb-exp-name",
     "--no-progress-bar", "--device-peak-tflops", "--profile", "--use-pytorch-profiler",
     "--profile-step-start", "--profile-step-end", "--profile-ranks", "--record-memory-history",

@@ -1,6 +1,7 @@
 """Generate text greedily from a megatron-trillion checkpoint (one process, any saved layout).
 
     python tools/generate.py --load checkpoints/ --prompt "The river" --max-new-tokens 20
+    python tools/generate.py --load sft_checkpoints/ --chat --prompt "Repeat after me: Hi."
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text (repeat for several prompts)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--chat", action="store_true",
+                        help="send each prompt as a user turn through the model's chat template "
+                        "(the one its --sft run trained with) and stop at the end of the turn")
     args = parser.parse_args(argv)
 
     from megatron_trillion.pretrain import quiet_known_warnings
 
     quiet_known_warnings()
-    from megatron_trillion.inference.generate import greedy_generate, load_for_inference
+    from megatron_trillion.inference.generate import (
+        chat_format,
+        greedy_generate,
+        load_for_inference,
+    )
     from megatron_trillion.platform.distributed import (
         destroy_distributed,
         initialize_single_process,
@@ -33,13 +41,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     initialize_single_process()
     try:
-        model, tokenizer, _ = load_for_inference(args.load)
+        model, tokenizer, run_config = load_for_inference(args.load)
         if tokenizer is None:
             print("error: the checkpoint's run used no tokenizer (--mock-data)", file=sys.stderr)
             return 2
+        chat = chat_format(tokenizer, run_config) if args.chat else None
         for prompt in args.prompt:
-            new = greedy_generate(model, tokenizer.encode(prompt), args.max_new_tokens,
-                                  eod=tokenizer.eod)
+            if chat is not None:
+                stop = chat.end_of_turn_ids()
+                new = greedy_generate(model, chat.prompt_ids([{"role": "user",
+                                                               "content": prompt}]),
+                                      args.max_new_tokens, stop=stop)
+                new = [t for t in new if t not in stop]
+            else:
+                new = greedy_generate(model, tokenizer.encode(prompt), args.max_new_tokens,
+                                      eod=tokenizer.eod)
             print(f"{prompt!r} -> {tokenizer.decode(new)!r}")
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

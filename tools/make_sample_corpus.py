@@ -1,6 +1,8 @@
 """Write the built-in English/Korean/Japanese sample corpus as JSONL (no download).
 
     python tools/make_sample_corpus.py --output corpus/train.jsonl --docs-per-lang 600 --seed 1
+    python tools/make_sample_corpus.py --output sft/chat_en.jsonl --conversations 300 \\
+        --languages en                      # chat JSONL for pretrain --sft
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from megatron_trillion.data.sample_corpus import write_sample_corpus  # noqa: E402
+from megatron_trillion.data.sample_corpus import (  # noqa: E402
+    CONVERSATION_KINDS,
+    LANGUAGES,
+    write_sample_conversations,
+    write_sample_corpus,
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -21,11 +28,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", required=True, help="JSONL path (.jsonl or .jsonl.gz)")
     parser.add_argument("--docs-per-lang", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--conversations", type=int, default=None,
+                        help="write this many chat conversations ({\"messages\": [...]} per "
+                        "line, for --sft) instead of documents")
+    parser.add_argument("--kind", choices=CONVERSATION_KINDS, default="repeat",
+                        help="repeat: the assistant repeats a sentence; ok: random-word "
+                        "prompts always answered \"OK\"")
+    parser.add_argument("--languages", nargs="+", default=list(LANGUAGES), choices=LANGUAGES)
     args = parser.parse_args(argv)
+    if args.conversations is not None:
+        if args.conversations < 1:
+            print("error: --conversations must be >= 1", file=sys.stderr)
+            return 2
+        path = write_sample_conversations(args.output, args.conversations, args.seed,
+                                          tuple(args.languages), args.kind)
+        print(f"wrote {path}")
+        return 0
     if args.docs_per_lang < 1:
         print("error: --docs-per-lang must be >= 1", file=sys.stderr)
         return 2
-    path = write_sample_corpus(args.output, docs_per_lang=args.docs_per_lang, seed=args.seed)
+    path = write_sample_corpus(args.output, docs_per_lang=args.docs_per_lang, seed=args.seed,
+                               languages=tuple(args.languages))
     print(f"wrote {path}")
     return 0
 

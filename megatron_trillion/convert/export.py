@@ -27,6 +27,7 @@ from megatron_trillion.convert.hf_files import (
     generation_config,
     write_json,
 )
+from megatron_trillion.data.chat_template import write_chat_template
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -147,14 +148,30 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
     hf.update({"bos_token_id": bos, "eos_token_id": eos, "dtype": _DTYPE_NAMES[dtype],
                "torch_dtype": _DTYPE_NAMES[dtype]})
     write_json(os.path.join(config.save, "config.json"), hf)
-    write_json(os.path.join(config.save, "generation_config.json"), generation_config(bos, eos))
+    chat = _chat_format(reader.common.get("chat_template"), tokenizer)
+    # A chat model stops at its end-of-turn token(s) as well as at EOS.
+    stop = chat.end_of_turn_ids() if chat is not None else eos
+    write_json(os.path.join(config.save, "generation_config.json"), generation_config(bos, stop))
     result.tokenizer_files = copy_tokenizer_files(tok, config.save) if tokenizer else []
+    if chat is not None:
+        # The template training rendered with (--sft), so apply_chat_template gives its ids.
+        write_chat_template(config.save, chat.template, tokenizer)
+        if "tokenizer_config.json" not in result.tokenizer_files:
+            result.tokenizer_files.append("tokenizer_config.json")
     if tokenizer is None:
         log(" note: the run used no tokenizer (mock data); pass --tokenizer-model to ship one")
     log(f" exported iteration {reader.iteration} of {reader.preset.name} as "
         f"{arch.ARCHITECTURE}: {result.num_tensors} tensors, {result.total_bytes / 1e6:.1f} MB "
         f"({config.dtype}) in {len(result.files)} shard(s) to {config.save}")
     return result
+
+
+def _chat_format(template: Optional[str], tokenizer):
+    from megatron_trillion.data.chat_template import ChatFormat
+
+    if not template or tokenizer is None or not hasattr(tokenizer, "backend"):
+        return None
+    return ChatFormat(template, tokenizer)
 
 
 def _progress_bar(total: int, description: str):

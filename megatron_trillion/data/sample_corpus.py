@@ -221,3 +221,60 @@ def write_sample_corpus(
         for doc in iter_sample_documents(docs_per_lang, seed, languages, max_paragraphs):
             out.write(doc.to_json() + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# chat conversations for supervised fine-tuning (``pretrain --sft``)
+
+_REPEAT_REQUEST = {"en": "Repeat after me: ", "ko": "따라 말해 보세요: ", "ja": "繰り返してください: "}
+_SYSTEM_PROMPT = {"en": "You are a helpful assistant.", "ko": "당신은 친절한 도우미입니다.",
+                  "ja": "あなたは親切なアシスタントです。"}
+# Words for prompts whose content is pure noise (kind "ok").
+RANDOM_PROMPT_WORDS = tuple(_EN_NOUNS + _EN_VERBS_PAST + _EN_ADJ)
+CONVERSATION_KINDS = ("repeat", "ok")
+
+
+def iter_sample_conversations(num: int = 300, seed: int = 1234,
+                              languages: tuple[str, ...] = LANGUAGES,
+                              kind: str = "repeat") -> Iterator[dict]:
+    """Chat records ``{"messages": [...], "lang": ...}``, deterministically.
+
+    ``kind="repeat"``: one or two user turns asking to repeat a generated sentence, each
+    answered with that sentence (a third of them with a system prompt), cycling through
+    ``languages``. ``kind="ok"``: English prompts of 6-12 words drawn uniformly from
+    :data:`RANDOM_PROMPT_WORDS`, always answered "OK" - the prompt carries
+    ``log(len(RANDOM_PROMPT_WORDS))`` nats per word no model can predict, the answer none.
+    """
+    if kind not in CONVERSATION_KINDS:
+        raise ValueError(f"kind must be one of {CONVERSATION_KINDS}, got {kind!r}")
+    unknown = [lang for lang in languages if lang not in _SENTENCE_MAKERS]
+    if unknown:
+        raise ValueError(f"sample conversations have no material for languages {unknown}")
+    rng = random.Random(f"{seed}-chat-{kind}")
+    for index in range(num):
+        if kind == "ok":
+            words = [rng.choice(RANDOM_PROMPT_WORDS) for _ in range(rng.randint(6, 12))]
+            yield {"messages": [{"role": "user", "content": " ".join(words)},
+                                {"role": "assistant", "content": "OK"}], "lang": "en"}
+            continue
+        lang = languages[index % len(languages)]
+        messages = []
+        if rng.random() < 1 / 3:
+            messages.append({"role": "system", "content": _SYSTEM_PROMPT[lang]})
+        for _ in range(rng.randint(1, 2)):
+            sentence = _SENTENCE_MAKERS[lang](rng)
+            messages.append({"role": "user", "content": _REPEAT_REQUEST[lang] + sentence})
+            messages.append({"role": "assistant", "content": sentence})
+        yield {"messages": messages, "lang": lang}
+
+
+def write_sample_conversations(path: str | Path, num: int = 300, seed: int = 1234,
+                               languages: tuple[str, ...] = LANGUAGES,
+                               kind: str = "repeat") -> Path:
+    """Writes :func:`iter_sample_conversations` as chat JSONL; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for record in iter_sample_conversations(num, seed, languages, kind):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

@@ -7,13 +7,14 @@ from the run configuration stored beside it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 
 def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, log=print):
-    """(model, tokenizer, run_config) from ``--save`` directory ``checkpoint_root``.
+    """(model, tokenizer, run_config) from ``--save`` directory ``checkpoint_root``;
+    ``run_config["sft_chat_template"]`` is the chat template of an ``--sft`` run.
 
     Must run in an initialised process group (one rank:
     ``megatron_trillion.platform.distributed.initialize_single_process()``); the model is
@@ -27,7 +28,9 @@ def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, lo
     from megatron_trillion.training.checkpointing import load_model
 
     model, common = load_model(checkpoint_root, iteration, log=lambda line: None)
-    run_config = common.get("config", {})
+    run_config = dict(common.get("config", {}))
+    if common.get("chat_template"):  # the template an --sft run trained with
+        run_config["sft_chat_template"] = common["chat_template"]
     tokenizer = None
     if run_config.get("tokenizer_model") or run_config.get("vocab_file"):
         tokenizer_flags = TokenizerConfig(
@@ -41,10 +44,21 @@ def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, lo
     return model, tokenizer, run_config
 
 
+def chat_format(tokenizer, run_config: dict):
+    """The chat template to talk to the model with: the one its SFT run trained with, else
+    the tokenizer's own, else the default (``data.chat_template``)."""
+    from megatron_trillion.data.chat_template import ChatFormat, resolve_chat_template
+
+    template = run_config.get("sft_chat_template")
+    if not template:
+        template, _ = resolve_chat_template(None, run_config.get("tokenizer_model"))
+    return ChatFormat(template, tokenizer)
+
+
 @torch.no_grad()
 def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
-                    eod: Optional[int] = None) -> list[int]:
-    """Append up to ``max_new_tokens`` argmax tokens (stops at ``eod``)."""
+                    eod: Optional[int] = None, stop: Sequence[int] = ()) -> list[int]:
+    """Append up to ``max_new_tokens`` argmax tokens (stops at ``eod`` or any of ``stop``)."""
     if not token_ids:
         raise ValueError("the prompt encodes to no tokens")
     from megatron_trillion.platform.device import compute_device
@@ -57,6 +71,6 @@ def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
         logits = model(ids, positions, None)
         next_id = int(logits[0, -1].argmax())
         tokens.append(next_id)
-        if eod is not None and next_id == eod:
+        if next_id == eod or next_id in stop:
             break
     return tokens[len(token_ids):]

@@ -322,6 +322,14 @@ class DataArgs:
     lang_alpha: Optional[float] = flag(None, "alpha of eq. 2 (smoothing towards natural sizes)")
     lang_beta: Optional[list] = flag(None, "beta of eq. 2 as LANG=VALUE ... (sums to 1)",
                                      nargs="+")
+    sft: bool = flag(False, "supervised fine-tuning: --data-path/--valid-data-path are chat JSONL "
+                     "files ({\"messages\": [...]} per line), loss on assistant turns only")
+    chat_template: Optional[str] = flag(
+        None, "Jinja chat template file for --sft (default: the tokenizer's chat_template, "
+        "else a built-in plain-text template)")
+    sft_overlong_conversations: str = flag(
+        "truncate", "--sft conversations longer than --seq-length: truncate (counted in the "
+        "log) or error", choices=["truncate", "error"])
 
 
 @dataclass(frozen=True)

@@ -114,12 +114,25 @@ class DataSplits:
         return sorted({entry[2] for entry in self.train or []})
 
 
+def _path_parser(data):
+    """--sft reads chat JSONL files (whole: --split divides indexed datasets by documents)."""
+    if not getattr(data, "sft", False):
+        return parse_data_path
+    if data.split:
+        raise UserError("--split divides indexed datasets; with --sft give the held-out "
+                        "conversations as --valid-data-path FILE.jsonl")
+    from megatron_trillion.data.sft import parse_sft_data_path
+
+    return parse_sft_data_path
+
+
 def resolve_data_splits(data) -> DataSplits:
     """The datasets of ``DataArgs`` (not --mock-data) by Megatron-LM's rules: ``--data-path``
     (or ``--data-args-path``) is split per dataset by ``--split`` (all for training when not
     given); ``--train/--valid/--test-data-path`` are used whole. Raises UserError."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    parse_data_path = _path_parser(data)
     if data.data_path and data.data_args_path:
         raise UserError("give --data-path or --data-args-path, not both")
     blend = read_data_args_file(data.data_args_path) if data.data_args_path else data.data_path
@@ -284,7 +297,8 @@ def check_data_files(config, tokenizer_fingerprint: Optional[dict], vocab_size: 
                               ("--valid-data-path", data.valid_data_path),
                               ("--test-data-path", data.test_data_path),
                               ("--anneal-data-path", config.anneal.anneal_data_path)):
-        if tokens and not config.data.mock_data:
+        # --sft reads chat JSONL, validated line by line when its dataset is built
+        if tokens and not config.data.mock_data and not config.data.sft:
             prefixes += [(flag_name, entry[1]) for entry in parse_data_path(tokens, flag_name)]
     if not prefixes:
         return

@@ -6,6 +6,7 @@ fixes a configuration in one round instead of one crash per conflict on a 256-GP
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -211,7 +212,7 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
         errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
                       "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
 
-    errors += _blend_errors(config, splits)
+    errors += _sft_errors(config) if data.sft else _blend_errors(config, splits)
     errors += kernel_errors(config, transformer_engine_available)
     errors += _interval_errors(config)
 
@@ -229,6 +230,9 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                              ("--finetune", ckpt.finetune)):
         if value and not ckpt.load:
             errors.append(f"{flag_name} needs --load")
+    if not data.sft and (data.chat_template
+                         or data.sft_overlong_conversations != "truncate"):
+        errors.append("--chat-template / --sft-overlong-conversations need --sft")
     if config.eval.eval_interval and config.eval.eval_iters and not data.mock_data and \
             splits is not None and not (splits.valid or splits.test):
         errors.append("--eval-interval needs held-out data: --valid-data-path, or a validation "
@@ -461,6 +465,27 @@ def platform_notes(config: PretrainConfig, preset: ModelPreset, te_available: bo
     if config.data.tiktoken_pattern is not None:
         notes.append("--tiktoken-pattern has no effect: no tokenizer here is a TikTokenizer")
     return notes
+
+
+def _sft_errors(config: PretrainConfig) -> list[str]:
+    """--sft: chat JSONL data through a tokenizer with character offsets, document masking."""
+    data = config.data
+    errors: list[str] = []
+    if data.mock_data:
+        errors.append("--sft trains on chat JSONL (--data-path); --mock-data has no conversations")
+    if data.tokenizer_type not in ("HuggingFaceTokenizer", "GPT2BPETokenizer"):
+        errors.append(f"--sft needs --tokenizer-type HuggingFaceTokenizer or GPT2BPETokenizer "
+                      f"(chat templates are rendered to text and tokenized with character "
+                      f"offsets), got {data.tokenizer_type}")
+    if data.attention_masking == "none":
+        errors.append("--sft packs conversations as separate attention blocks; "
+                      "--attention-masking none would let them attend to each other")
+    if config.anneal.anneal_data_path:
+        errors.append("--anneal-data-path is a pretraining mixture switch; it does not apply "
+                      "to --sft")
+    if data.chat_template and not os.path.isfile(data.chat_template):
+        errors.append(f"--chat-template {data.chat_template}: no such file")
+    return errors
 
 
 def _interval_errors(config: PretrainConfig) -> list[str]:
