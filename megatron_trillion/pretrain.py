@@ -254,7 +254,8 @@ def report_sample_index(dataset, say) -> None:
 
 
 def data_sources(config: PretrainConfig, vocab_size: int, workdir: str):
-    """The train / valid / test sources (``training.data.DataSplits``)."""
+    """The train / valid / test sources (``training.data.DataSplits``). ``vocab_size``: the
+    tokenizer's (unpadded) size, so mock data is the same at any TP."""
     from megatron_trillion.training.data import (
         DataSplits,
         resolve_data_splits,
@@ -449,7 +450,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     workdir = data_workdir(config)
     eod = tokenizer.eod if tokenizer is not None else 0
     chat = build_chat_format(config, tokenizer, say)
-    splits = data_sources(config, vocab, workdir)
+    splits = data_sources(config, base_vocab, workdir)
     sources = splits.train
     languages = splits.languages()
     if chat is None and config.data.attention_masking == "xlda" and len(languages) < 2:

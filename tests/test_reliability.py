@@ -337,6 +337,38 @@ def test_hang_watchdog_dumps_every_rank_and_exits_nonzero(tmp_path, capfd):
     assert "--hang-timeout-seconds 6" in err
 
 
+def test_hang_watchdog_writes_each_rank_dump_in_one_write(tmp_path, monkeypatch):
+    import threading
+
+    from megatron_trillion.training import watchdog as watchdog_module
+
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(watchdog_module.os, "write",
+                        lambda fd, data: writes.append(data) or real_write(fd, data))
+    exited = threading.Event()
+    codes = []
+    release = threading.Event()
+
+    def parked_in_a_named_function():
+        release.wait(30)
+
+    parked = threading.Thread(target=parked_in_a_named_function, daemon=True)
+    parked.start()
+    with open(tmp_path / "stderr", "w") as stream:
+        dog = watchdog_module.HangWatchdog(0.2, rank=3, stream=stream,
+                                           exit_fn=lambda code: (codes.append(code), exited.set()))
+        dog.start(5)
+        assert exited.wait(30)
+        dog.stop()
+    release.set()
+    text = (tmp_path / "stderr").read_text()
+    assert codes == [watchdog_module.HANG_EXIT_CODE]
+    assert len(writes) == 1 and writes[0].decode() == text  # header and stacks: one write
+    assert text.startswith("hang watchdog: rank 3 made no progress in iteration 5")
+    assert "[rank 3]" in text and "in parked_in_a_named_function" in text
+
+
 # --------------------------------------------------------------------------------------------
 # single-process checks
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -118,6 +119,28 @@ def test_global_batch_is_the_same_set_of_samples_for_any_dp_size():
 
 # --------------------------------------------------------------------------------------------
 # FLOPs and logs
+
+
+def test_mock_data_cache_is_keyed_by_vocabulary_and_written_whole(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_trillion.training.data import write_mock_datasets
+
+    large = write_mock_datasets(str(tmp_path), vocab_size=8000, seed=3)
+    small = write_mock_datasets(str(tmp_path), vocab_size=300, seed=3)
+    other_seed = write_mock_datasets(str(tmp_path), vocab_size=300, seed=4)
+    assert len({entry[1] for entry in large + small + other_seed}) == 9  # no shared files
+    for entries, vocab in ((large, 8000), (small, 300)):
+        assert [lang for _, _, lang in entries] == ["en", "ko", "ja"]
+        datasets = [IndexedDataset(prefix) for _, prefix, _ in entries]  # keep the mmaps open
+        top = max(int(np.max(dataset[i])) for dataset in datasets for i in range(50))
+        assert top < vocab
+    assert top > 150  # the small vocabulary is used, not only its bottom
+    # Second call reuses the files; nothing staged is left behind.
+    before = os.path.getmtime(small[0][1] + ".bin")
+    assert write_mock_datasets(str(tmp_path), vocab_size=300, seed=3) == small
+    assert os.path.getmtime(small[0][1] + ".bin") == before
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 
 def test_attention_flops_follow_allowed_pairs():

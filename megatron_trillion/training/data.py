@@ -188,33 +188,64 @@ def parse_lang_beta(items: Optional[Sequence[str]]) -> Optional[dict]:
     return beta
 
 
-def write_mock_datasets(directory: str, vocab_size: int, seed: int,
+MOCK_FORMAT_VERSION = 1
+"""Bump when the generator below changes: old caches are then left alone, not reused."""
+
+
+def write_mock_datasets(root: str, vocab_size: int, seed: int,
                         languages: Sequence[str] = ("en", "ko", "ja"),
                         docs_per_language: int = 400) -> list[tuple]:
     """Random-token documents per language (``--mock-data``): distinct token ranges per
-    language and a repeating structure so a model can learn something."""
+    language and a repeating structure so a model can learn something.
+
+    The files go to a subdirectory of ``root`` named by everything that shapes them (vocabulary
+    size, seed, languages, documents per language, generator version), so runs with another
+    vocabulary never read each other's tokens. The subdirectory is written under a temporary
+    name and renamed into place whole: a reader sees all files or none, and concurrent writers
+    (or a killed one) cannot leave a half-written set behind. Safe to call on every rank; the
+    caller lets one rank write first to avoid duplicate work.
+    """
+    import shutil
+    import tempfile
+
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    dtype = np.int32 if vocab_size > 65500 else np.uint16
-    entries = []
-    span = max(2, (vocab_size - 1) // len(languages))
-    for n, lang in enumerate(languages):
-        prefix = os.path.join(directory, f"mock_{lang}_text_document")
-        if not os.path.exists(prefix + ".idx"):
-            builder = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=dtype)
+    if vocab_size < 2:
+        raise ValueError(f"--mock-data needs a vocabulary of at least 2 tokens, got {vocab_size}")
+    languages = list(languages)
+    key = (f"v{MOCK_FORMAT_VERSION}-vocab{vocab_size}-seed{seed}-docs{docs_per_language}-"
+           + "-".join(languages))
+    directory = os.path.join(root, key)
+    prefixes = [os.path.join(directory, f"mock_{lang}_text_document") for lang in languages]
+    entries = [(None, prefix, lang) for prefix, lang in zip(prefixes, languages)]
+    if os.path.isdir(directory):
+        return entries
+
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    try:
+        rng = np.random.default_rng(seed)
+        dtype = np.int32 if vocab_size > 65500 else np.uint16
+        span = max(1, (vocab_size - 1) // len(languages))
+        for n, lang in enumerate(languages):
+            prefix = os.path.join(staging, f"mock_{lang}_text_document")
+            builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+            low = 1 + (n * span) % (vocab_size - 1)
             for _ in range(docs_per_language):
                 length = int(rng.integers(8, 200))
                 period = int(rng.integers(2, 6))
-                base = rng.integers(1 + n * span, 1 + (n + 1) * span, size=period)
+                base = rng.integers(low, min(low + span, vocab_size), size=period)
                 doc = np.resize(base, length).astype(np.int64)
                 doc[-1] = 0  # EOD
                 builder.add_document(doc, [length])
-            builder.finalize(prefix + ".idx.tmp")
-            os.replace(prefix + ".bin.tmp", prefix + ".bin")
-            os.replace(prefix + ".idx.tmp", prefix + ".idx")
-        entries.append((None, prefix, lang))
+            builder.finalize(prefix + ".idx")
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            if not os.path.isdir(directory):  # not a concurrent writer that won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return entries
 
 

@@ -24,11 +24,11 @@ non-zero exit code and tears the job down.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import sys
 import threading
 import time
+import traceback
 from typing import Callable, Optional, TextIO
 
 HANG_EXIT_CODE = 124
@@ -92,16 +92,46 @@ class HangWatchdog:
                 return
 
     def _abort(self, iteration: int, idle: float) -> None:
-        stream = self._stream or sys.stderr
-        stream.write(
+        report = (
             f"hang watchdog: rank {self.rank} made no progress in iteration {iteration} for "
             f"{idle:.0f} s (--hang-timeout-seconds {self.timeout_seconds:g}); Python stacks of "
-            f"all threads of rank {self.rank} follow, then exit code {HANG_EXIT_CODE}\n")
-        stream.flush()
-        faulthandler.dump_traceback(file=stream, all_threads=True)
-        stream.flush()
+            f"all threads of rank {self.rank} follow, then exit code {HANG_EXIT_CODE}\n"
+            + thread_stacks(self.rank))
+        write_whole(self._stream or sys.stderr, report)
         # Linger before exiting: the peers blocked in a collective with this rank reach their
         # own timeout meanwhile and dump where they wait, instead of failing first with a
         # "connection closed" error that hides it.
         self._stopped.wait(min(self.timeout_seconds / 2, 60.0))
         self._exit(HANG_EXIT_CODE)
+
+
+def thread_stacks(rank: int) -> str:
+    """Every thread's Python stack, innermost call last, each line tagged with the rank."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        parts.append(f"[rank {rank}] thread {names.get(ident, '?')} ({ident}), most recent "
+                     "call last:\n")
+        parts.extend(f"[rank {rank}] {line}\n" for entry in traceback.format_stack(frame)
+                     for line in entry.rstrip("\n").split("\n"))
+    return "".join(parts)
+
+
+def write_whole(stream: TextIO, text: str) -> None:
+    """Write ``text`` with as few system calls as the OS allows.
+
+    Every rank of a job usually shares one stderr (a pipe or a log file); a line-buffered
+    text stream would issue one write per line, and two ranks dumping at the same moment
+    would interleave line by line. One ``os.write`` on a shared file is placed whole.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. io.StringIO
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()
+    data = text.encode("utf-8", "replace")
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
