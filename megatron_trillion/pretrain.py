@@ -187,7 +187,7 @@ def build_optimizer(config: PretrainConfig, model_chunks: list):
         clip_grad=config.training.clip_grad, bf16=config.training.bf16,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
         overlap_param_gather=config.parallel.overlap_param_gather,
-        muon_momentum=opt.muon_momentum,
+        muon_momentum=opt.muon_momentum, muon_fp32_matmul_prec=opt.muon_fp32_matmul_prec,
         decoupled_lr=opt.decoupled_lr, decoupled_min_lr=opt.decoupled_min_lr,
     )
     if opt.optimizer == "muon":

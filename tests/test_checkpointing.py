@@ -87,6 +87,29 @@ def test_exact_resume_moe_ep2_dp2_distributed_optimizer(tmp_path):
     _assert_exact_resume(full, resumed)
 
 
+# The Trinity-Large recipe's optimizer flags (examples/trinity_large/pretrain.sbatch) on the
+# tiny MoE preset; fp32 Newton-Schulz so that DP1 and DP2 take the same update.
+TRINITY_MUON = ["--optimizer", "muon", "--muon-lr", "8e-3", "--muon-momentum", "0.95",
+                "--weight-decay", "0.1", "--anneal-weight-decay", "0.033", "--adam-beta1", "0.9",
+                "--adam-beta2", "0.95", "--clip-grad", "1.0", "--lr-decay-style", "wsd",
+                "--use-distributed-optimizer", "--overlap-grad-reduce",
+                "--attention-masking", "xlda", "--xlda-mixing-prob", "0.5",
+                "--anchor-language", "en", "--muon-fp32-matmul-prec", "high"]
+
+
+@pytest.mark.slow
+def test_muon_distributed_optimizer_resumes_exactly_and_at_another_dp_size(tmp_path):
+    ckpt, full, resumed = _train_and_resume("tiny-trinity", tmp_path, 2, TRINITY_MUON)
+    _assert_exact_resume(full, resumed)
+    # The layer-wise optimizer state saved by two DP ranks (each owning half the parameters)
+    # loads into one rank that owns them all.
+    (single,) = run_distributed(train_losses, 1, timeout=900,
+                                argv=_argv("tiny-trinity", str(tmp_path / "cache"), "--load",
+                                           ckpt, "--ckpt-step", str(SAVE_AT), *TRINITY_MUON))
+    assert any("loaded checkpoint" in line for line in single["log"])
+    np.testing.assert_allclose(single["losses"], full[0]["losses"][SAVE_AT:], rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # resharding
 

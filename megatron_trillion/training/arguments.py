@@ -234,6 +234,9 @@ class OptimizerArgs:
     adam_beta2: float = flag(0.95, "AdamW beta2")
     adam_eps: float = flag(1e-8, "AdamW epsilon")
     muon_momentum: float = flag(0.95, "Muon momentum")
+    muon_fp32_matmul_prec: str = flag(
+        "medium", "Newton-Schulz precision: medium (bf16 matmuls) or high/highest (fp32, the "
+        "same update at any parallel layout)", choices=["medium", "high", "highest"])
 
 
 @dataclass(frozen=True)

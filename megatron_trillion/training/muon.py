@@ -364,6 +364,48 @@ def _layer_wise_optimizer_class():
                                           params):
                         param.data.copy_(new)
 
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False,
+                               **kwargs):
+            """megatron-core's layer-wise sharded state dict, for fp32 and bf16 parts alike.
+
+            megatron-core's version reads ``sd["optimizer"]``, the key of a
+            ``Float16OptimizerWithFloat16Params`` state dict; an ``FP32Optimizer`` (no
+            ``--bf16``) returns torch's ``{"state", "param_groups"}`` itself, and saving died
+            with ``KeyError: 'optimizer'``. Same steps otherwise: every DP rank holds the state
+            of the whole parameters it owns, so it is the main replica of exactly those keys;
+            param-group hyper-parameters come from a rank that owns some of the group. The
+            per-parameter keys are model-space keys (``optimizer.state.exp_avg.<param>``), so
+            another DP size (another ownership) loads them as they are.
+            """
+            from megatron.core.dist_checkpointing.dict_utils import nested_values
+            from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+            from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+            sharded = ChainedOptimizer.sharded_state_dict(self, model_sharded_state_dict,
+                                                          is_loading, **kwargs)
+            for sh_base in nested_values(sharded):
+                if hasattr(sh_base, "replica_id"):
+                    sh_base.replica_id = (0 if isinstance(sh_base.replica_id, int)
+                                          else (*sh_base.replica_id[:2], 0))
+            parts = [sharded] if len(self.chained_optimizers) == 1 else sharded.values()
+            for part in parts:
+                if "fp32_from_fp16_params" in part:
+                    part["fp32_from_fp16_params"] = {
+                        i: group if group else LocalNonpersistentObject(group)
+                        for i, group in enumerate(part["fp32_from_fp16_params"])}
+                torch_state = part["optimizer"] if "optimizer" in part else part
+                if not torch_state["state"]:
+                    torch_state["state"] = LocalNonpersistentObject(torch_state["state"])
+                for i, group in enumerate(torch_state["param_groups"]):
+                    local_params = group.pop("params")
+                    group["params"] = bool(local_params.unwrap())
+                    every_rank = [None] * torch.distributed.get_world_size()
+                    torch.distributed.all_gather_object(every_rank, group)
+                    chosen = next((g for g in every_rank if g["params"]), group)
+                    chosen["params"] = local_params
+                    torch_state["param_groups"][i] = chosen
+            return sharded
+
     return EvenLayerWiseDistributedOptimizer
 
 
