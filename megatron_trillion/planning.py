@@ -195,7 +195,7 @@ def layer_wise_shards(tensors: list, ranks: int, state_bytes) -> list:
 
 
 def padded_vocab(p: ModelPreset, config: PretrainConfig, tensor: int) -> int:
-    from megatron_trillion.pretrain import padded_vocab_size
+    from megatron_trillion.models.vocab import padded_vocab_size
 
     return padded_vocab_size(p.vocab_size, config.model.make_vocab_size_divisible_by, tensor)
 

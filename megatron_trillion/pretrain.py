@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_trillion.errors import UserError
+from megatron_trillion.models.vocab import padded_vocab_size
 from megatron_trillion.platform.device import compute_device
 from megatron_trillion.training.arguments import PretrainConfig, parse_args, to_flat_dict
 from megatron_trillion.training.validation import (
@@ -40,12 +41,6 @@ def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = Non
     from megatron_trillion.training.model_flags import resolve_model
 
     return resolve_model(config.model, vocab_size, check=check)
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    # max(1, ...): invalid flags are reported by validate(), which runs after this.
-    multiple = max(1, divisible_by) * max(1, tensor_parallel)
-    return -(-vocab_size // multiple) * multiple
 
 
 def tokenizer_config(config: PretrainConfig):
@@ -148,7 +143,8 @@ def build_model_chunks(config: PretrainConfig, preset, transformer_config, shape
         build_model(preset, config=transformer_config,
                     vp_stage=(stage if stages > 1 else None),
                     transformer_impl=config.model.transformer_impl,
-                    attention_masking=config.data.attention_masking)
+                    attention_masking=config.data.attention_masking,
+                    make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by)
         for stage in range(stages)
     ]
     initialize_weights(chunks, seed=config.training.seed)
@@ -413,8 +409,9 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     base_vocab = (tokenizer.vocab_size if tokenizer is not None
                   else config.data.vocab_size
                   or resolve_model_preset(config, check=False).vocab_size)
+    # The model pads the vocabulary for TP itself and masks the padding out (models.vocab).
     vocab = padded_vocab_size(base_vocab, config.model.make_vocab_size_divisible_by, tp)
-    preset = resolve_model_preset(config, vocab, check=False)  # validate() checks it
+    preset = resolve_model_preset(config, base_vocab, check=False)  # validate() checks it
     shape = validate(config, preset, world_size_from_env(), te_available())
     fingerprint = (tokenizer_fingerprint(tokenizer_config(config), tokenizer)
                    if tokenizer is not None else None)

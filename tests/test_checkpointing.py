@@ -19,6 +19,7 @@ import pytest
 from multiprocess import free_port, run_distributed
 
 STEPS, SAVE_AT = 4, 2
+VOCAB = 8000  # not a multiple of 128 x TP
 TOKENS = [[5, 17, 300, 41, 2048, 7, 7, 1000, 3, 99, 512, 4000, 12, 64, 8, 1]]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,10 @@ def dense_tp2_pp2(tmp_path_factory):
                               "--pipeline-model-parallel-size", "2",
                               "--use-distributed-optimizer",
                               # dropout: the resumed run must also continue the RNG streams
-                              "--hidden-dropout", "0.1"])
+                              "--hidden-dropout", "0.1",
+                              # padded to 8,192 rows at TP2/TP4 and 8,064 at TP1: the
+                              # checkpoint must move between the two paddings
+                              "--vocab-size", str(VOCAB)])
 
 
 @pytest.mark.slow
@@ -146,11 +150,14 @@ def resharded_logits(dense_tp2_pp2):
 @pytest.mark.slow
 def test_reshard_tp2_pp2_to_tp4_and_to_tp1_dp4(resharded_logits):
     reference = resharded_logits[0][1]
-    assert reference.shape == (1, len(TOKENS[0]), 4096)
-    assert np.isfinite(reference).all() and reference.std() > 0
+    assert reference.shape == (1, len(TOKENS[0]), 8064)  # TP1 pads 8,000 to 8,064
+    real = reference[..., :VOCAB]
+    assert np.isfinite(real).all() and real.std() > 0
+    assert (reference[..., VOCAB:] == -np.inf).all()  # padded ids can never be produced
     for rank in resharded_logits:
         np.testing.assert_array_equal(rank[1], reference)  # every DP replica the same
-        np.testing.assert_allclose(rank[4], reference, rtol=0, atol=1e-5)
+        assert rank[4].shape[-1] == 8192 and (rank[4][..., VOCAB:] == -np.inf).all()
+        np.testing.assert_allclose(rank[4][..., :VOCAB], real, rtol=0, atol=1e-5)
 
 
 def single_process_checks(root: str, corrupt_root: str) -> dict:

@@ -27,6 +27,9 @@ LAYOUT = {"tiny-tri-7b": [], "tiny-tri-21b": [],
           "tiny-trinity": ["--expert-model-parallel-size", "2",
                            "--expert-tensor-parallel-size", "1"]}
 SEQ = 32
+# Tokenizer sizes that are not a multiple of 128 x TP: trained at TP2 (8,192 rows), exported with
+# the tokenizer's 8,000, imported at TP1 (8,064 rows), fine-tuned at TP2 again.
+VOCAB = {"tiny-tri-7b": 8000, "tiny-tri-21b": 4096, "tiny-trinity": 8000}
 
 
 def _argv(preset: str, workdir: str, *extra: str) -> list[str]:
@@ -34,7 +37,8 @@ def _argv(preset: str, workdir: str, *extra: str) -> list[str]:
             "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
             "--lr", "2e-2", "--min-lr", "2e-3", "--lr-warmup-iters", "1",
             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-            "--sequence-parallel", "--seed", "3", "--no-progress-bar", *LAYOUT[preset], *extra]
+            "--sequence-parallel", "--seed", "3", "--vocab-size", str(VOCAB[preset]),
+            "--no-progress-bar", *LAYOUT[preset], *extra]
 
 
 def _pretrain(argv: list[str]) -> list[float]:
@@ -87,14 +91,16 @@ def _logits_parity(ckpt: str, hf_dir: str) -> dict:
     tokens = torch.randint(0, hf.config.vocab_size, (2, 24),
                            generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model(tokens, torch.arange(24).unsqueeze(0).expand(2, 24), None)
+        padded = model(tokens, torch.arange(24).unsqueeze(0).expand(2, 24), None)
         theirs = hf(input_ids=tokens).logits
+    ours = padded[..., : hf.config.vocab_size]
     # transformers' own on-disk format, for the import test
     hf.save_pretrained(hf_dir + "_saved_by_transformers")
     norms = [p for n, p in model.named_parameters() if "norm" in n]
     return {"diff": (ours - theirs).abs().max().item(), "scale": ours.abs().max().item(),
             "norm_spread": max((p - 1).abs().max().item() for p in norms),
-            "hf_class": type(hf).__name__}
+            "hf_class": type(hf).__name__, "hf_vocab": hf.config.vocab_size,
+            "padding_masked": bool((padded[..., hf.config.vocab_size:] == float("-inf")).all())}
 
 
 def _tensors(hf_dir: str) -> dict:
@@ -341,6 +347,8 @@ def test_transformers_logits_match_ours(results, preset, hf_class):
     print(f"{preset}: max |logits ours - transformers {r['hf_class']}| = {r['diff']:.2e} "
           f"(logit scale {r['scale']:.2f}; trained norms deviate from 1 by {r['norm_spread']:.3f})")
     assert r["hf_class"] == hf_class
+    # the tokenizer's size, not the 8,192 rows TP2 trained with; our padded ids are -inf
+    assert r["hf_vocab"] == VOCAB[preset] and r["padding_masked"]
     # The norms moved away from 1 in training, so a swapped norm mapping would show.
     assert r["norm_spread"] > 1e-2
     assert r["diff"] <= 1e-5 * max(1.0, r["scale"])

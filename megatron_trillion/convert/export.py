@@ -21,6 +21,7 @@ from megatron_trillion.data.tokenizers import (
     build_tokenizer,
     tokenizer_drift_warning,
 )
+from megatron_trillion.models.vocab import is_vocab_parallel_key
 from megatron_trillion.convert.hf_files import (
     ShardedSafetensorsWriter,
     copy_tokenizer_files,
@@ -118,16 +119,22 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
                 "vocab_size (rows of embedding.word_embeddings.weight)",
                 "export with the tokenizer the model was trained with (--tokenizer-model)")
     rows = reader.shape("embedding.word_embeddings.weight")[0]
-    if rows != preset.vocab_size:
+    if rows < preset.vocab_size:
         raise ValueError(f"embedding.word_embeddings.weight has {rows} rows but the "
                          f"checkpoint's model signature says vocab_size {preset.vocab_size}")
+
+    def get(key: str) -> torch.Tensor:
+        # The rows padded for TP are not tokens: HF configs (and vLLM, transformers) must see
+        # the tokenizer's own vocabulary size, so they are dropped.
+        tensor = reader.get(key)
+        return tensor[: preset.vocab_size].clone() if is_vocab_parallel_key(key) else tensor
 
     if os.path.exists(config.save) and os.listdir(config.save):
         raise ValueError(f"--save {config.save} exists and is not empty; choose a new directory")
     os.makedirs(config.save, exist_ok=True)
     writer = ShardedSafetensorsWriter(config.save, config.max_shard_bytes)
     result = ExportResult(architecture=arch.ARCHITECTURE, iteration=reader.iteration)
-    steps = arch.export_steps(preset, reader.get)
+    steps = arch.export_steps(preset, get)
     bar = _progress_bar(len(steps), f"export {arch.ARCHITECTURE}") if progress else None
     for label, produce in steps:
         if bar is not None:

@@ -7,9 +7,9 @@ slice out of them at load time (the same resharding that lets a TP2xPP2 run resu
 only layout-bound parts of a checkpoint are the optimizer state and the per-rank RNG states, and
 an import has neither to carry (``--finetune`` skips both). What the requested layout does
 decide is checked here, before anything is written: that it divides the model (heads, query
-groups, layers, experts) and that the vocabulary needs no padding at that TP size (pretrain pads
-the tokenizer's vocabulary to a multiple of ``make_vocab_size_divisible_by x TP`` and refuses a
-checkpoint of another size). ``tests/test_convert.py`` loads an import into a TP2 x PP2 run.
+groups, layers, experts). The vocabulary is config.json's ``vocab_size`` (the tokenizer's); the
+model pads it for TP with inert zero rows (``models.vocab``), and a run at any TP size loads
+them. ``tests/test_convert.py`` loads an import into a TP2 x PP2 run.
 
 Memory: the model is built once in this process (the size of the model in fp32); the HF tensors
 are read one at a time.
@@ -27,6 +27,7 @@ import torch
 from megatron_trillion.convert.architectures import architecture_for
 from megatron_trillion.convert.export import check_vocab
 from megatron_trillion.convert.hf_files import HFCheckpointReader
+from megatron_trillion.models.vocab import is_vocab_parallel_key
 
 # config.json keys that are not architecture (or are compared separately)
 _NOT_COMPARED = {"architectures", "use_cache", "initializer_range", "rope_theta",
@@ -107,12 +108,9 @@ def check_layout(config: ImportConfig, preset) -> None:
                   config.expert_model_parallel_size)
     errors = validate_parallel_sizes(ParallelSizes(tensor=tp, pipeline=pp, expert=ep),
                                      tp * pp * ep, **preset.layout_dims())
-    multiple = config.make_vocab_size_divisible_by * tp
-    if preset.vocab_size % multiple:
-        errors.append(f"vocab_size {preset.vocab_size} (config.json) is not a multiple of "
-                      f"--make-vocab-size-divisible-by ({config.make_vocab_size_divisible_by}) "
-                      f"x --tensor-model-parallel-size ({tp}); pretrain would pad it to "
-                      f"{-(-preset.vocab_size // multiple) * multiple} and refuse the checkpoint")
+    if config.make_vocab_size_divisible_by < 1:
+        errors.append(f"--make-vocab-size-divisible-by must be >= 1, got "
+                      f"{config.make_vocab_size_divisible_by}")
     if errors:
         raise ValueError("the requested layout does not fit the model:\n  - "
                          + "\n  - ".join(errors))
@@ -141,7 +139,8 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
         raise ValueError(f"{config.load}: model.embed_tokens.weight has {rows} rows but "
                          f"config.json vocab_size is {preset.vocab_size}")
 
-    model = build_model(preset, pre_process=True, post_process=True, attention_masking="none")
+    model = build_model(preset, pre_process=True, post_process=True, attention_masking="none",
+                        make_vocab_size_divisible_by=config.make_vocab_size_divisible_by)
     initialize_weights([model], seed=config.seed)
     state = model.state_dict()
     wanted = {name for name in state if not name.startswith("mtp.")
@@ -159,6 +158,8 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
             if target is None:
                 raise ValueError(f"internal: the {arch.MODEL_TYPE} mapping produced {name!r}, "
                                  f"which the {preset.name!r} model does not have")
+            if is_vocab_parallel_key(name):
+                target = target[: preset.vocab_size]  # the rest is padding (zeros)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(f"{config.load}: the tensor for {name} has shape "
                                  f"{tuple(tensor.shape)}, the {preset.name!r} model expects "

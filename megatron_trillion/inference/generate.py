@@ -59,6 +59,8 @@ def chat_format(tokenizer, run_config: dict):
 def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
                     eod: Optional[int] = None, stop: Sequence[int] = ()) -> list[int]:
     """Append up to ``max_new_tokens`` argmax tokens (stops at ``eod`` or any of ``stop``)."""
+    from megatron_trillion.models.vocab import unpadded_vocab_size
+
     if not token_ids:
         raise ValueError("the prompt encodes to no tokens")
     from megatron_trillion.platform.device import compute_device
@@ -69,7 +71,8 @@ def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         positions = torch.arange(len(tokens), device=device).unsqueeze(0)
         logits = model(ids, positions, None)
-        next_id = int(logits[0, -1].argmax())
+        # Only the tokenizer's ids: the rows padded for TP are not tokens.
+        next_id = int(logits[0, -1, :unpadded_vocab_size(model)].argmax())
         tokens.append(next_id)
         if next_id == eod or next_id in stop:
             break

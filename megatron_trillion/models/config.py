@@ -171,9 +171,14 @@ def build_model(
     vp_stage: Optional[int] = None,
     transformer_impl: str = "auto",
     attention_masking: str = "none",
+    make_vocab_size_divisible_by: int = 128,
     **config_kwargs: Any,
 ):
     """A megatron-core ``GPTModel`` for this pipeline stage (``vp_stage`` for interleaving).
+
+    ``preset.vocab_size`` is the tokenizer's size; the model pads it for the current TP size
+    (Megatron-LM's ``make_vocab_size_divisible_by x TP``) and masks the padded ids out of the
+    logits (``models.vocab``), so the padding never changes what the model computes.
 
     ``config`` defaults to ``build_transformer_config(preset, overrides, **config_kwargs)``.
     ``attention_masking`` ("xlda" | "document" | "none") selects whether the CPU core attention
@@ -184,6 +189,8 @@ def build_model(
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_trillion.models.vocab import mask_padded_logits, padded_vocab_size
 
     p = resolve_preset(preset, overrides)
     if config is None:
@@ -208,7 +215,8 @@ def build_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_spec,
-        vocab_size=p.vocab_size,
+        vocab_size=padded_vocab_size(p.vocab_size, make_vocab_size_divisible_by,
+                                     parallel_state.get_tensor_model_parallel_world_size()),
         max_sequence_length=p.seq_length,
         pre_process=pre_process,
         post_process=post_process,
@@ -218,6 +226,7 @@ def build_model(
         mtp_block_spec=mtp_spec,
         vp_stage=vp_stage,
     )
+    mask_padded_logits(model, p.vocab_size)
     return model
 
 

@@ -21,6 +21,8 @@ Distributions (megatron-core's defaults): weights ~ N(0, init_method_std); the o
 projections of residual branches (``linear_proj``, ``linear_fc2``, incl. experts) ~
 N(0, init_method_std / sqrt(2 * num_layers)); norm weights = 1; biases and the MoE expert bias =
 0. Unknown 1-D tensors raise, so a new module type cannot silently get a wrong initialisation.
+Vocabulary rows (embedding, output layer) are drawn as if the tensor had exactly the tokenizer's
+rows, so the padding for the TP size (``models.vocab``) changes no real row; padded rows are 0.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import math
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from megatron_trillion.models.vocab import is_vocab_parallel_key, unpadded_vocab_size
 
 _BLOCK_ELEMENTS = 1 << 20  # elements per generator block (rows x row length)
 
@@ -118,6 +122,7 @@ def initialize_weights(model_chunks, seed: int, *, init_method_std: Optional[flo
     layers = config.num_layers if num_layers is None else num_layers
     out_std = std / math.sqrt(2.0 * layers)
     written = 0
+    vocab_size = unpadded_vocab_size(module)
     for shard in _iter_shards(model_chunks):
         data = shard.data
         n_pre = shard.prepend_axis_num
@@ -137,11 +142,18 @@ def initialize_weights(model_chunks, seed: int, *, init_method_std: Optional[flo
         def seed_fn(block: int, _key=shard.key, _prefix=prefix) -> int:
             return _seed_for(seed, _key, _prefix, block)
 
-        rows = _draw_rows(gshape, offsets[0], offsets[0] + local[0],
+        row_stop = offsets[0] + local[0]
+        if is_vocab_parallel_key(shard.key):
+            gshape = (vocab_size,) + gshape[1:]
+            row_stop = min(row_stop, vocab_size)
+            data.zero_()  # padded rows
+        written += data.numel()
+        if row_stop <= offsets[0]:
+            continue
+        rows = _draw_rows(gshape, offsets[0], row_stop,
                           out_std if kind == "normal_out" else std, seed_fn)
         index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], local[1:]))
-        data.copy_(rows[index].to(data.dtype))
-        written += data.numel()
+        data[: rows.size(0)].copy_(rows[index].to(data.dtype))
     return written
 
 

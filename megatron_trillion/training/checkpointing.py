@@ -13,7 +13,10 @@ optimizer (distributed-optimizer shards included), the scheduler, the training s
 (iteration, consumed samples, skipped steps), the data pipeline's mixture state, the NaN
 guard, per-rank RNG states and the full run configuration. Loading reshards: megatron-core maps
 every tensor by its global key and offsets, whatever layout saved it (the optimizer is saved
-"fully_reshardable"); RNG states are restored only at the layout that saved them.
+"fully_reshardable"); RNG states are restored only at the layout that saved them. The model
+signature holds the tokenizer's vocabulary size; the rows padded for TP are zero and loaded
+with megatron-core's ``allow_shape_mismatch`` (see ``models.vocab``), so TP sizes that pad
+differently load each other's checkpoints.
 
 Async save (``--async-save``): megatron-core's torch_dist strategy writes the shards from a
 forked background process (``AsyncCallsQueue``) while training continues; the publish step
@@ -403,13 +406,10 @@ def check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:
     mismatched = [f"{name}: checkpoint {saved.get(name)!r}, this run {current.get(name)!r}"
                   for name in MODEL_FIELDS if saved.get(name) != current.get(name)]
     if mismatched:
-        hint = ""
-        if any(m.startswith("vocab_size") for m in mismatched):
-            hint = (" (the padded vocabulary depends on --tensor-model-parallel-size and "
-                    "--make-vocab-size-divisible-by: choose them so the padding matches)")
+        # vocab_size is the tokenizer's (unpadded) size: the TP padding never mismatches.
         raise CheckpointError(
             f"checkpoint {path} was saved for a different model ({saved.get('name')!r} vs "
-            f"{current.get('name')!r}); mismatched: " + "; ".join(mismatched) + hint)
+            f"{current.get('name')!r}); mismatched: " + "; ".join(mismatched))
 
 
 def resolve_checkpoint(root: str, iteration: Optional[int] = None,
@@ -548,7 +548,9 @@ def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], 
     signature = dict(common["model"], mtp_num_layers=0)
     preset = dataclasses.replace(preset_from_signature(signature), mtp_num_layers=0)
     config = build_transformer_config(preset, None, hidden_dropout=0.0, attention_dropout=0.0)
-    model = build_model(preset, config=config, attention_masking="none").to(compute_device())
+    divisible_by = common.get("config", {}).get("make_vocab_size_divisible_by") or 128
+    model = build_model(preset, config=config, attention_masking="none",
+                        make_vocab_size_divisible_by=divisible_by).to(compute_device())
     load_checkpoint_dir(path, [model], None, signature, load_optimizer=False, load_rng=False,
                         log=log, without_mtp=True)
     model.eval()

@@ -34,7 +34,7 @@ def megatron_default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
 
 def resolve_model(model: ModelArgs, vocab_size: Optional[int] = None,
                   check: bool = True) -> ModelPreset:
-    """The model the flags describe (``vocab_size``: the padded vocabulary, if known).
+    """The model the flags describe (``vocab_size``: the tokenizer's, if known).
 
     ``check=False`` leaves consistency checks to :func:`model_flag_errors` (reported with
     every other configuration problem by ``validate``)."""

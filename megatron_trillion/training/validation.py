@@ -320,9 +320,6 @@ def _model_errors(config: PretrainConfig, preset: ModelPreset) -> list[str]:
                       f"{model.make_vocab_size_divisible_by}")
     if config.data.vocab_size is not None and config.data.vocab_size < 1:
         errors.append(f"--vocab-size must be >= 1, got {config.data.vocab_size}")
-    if tp >= 1 and preset.vocab_size % tp:
-        errors.append(f"the padded vocabulary ({preset.vocab_size}) is not divisible by "
-                      f"--tensor-model-parallel-size ({tp}); set --make-vocab-size-divisible-by")
 
     # sequence length vs RoPE / positions
     seq_length = model.seq_length or preset.seq_length
