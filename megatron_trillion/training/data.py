@@ -211,7 +211,7 @@ def write_mock_datasets(root: str, vocab_size: int, seed: int,
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     if vocab_size < 2:
-        raise ValueError(f"--mock-data needs a vocabulary of at least 2 tokens, got {vocab_size}")
+        raise UserError(f"--mock-data needs a vocabulary of at least 2 tokens, got {vocab_size}")
     languages = list(languages)
     key = (f"v{MOCK_FORMAT_VERSION}-vocab{vocab_size}-seed{seed}-docs{docs_per_language}-"
            + "-".join(languages))
