@@ -49,9 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base_vocab = (tokenizer.vocab_size if tokenizer is not None
                       else config.data.vocab_size
                       or pretrain.resolve_model_preset(config, check=False).vocab_size)
-        vocab = pretrain.padded_vocab_size(base_vocab, config.model.make_vocab_size_divisible_by,
-                                           config.parallel.tensor_model_parallel_size)
-        preset = pretrain.resolve_model_preset(config, vocab, check=False)
+        # The tokenizer's size, as pretrain uses it (the model pads it for TP on its own).
+        preset = pretrain.resolve_model_preset(config, base_vocab, check=False)
         par = config.parallel
         world = own_args.world_size or (par.tensor_model_parallel_size
                                         * par.pipeline_model_parallel_size
@@ -64,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_data_files(config, fingerprint, base_vocab, print)
         workdir = pretrain.data_workdir(config)
         eod = tokenizer.eod if tokenizer is not None else 0
-        splits = pretrain.data_sources(config, vocab, workdir)
+        splits = pretrain.data_sources(config, base_vocab, workdir)
         sources = splits.train
         switch = pretrain.anneal_data_switch_sample(config, shape)
         anneal_sources = (parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
