@@ -616,7 +616,7 @@ def dataset_kwargs(config, sources, shape, eod, workdir) -> dict:
     masking = effective_masking(config, languages)
     single = len(languages) < 2
     return dict(sources=sources, seq_length=shape.seq_length, num_samples=shape.train_samples,
-                masking=masking,
+                masking=masking, xlda_block_scope=data.xlda_block_scope,
                 # One language: nothing to mix, so no cross-lingual sequences to ask for.
                 rho=0.0 if single else data.xlda_mixing_prob,
                 anchor_language=languages[0] if single else data.anchor_language,

@@ -118,17 +118,22 @@ def test_sliding_window_matches_dense_mask():
 
 
 def test_no_leakage_gradient_is_zero_exactly_outside_own_block_and_future():
-    cu = [0, 4, 9, 13]
+    _assert_no_leakage([0, 4, 9, 13])
+
+
+def _assert_no_leakage(cu):
     attn = _attention(_config(heads=2, groups=1))
-    q, k, v = _qkv(cu[-1], 2, 1, 8, seed=2)
+    total = cu[-1]
+    q, k, v = _qkv(total, 2, 1, 8, seed=2)
     out = attn(q, k, v, None, packed_seq_params=_packed(cu))
-    block = [next(b for b in range(len(cu) - 1) if cu[b] <= i < cu[b + 1]) for i in range(13)]
-    for i in range(13):
+    block = [next(b for b in range(len(cu) - 1) if cu[b] <= i < cu[b + 1])
+             for i in range(total)]
+    for i in range(total):
         probe = torch.randn(out.shape[1], generator=torch.Generator().manual_seed(i))
         gq, gk, gv = torch.autograd.grad(out[i] @ probe, (q, k, v), retain_graph=True)
         # A query that sees a single key has softmax weight 1 on it: d/dk is then 0 legitimately.
         sees_several = i > cu[block[i]]
-        for j in range(13):
+        for j in range(total):
             allowed = block[j] == block[i] and j <= i
             for name, g in (("k", gk), ("v", gv)):
                 norm = g[j].abs().sum().item()
@@ -140,6 +145,38 @@ def test_no_leakage_gradient_is_zero_exactly_outside_own_block_and_future():
                 assert gq[j].abs().sum().item() == 0.0, f"leak: d out[{i}] / d q[{j}]"
             elif sees_several:
                 assert gq[j].abs().sum().item() > 0
+
+
+def scope_cu(scope):
+    """Block boundaries of a micro-batch of two packed samples under an XLDA block scope: a
+    cross-lingual [EN1 5][KO1 7][EN2 5][KO2 4] and a monolingual one of three documents."""
+    from megatron_trillion.data.attention_blocks import MONOLINGUAL, block_cu_seqlens
+
+    cross = block_cu_seqlens([0, 5, 12, 17, 21], [0, 5, 12, 17], [0, 0, 1, 1], "xlda", scope)
+    mono = block_cu_seqlens([0, 3, 8, 12], [0], [MONOLINGUAL], "xlda", scope)
+    return [int(c) for c in cross] + [int(c) + int(cross[-1]) for c in mono[1:]]
+
+
+def test_block_scopes_give_the_documented_blocks():
+    assert scope_cu("pair") == [0, 12, 21, 24, 29, 33]      # (EN1 KO1) (EN2 KO2) | 3 docs
+    assert scope_cu("sequence") == [0, 21, 24, 29, 33]      # (EN1 KO1 EN2 KO2) | 3 docs
+
+
+@pytest.mark.parametrize("scope", ["pair", "sequence"])
+def test_block_scopes_match_dense_mask_and_leak_nothing(scope):
+    cu = scope_cu(scope)
+    attn = _attention(_config())
+    q, k, v = _qkv(cu[-1], 4, 2, 8, seed=6)
+    out = attn(q, k, v, None, packed_seq_params=_packed(cu))
+    ref = dense_reference(q, k, v, cu, 1 / math.sqrt(8))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # The probe checks both directions: EN2 (tokens 12..16) sees KO1 (5..11) exactly when
+    # the scope puts them in one block.
+    _assert_no_leakage(cu)
 
 
 def test_sbhd_path_is_causal_attention_and_bottom_right_for_decoding():
@@ -273,8 +310,9 @@ def _tp2_attention_matches_unsharded(cu):
 # Integration: a tiny megatron-core GPTModel from the local spec with XLDACoreAttention plugged in.
 
 
-def _tiny_gpt_leakage_probe():
-    """Called inside an initialised (TP1 or TP2) run."""
+def _tiny_gpt_leakage_probe(cu):
+    """Called inside an initialised (TP1 or TP2) run; block A is ``[0, cu[1])``, block B
+    ``[cu[1], cu[2])``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -292,7 +330,7 @@ def _tiny_gpt_leakage_probe():
                      position_embedding_type="rope")
     model.eval()
 
-    cu = [0, 7, 16, 20, 30]                # four attention blocks, B is [7, 16)
+    a, b = cu[1], cu[2]
     total = cu[-1]
     gen = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, vocab, (1, total), generator=gen)
@@ -306,11 +344,11 @@ def _tiny_gpt_leakage_probe():
 
     base = logits(tokens)
     perturbed = tokens.clone()
-    perturbed[0, 0:7] = (perturbed[0, 0:7] + 1 + torch.arange(7)) % vocab   # block A
+    perturbed[0, 0:a] = (perturbed[0, 0:a] + 1 + torch.arange(a)) % vocab   # block A
     after = logits(perturbed)
-    others = torch.cat([base[:, 7:], after[:, 7:]], dim=0)
+    others = torch.cat([base[:, a:], after[:, a:]], dim=0)
     assert torch.equal(others[0], others[1]), "perturbing block A changed another block's logits"
-    assert not torch.allclose(base[:, :7], after[:, :7]), "block A's own logits did not change"
+    assert not torch.allclose(base[:, :a], after[:, :a]), "block A's own logits did not change"
 
     # RoPE restarts at each block: block B alone, as an ordinary sequence (sbhd path of a
     # model without the masked-mode guard), gives the same logits as inside the pack.
@@ -323,8 +361,8 @@ def _tiny_gpt_leakage_probe():
     plain.eval()
     with torch.no_grad():
         alone = gather_from_tensor_model_parallel_region(
-            plain(tokens[:, 7:16], torch.arange(9).unsqueeze(0), None))
-    torch.testing.assert_close(alone, base[:, 7:16], rtol=1e-5, atol=1e-5)
+            plain(tokens[:, a:b], torch.arange(b - a).unsqueeze(0), None))
+    torch.testing.assert_close(alone, base[:, a:b], rtol=1e-5, atol=1e-5)
 
     # The masked-mode model refuses to run without the block boundaries.
     try:
@@ -339,13 +377,18 @@ def _tiny_gpt_leakage_probe():
 @pytest.mark.slow
 def test_tp2_attention_and_gpt_model_leakage_probe():
     """One 2-rank run (process start-up dominates): the sharded attention equals the unsharded
-    dense reference, and a TP2 GPTModel with XLDA attention leaks nothing across blocks."""
-    assert run_distributed(_tp2_checks, 2, cu=CU) == [0, 1]
+    dense reference, and a TP2 GPTModel with XLDA attention leaks nothing across blocks —
+    for generic blocks and for the blocks of both XLDA block scopes."""
+    cus = [CU, scope_cu("pair"), scope_cu("sequence")]
+    assert run_distributed(_tp2_checks, 2, cus=cus) == [0, 1]
 
 
-def _tp2_checks(cu):
+def _tp2_checks(cus):
     from megatron_trillion.platform.distributed import ParallelSizes, initialize_distributed
 
     initialize_distributed(ParallelSizes(tensor=2), seed=1234)
-    _tiny_gpt_leakage_probe()
-    return _tp2_attention_matches_unsharded(cu)
+    for cu in ([0, 7, 16, 20, 30], *cus[1:]):
+        _tiny_gpt_leakage_probe(cu)
+    ranks = {_tp2_attention_matches_unsharded(cu) for cu in cus}
+    assert len(ranks) == 1
+    return ranks.pop()

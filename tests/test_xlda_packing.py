@@ -114,15 +114,22 @@ def test_every_document_token_appears_in_order_and_labels_continue(corpus):
 
 def test_blocks_per_masking_mode(corpus):
     datasets = {m: _build(corpus, masking=m) for m in ("xlda", "document", "none")}
+    datasets["xlda-sequence"] = _build(corpus, masking="xlda", xlda_block_scope="sequence")
     language = [s.language for s in datasets["xlda"].mixture.sources]
     for i in range(0, SAMPLES, 5):
         samples = {m: d[i] for m, d in datasets.items()}
-        for m in ("document", "none"):   # the ablation changes only the blocks
+        for m in ("document", "none", "xlda-sequence"):   # the ablation changes only the blocks
             np.testing.assert_array_equal(samples[m]["tokens"], samples["xlda"]["tokens"])
             np.testing.assert_array_equal(samples[m]["labels"], samples["xlda"]["labels"])
         np.testing.assert_array_equal(samples["none"]["cu_seqlens_blocks"], [0, SEQ])
         np.testing.assert_array_equal(samples["document"]["cu_seqlens_blocks"],
                                       samples["document"]["cu_seqlens_documents"])
+        # Sequence scope: a cross-lingual sample is one block (every document sees all
+        # earlier ones); a monolingual sample keeps its per-document blocks.
+        np.testing.assert_array_equal(
+            samples["xlda-sequence"]["cu_seqlens_blocks"],
+            [0, SEQ] if datasets["xlda"].index.cross_lingual[i]
+            else samples["document"]["cu_seqlens_blocks"])
         xlda = samples["xlda"]
         docs = xlda["cu_seqlens_documents"]
         blocks = xlda["cu_seqlens_blocks"]
@@ -172,6 +179,9 @@ def _sample_digest(sample) -> str:
     return h.hexdigest()
 
 
+SCOPES = ("pair", "sequence")
+
+
 def _dp_rank_reads(sources, cache_dir, micro_batch_size):
     import torch
 
@@ -179,13 +189,16 @@ def _dp_rank_reads(sources, cache_dir, micro_batch_size):
 
     torch.distributed.init_process_group("gloo")
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    # Small chunks: both ranks build and read a chain of chunks concurrently.
-    dataset = build_xlda_dataset(sources, SEQ, 40, masking="xlda", rho=0.5,
-                                 anchor_language="en", alpha=ALPHA, beta=BETA, seed=7,
-                                 cache_dir=cache_dir, chunk_samples=7)
-    reads = []
-    for indices in PretrainingIndexSampler(len(dataset), 8, micro_batch_size, rank, size):
-        reads.extend((i, _sample_digest(dataset[i])) for i in indices)
+    reads = {}
+    for scope in SCOPES:   # both XLDA block scopes in one spawn
+        # Small chunks: both ranks build and read a chain of chunks concurrently.
+        dataset = build_xlda_dataset(sources, SEQ, 40, masking="xlda", rho=0.5,
+                                     anchor_language="en", alpha=ALPHA, beta=BETA, seed=7,
+                                     cache_dir=cache_dir, chunk_samples=7,
+                                     xlda_block_scope=scope)
+        reads[scope] = []
+        for indices in PretrainingIndexSampler(len(dataset), 8, micro_batch_size, rank, size):
+            reads[scope].extend((i, _sample_digest(dataset[i])) for i in indices)
     return reads
 
 
@@ -195,11 +208,14 @@ def test_dp2_ranks_read_the_dp1_sequence(corpus, tmp_path):
 
     ranks = run_distributed(_dp_rank_reads, 2, sources=corpus["sources"],
                             cache_dir=str(tmp_path / "dp2"), micro_batch_size=2)
-    single = _build(corpus, num_samples=40, cache_dir=str(tmp_path / "dp1"))
-    expected = [(i, _sample_digest(single[i]))
-                for batch in PretrainingIndexSampler(40, 8, 4, 0, 1) for i in batch]
-    assert sorted(ranks[0] + ranks[1]) == expected
-    assert {i for i, _ in ranks[0]}.isdisjoint({i for i, _ in ranks[1]})
+    for scope in SCOPES:
+        single = _build(corpus, num_samples=40, cache_dir=str(tmp_path / "dp1"),
+                        xlda_block_scope=scope)
+        expected = [(i, _sample_digest(single[i]))
+                    for batch in PretrainingIndexSampler(40, 8, 4, 0, 1) for i in batch]
+        assert sorted(ranks[0][scope] + ranks[1][scope]) == expected
+        assert {i for i, _ in ranks[0][scope]}.isdisjoint({i for i, _ in ranks[1][scope]})
+    assert ranks[0]["pair"] != ranks[0]["sequence"]   # the scopes differ in their blocks
 
 
 def test_resume_same_mixture_continues_exactly(corpus, tmp_path):
@@ -276,6 +292,8 @@ def test_bad_input_raises(corpus, tmp_path):
         _build(corpus, seq_length=1)
     with pytest.raises(ValueError, match="unknown masking mode"):
         _build(corpus, masking="dense")
+    with pytest.raises(ValueError, match="unknown XLDA block scope"):
+        _build(corpus, xlda_block_scope="block")
     with pytest.raises(ValueError, match="anchor language 'de' has no data source"):
         _build(corpus, anchor_language="de")
     with pytest.raises(ValueError, match="beta must sum to 1"):

@@ -6,6 +6,7 @@ Public interface (what the training loop calls)::
         sources=[(weight_or_None, path_prefix, language), ...],
         seq_length=4096, num_samples=total_train_samples,
         masking="xlda",            # "xlda" | "document" | "none" (the ablation switch)
+        xlda_block_scope="pair",   # "pair" | "sequence" (data/attention_blocks.py)
         rho=0.5, anchor_language="en", alpha=None, beta=None, seed=1234,
         cache_dir=None,            # --data-cache-path (default: next to the first source)
         start_state=None)          # a MixtureState dict: continue from it (anneal switch)
@@ -34,9 +35,10 @@ module reads those ranges and derives tokens, labels and attention blocks):
 
 Masking modes only change the block boundaries derived from a sample (the sample index and the
 tokens are identical, so ablations differ in one flag): "none" - the whole sample is one block;
-"document" - each document (piece of a document) is a block; "xlda" - each cross-lingual pair is
-a block, and documents of monolingual samples are blocks of their own. Position ids restart at
-each block, matching RoPE over the block cu_seqlens.
+"document" - each document (piece of a document) is a block; "xlda" - each cross-lingual pair
+(``xlda_block_scope="pair"``) or the whole cross-lingual sample (``"sequence"``) is a block, and
+documents of monolingual samples are blocks of their own (``attention_blocks.block_cu_seqlens``).
+Position ids restart at each block, matching RoPE over the block cu_seqlens.
 
 Determinism: the index depends only on the configuration (sources, their sizes and files,
 mixture, seq_length, rho, anchor, seed, phase start state), not on the data-parallel size or the
@@ -57,6 +59,11 @@ from typing import Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_trillion.data.attention_blocks import (
+    BLOCK_SCOPES,
+    MASKING_MODES,
+    block_cu_seqlens,
+)
 from megatron_trillion.data.mixture import (
     LanguageMixture,
     MixtureState,
@@ -74,7 +81,6 @@ __all__ = [
     "MASKING_MODES",
     "PackingConfig",
     "XLDAPackedDataset",
-    "attention_block_boundaries",
     "build_xlda_dataset",
     "resume_xlda_dataset",
     "PretrainingIndexSampler",
@@ -82,16 +88,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MASKING_MODES = ("xlda", "document", "none")
-_MONOLINGUAL = -1  # piece block id: every document of the piece is its own block (xlda mode)
-
 
 @dataclass(frozen=True)
 class PackingConfig:
-    """How samples are packed. Every field except ``masking``/loss options keys the cache."""
+    """How samples are packed. Every field except ``masking``, ``xlda_block_scope`` and the
+    loss options keys the cache (those only change what is derived from a cached sample)."""
 
     seq_length: int
     masking: str = "xlda"            # "xlda" | "document" | "none"
+    xlda_block_scope: str = "pair"   # "pair" | "sequence", see data/attention_blocks.py
     rho: float = 0.5                 # probability that a sample is cross-lingual
     anchor_language: str = "en"      # the language every cross-lingual sample contains
     seed: int = 1234
@@ -104,6 +109,9 @@ class PackingConfig:
         if self.masking not in MASKING_MODES:
             raise ValueError(f"unknown masking mode {self.masking!r}; "
                              f"expected one of {MASKING_MODES}")
+        if self.xlda_block_scope not in BLOCK_SCOPES:
+            raise ValueError(f"unknown XLDA block scope {self.xlda_block_scope!r}; "
+                             f"expected one of {BLOCK_SCOPES}")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"mixing probability rho must be in [0, 1], got {self.rho}")
         if self.mask_eod_loss and self.eod_token is None:
@@ -120,21 +128,6 @@ class PackingConfig:
             if not any(p > 0 for l, p in probs.items() if l != self.anchor_language):
                 raise ValueError("rho > 0 needs at least one non-anchor language with a "
                                  f"positive probability (languages: {dict(probs)})")
-
-
-# ---------------------------------------------------------------------------------------------
-# attention blocks
-
-
-def attention_block_boundaries(masking: str, seq_length: int, document_starts: list,
-                               pair_starts: list) -> np.ndarray:
-    """cu_seqlens of a sample's attention blocks: "none" - the whole sample; "document" - each
-    document (piece); "xlda" - each cross-lingual pair, and each document of a monolingual
-    piece (``pair_starts``: where each such block starts)."""
-    if masking == "none":
-        return np.asarray([0, seq_length], dtype=np.int32)
-    starts = document_starts if masking == "document" else pair_starts
-    return np.asarray(sorted(set(starts)) + [seq_length], dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +203,10 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
         tokens = np.empty(seq, dtype=np.int64)
         labels = np.empty(seq, dtype=np.int64)
         doc_bounds: list[int] = []
-        pair_bounds: list[int] = [0]
+        piece_starts: list[int] = []
+        piece_pairs: list[int] = []
         document_ids: list[tuple[int, int]] = []
         position = 0
-        previous_block = None
         for source, start, length, block in self.pieces(idx):
             # One token more: the label of the piece's last position.
             read, doc_starts, doc_ids = self._read(source, start, length + 1)
@@ -222,12 +215,12 @@ class XLDAPackedDataset(torch.utils.data.Dataset):
             starts = [position + s for s in doc_starts if s < length]
             doc_bounds.extend(starts)
             document_ids.extend((source, d) for s, d in zip(doc_starts, doc_ids) if s < length)
-            if block == _MONOLINGUAL or block != previous_block:
-                pair_bounds.extend(starts if block == _MONOLINGUAL else [position])
-            previous_block = block
+            piece_starts.append(position)
+            piece_pairs.append(block)
             position += length
         doc_cu = np.asarray(sorted(set(doc_bounds)) + [seq], dtype=np.int32)
-        block_cu = attention_block_boundaries(self.config.masking, seq, doc_bounds, pair_bounds)
+        block_cu = block_cu_seqlens(doc_cu, piece_starts, piece_pairs, self.config.masking,
+                                    self.config.xlda_block_scope)
         block_lengths = np.diff(block_cu)
         position_ids = np.arange(seq, dtype=np.int64) - np.repeat(block_cu[:-1], block_lengths)
         loss_mask = np.ones(seq, dtype=np.float32)
@@ -294,7 +287,8 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
                        start_state: Optional[Mapping] = None, eod_token: Optional[int] = None,
                        mask_eod_loss: bool = False, mmap_bin_files: bool = True,
                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
-                       ready_sample: Optional[int] = None) -> XLDAPackedDataset:
+                       ready_sample: Optional[int] = None,
+                       xlda_block_scope: str = "pair") -> XLDAPackedDataset:
     """The training dataset: ``sources`` = ``[(weight_or_None, path_prefix, language), ...]``.
 
     Samples ``[start_state.samples or 0, num_samples)``. The chunk holding ``ready_sample``
@@ -306,7 +300,8 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
     mixture = LanguageMixture.from_sources(parsed, alpha=alpha, beta=beta)
     config = PackingConfig(seq_length=int(seq_length), masking=masking, rho=float(rho),
                            anchor_language=anchor_language, seed=int(seed),
-                           eod_token=eod_token, mask_eod_loss=mask_eod_loss)
+                           eod_token=eod_token, mask_eod_loss=mask_eod_loss,
+                           xlda_block_scope=xlda_block_scope)
     config.validate(mixture)
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")

@@ -320,6 +320,10 @@ class DataArgs:
         "tokenizer's size")
     attention_masking: str = flag("xlda", "xlda: cross-lingual blocks; document: per document; "
                                   "none: classic packing", choices=["xlda", "document", "none"])
+    xlda_block_scope: str = flag(
+        "pair", "XLDA attention block of a cross-lingual sequence: pair (each anchor/partner "
+        "document pair) or sequence (every document sees all earlier ones); monolingual "
+        "sequences keep per-document blocks", choices=["pair", "sequence"])
     xlda_mixing_prob: float = flag(0.5, "rho: probability a sequence mixes >= 2 languages")
     anchor_language: str = flag("en", "the language every cross-lingual sequence contains")
     lang_alpha: Optional[float] = flag(None, "alpha of eq. 2 (smoothing towards natural sizes)")

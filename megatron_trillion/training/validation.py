@@ -203,6 +203,9 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
         errors.append(str(exc))
     if data.num_workers < 0:
         errors.append(f"--num-workers must be >= 0, got {data.num_workers}")
+    if data.xlda_block_scope != "pair" and data.attention_masking != "xlda":
+        errors.append(f"--xlda-block-scope {data.xlda_block_scope} applies to "
+                      f"--attention-masking xlda only (got {data.attention_masking})")
     if not 0.0 <= data.xlda_mixing_prob <= 1.0:
         errors.append(f"--xlda-mixing-prob must be in [0, 1], got {data.xlda_mixing_prob}")
     if data.lang_alpha is not None and not 0.0 <= data.lang_alpha <= 1.0:
