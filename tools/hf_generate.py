@@ -12,16 +12,6 @@ import sys
 from typing import Optional, Sequence
 
 
-def _load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError):
-        # tokenizer.json without a tokenizer_class in tokenizer_config.json
-        return PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="hf_generate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
@@ -33,11 +23,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from megatron_trillion.evaluation.consistency import load_hf_tokenizer
+
     if not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
         print(f"error: {args.model} has no tokenizer.json (export with --tokenizer-model)",
               file=sys.stderr)
         return 2
-    tokenizer = _load_tokenizer(args.model)
+    tokenizer = load_hf_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     print(f"loaded {type(model).__name__} from {args.model} with transformers")
     for prompt in args.prompt:

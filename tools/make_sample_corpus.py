@@ -3,6 +3,8 @@
     python tools/make_sample_corpus.py --output corpus/train.jsonl --docs-per-lang 600 --seed 1
     python tools/make_sample_corpus.py --output sft/chat_en.jsonl --conversations 300 \\
         --languages en                      # chat JSONL for pretrain --sft
+    # a parallel multiple-choice set for tools/eval_consistency.py instead of the corpus:
+    python tools/make_sample_corpus.py --output parallel.jsonl --parallel-items 200
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 from megatron_trillion.data.sample_corpus import (  # noqa: E402
     CONVERSATION_KINDS,
     LANGUAGES,
+    write_parallel_items,
     write_sample_conversations,
     write_sample_corpus,
 )
@@ -35,7 +38,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="repeat: the assistant repeats a sentence; ok: random-word "
                         "prompts always answered \"OK\"")
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES), choices=LANGUAGES)
+    parser.add_argument("--parallel-items", type=int, default=None, metavar="N",
+                        help="write N parallel en/ko/ja multiple-choice items instead of the "
+                        "corpus")
     args = parser.parse_args(argv)
+    if args.conversations is not None and args.parallel_items is not None:
+        print("error: --conversations and --parallel-items are exclusive", file=sys.stderr)
+        return 2
+    if args.parallel_items is not None:
+        if args.parallel_items < 1:
+            print("error: --parallel-items must be >= 1", file=sys.stderr)
+            return 2
+        path = write_parallel_items(args.output, num_items=args.parallel_items, seed=args.seed,
+                                    languages=tuple(args.languages))
+        print(f"wrote {path}")
+        return 0
     if args.conversations is not None:
         if args.conversations < 1:
             print("error: --conversations must be >= 1", file=sys.stderr)

@@ -277,4 +277,87 @@ def write_sample_conversations(path: str | Path, num: int = 300, seed: int = 123
     with open(path, "w", encoding="utf-8") as out:
         for record in iter_sample_conversations(num, seed, languages, kind):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# a parallel multiple-choice set (for tools/eval_consistency.py)
+
+# Words that mean the same in the three languages, all taken from the corpus vocabularies above,
+# so a model trained on the sample corpus has seen them.
+_PARALLEL_NOUNS = (
+    ("student", "학생", "学生"), ("teacher", "선생님", "先生"), ("city", "도시", "町"),
+    ("river", "강", "川"), ("mountain", "산", "山"), ("book", "책", "本"),
+    ("market", "시장", "市場"), ("train", "기차", "電車"), ("friend", "친구", "友達"),
+    ("company", "회사", "会社"), ("garden", "정원", "庭"), ("window", "창문", "窓"),
+    ("kitchen", "부엌", "台所"), ("village", "마을", "村"), ("doctor", "의사", "医者"),
+    ("library", "도서관", "図書館"), ("museum", "박물관", "博物館"), ("bridge", "다리", "橋"),
+    ("harbor", "항구", "港"), ("forest", "숲", "森"), ("island", "섬", "島"),
+    ("road", "길", "道"), ("coffee", "커피", "コーヒー"), ("bread", "빵", "パン"),
+    ("apple", "사과", "りんご"), ("hospital", "병원", "病院"), ("station", "역", "駅"),
+    ("office", "사무실", "事務所"),
+)
+_PARALLEL_VERBS = (
+    ("visited", "방문했습니다", "訪ねました"), ("found", "찾았습니다", "見つけました"),
+    ("painted", "그렸습니다", "描きました"), ("opened", "열었습니다", "開けました"),
+    ("studied", "공부했습니다", "勉強しました"), ("repaired", "고쳤습니다", "直しました"),
+    ("watched", "보았습니다", "見ました"), ("cleaned", "청소했습니다", "掃除しました"),
+    ("borrowed", "빌렸습니다", "借りました"), ("discovered", "발견했습니다", "発見しました"),
+    ("remembered", "기억했습니다", "覚えました"), ("planted", "심었습니다", "植えました"),
+)
+_PARALLEL_TIME = ("Yesterday", "어제", "昨日")
+
+
+def _parallel_question(lang: str, subject: int, obj: int, verb: int, answer: int,
+                       distractors: list[int]) -> dict:
+    """One language's version: the prompt opens a sentence, the right choice finishes it in
+    the language's word order, the wrong ones scramble the same words."""
+    column = LANGUAGES.index(lang)
+    n1, n2 = _PARALLEL_NOUNS[subject][column], _PARALLEL_NOUNS[obj][column]
+    v, time = _PARALLEL_VERBS[verb][column], _PARALLEL_TIME[column]
+    if lang == "en":
+        prompt = f"{time}, the {n1}"
+        orders = [f" {v} the {n2}.", f" the {n2} {v}.", f" {n2} the {v}.", f" {v} {n2} the."]
+    elif lang == "ko":
+        prompt = f"{time} {n1}{'은' if _has_final_consonant(n1) else '는'}"
+        particle = "을" if _has_final_consonant(n2) else "를"
+        orders = [f" {n2}{particle} {v}.", f" {v} {n2}{particle}.", f" {particle}{n2} {v}.",
+                  f" {v}. {n2}{particle}"]
+    else:
+        prompt = f"{time}、{n1}は"
+        orders = [f"{n2}を{v}。", f"{v}{n2}を。", f"を{n2}{v}。", f"{v}。{n2}を"]
+    choices = [orders[d] for d in distractors]
+    choices.insert(answer, orders[0])
+    return {"prompt": prompt, "choices": choices, "answer": answer}
+
+
+def iter_parallel_items(num_items: int = 100, seed: int = 1234,
+                        languages: tuple[str, ...] = LANGUAGES) -> Iterator[dict]:
+    """Parallel multiple-choice items ``{"id", "<lang>": {"prompt", "choices", "answer"}}``:
+    the same sentence (subject, verb, object, the answer's position and the distractors) in
+    every language, deterministically from ``seed``. Chance accuracy is 1/4."""
+    unknown = [lang for lang in languages if lang not in LANGUAGES]
+    if unknown:
+        raise ValueError(f"parallel items exist for {list(LANGUAGES)}, not {unknown}")
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items}")
+    rng = random.Random(f"{seed}-parallel")
+    for index in range(num_items):
+        subject, obj = rng.sample(range(len(_PARALLEL_NOUNS)), 2)
+        verb = rng.randrange(len(_PARALLEL_VERBS))
+        answer = rng.randrange(4)
+        distractors = rng.sample([1, 2, 3], 3)
+        item = {"id": f"parallel-{index:05d}"}
+        for lang in languages:
+            item[lang] = _parallel_question(lang, subject, obj, verb, answer, distractors)
+        yield item
+
+
+def write_parallel_items(path: str | Path, num_items: int = 100, seed: int = 1234,
+                         languages: tuple[str, ...] = LANGUAGES) -> Path:
+    """Writes :func:`iter_parallel_items` as JSONL; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for item in iter_parallel_items(num_items, seed, languages):
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
     return path
