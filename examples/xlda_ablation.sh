@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${ABLATION_OUT:-ablation_out}"
 PRESET="${ABLATION_PRESET:-tiny-tri-7b}"
-SEQ="${ABLATION_SEQ_LENGTH:-128}"
+SEQ="${ABLATION_SEQ_LENGTH:-256}"
 ITERS="${ABLATION_ITERS:-60}"
 MBS="${ABLATION_MICRO_BATCH_SIZE:-2}"
 GBS="${ABLATION_GLOBAL_BATCH_SIZE:-8}"
@@ -41,10 +41,11 @@ step() { printf '\n=== %s\n' "$*"; }
 
 if [[ -z "${ABLATION_DATA_PATH:-}" ]]; then
   step "data: the sample corpus (en/ko/ja), a BPE tokenizer, indexed datasets"
+  # One-paragraph documents: several per sequence, so the block scopes differ.
   "$PYTHON" tools/make_sample_corpus.py --output "$OUT/corpus/train.jsonl" \
-    --docs-per-lang "$DOCS" --seed 1
+    --docs-per-lang "$DOCS" --max-paragraphs 1 --seed 1
   "$PYTHON" tools/make_sample_corpus.py --output "$OUT/corpus/valid.jsonl" \
-    --docs-per-lang $(( DOCS / 10 > 4 ? DOCS / 10 : 4 )) --seed 2
+    --docs-per-lang $(( DOCS / 10 > 4 ? DOCS / 10 : 4 )) --max-paragraphs 1 --seed 2
   "$PYTHON" tools/train_tokenizer.py --input "$OUT/corpus/train.jsonl" \
     --output-dir "$OUT/tokenizer" --lang-key lang --vocab-size "$VOCAB" \
     --budget en=$(( (VOCAB - 272) / 2 )) ko=$(( (VOCAB - 272) * 28 / 100 )) \

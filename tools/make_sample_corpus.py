@@ -38,6 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="repeat: the assistant repeats a sentence; ok: random-word "
                         "prompts always answered \"OK\"")
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES), choices=LANGUAGES)
+    parser.add_argument("--max-paragraphs", type=int, default=3,
+                        help="paragraphs per document at most (1: short documents, several "
+                        "per training sequence)")
     parser.add_argument("--parallel-items", type=int, default=None, metavar="N",
                         help="write N parallel en/ko/ja multiple-choice items instead of the "
                         "corpus")
@@ -64,8 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.docs_per_lang < 1:
         print("error: --docs-per-lang must be >= 1", file=sys.stderr)
         return 2
+    if args.max_paragraphs < 1:
+        print("error: --max-paragraphs must be >= 1", file=sys.stderr)
+        return 2
     path = write_sample_corpus(args.output, docs_per_lang=args.docs_per_lang, seed=args.seed,
-                               languages=tuple(args.languages))
+                               languages=tuple(args.languages),
+                               max_paragraphs=args.max_paragraphs)
     print(f"wrote {path}")
     return 0
 
