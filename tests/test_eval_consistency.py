@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from megatron_trillion.errors import UserError
 from tools.eval_consistency import main as eval_main
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "lm_eval_samples")
@@ -121,7 +122,7 @@ def test_encoding_follows_lm_eval_where_it_can():
     assert encode_choice(Words(), "", "ab", 1) == ([1], [97, 98])
     # ... unless the choice starts with it.
     assert encode_choice(Words(), "", "\x01ab", 1) == ([1], [97, 98])
-    with pytest.raises(ValueError, match="f.jsonl:3.*neither a BOS"):
+    with pytest.raises(UserError, match="f.jsonl:3.*neither a BOS"):
         encode_choice(Words(), "  ", "ab", None, "f.jsonl:3")
 
 
@@ -137,7 +138,7 @@ def test_long_requests_keep_their_last_tokens(random_llama):
     kept = (context + continuation)[-65:]
     (short,) = score_requests(model, [(kept[:-3], kept[-3:])], progress=False)
     assert long == short
-    with pytest.raises(ValueError, match="longer than the model's context"):
+    with pytest.raises(UserError, match="longer than the model's context"):
         score_requests(model, [([1], list(range(2, 70)))], max_length=64, progress=False)
 
 

@@ -308,3 +308,13 @@ def test_bad_input_raises(corpus, tmp_path):
                alpha=None)
     with pytest.raises(ValueError, match="non-anchor language"):
         _build(corpus, sources=[corpus["sources"][0]], beta=None, alpha=None)
+
+
+def test_block_scope_flag_needs_xlda_masking(capsys):
+    from megatron_trillion.pretrain import main
+
+    code = main(["--preset", "tiny-tri-7b", "--mock-data", "--train-iters", "2",
+                 "--attention-masking", "document", "--xlda-block-scope", "sequence"])
+    assert code == 2
+    assert "--xlda-block-scope sequence applies to --attention-masking xlda only (got " \
+           "document)" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from megatron_trillion.errors import UserError  # noqa: E402
 from megatron_trillion.evaluation import consistency  # noqa: E402
 
 
@@ -73,14 +74,14 @@ def _samples_by_language(items: Sequence[str], languages: Sequence[str]) -> dict
     for item in items:
         language, sep, path = item.partition("=")
         if not sep or not path:
-            raise ValueError(f"--lm-eval-samples expects LANG=FILE, got {item!r}")
+            raise UserError(f"--lm-eval-samples expects LANG=FILE, got {item!r}")
         if language not in paths:
-            raise ValueError(f"--lm-eval-samples {item!r}: {language!r} is neither "
+            raise UserError(f"--lm-eval-samples {item!r}: {language!r} is neither "
                              f"--source-language nor --target-language")
         paths[language].append(path)
     for language, files in paths.items():
         if not files:
-            raise ValueError(f"--lm-eval-samples has no file for {language!r}")
+            raise UserError(f"--lm-eval-samples has no file for {language!r}")
     return paths
 
 
@@ -102,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             items = consistency.load_parallel_items(args.data, languages)
             model, tokenizer = consistency.load_hf_model(args.model, args.device, args.dtype)
             origin = f"{args.model} on {args.data}"
-    except ValueError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.lm_eval_samples:
@@ -112,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             correct = consistency.predict(model, tokenizer, items, languages,
                                           batch_size=args.batch_size,
                                           progress=not args.no_progress_bar)
-        except ValueError as exc:  # a choice without tokens, a tokenizer beyond the vocab
+        except UserError as exc:  # a choice without tokens, a tokenizer beyond the vocab
             print(f"error: {exc}", file=sys.stderr)
             return 2
         source, target = correct[languages[0]], correct[languages[1]]

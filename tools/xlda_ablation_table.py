@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from megatron_trillion.errors import UserError  # noqa: E402
 from megatron_trillion.evaluation.ablation import format_ablation_table, read_run  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [read_run(d) for d in args.runs]
-    except ValueError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_ablation_table(runs))

@@ -8,6 +8,7 @@ import os
 import re
 from typing import Mapping, Optional, Sequence
 
+from megatron_trillion.errors import UserError
 from megatron_trillion.evaluation.consistency import metric_names
 
 # The Megatron-style validation line of training/reporting.py: "... | lm loss [ko] value: X |".
@@ -19,7 +20,7 @@ def last_validation_losses(log_text: str) -> dict[str, float]:
     line of a training log."""
     lines = [l for l in log_text.splitlines() if "validation loss at iteration" in l]
     if not lines:
-        raise ValueError("no 'validation loss at iteration' line (train with --eval-interval "
+        raise UserError("no 'validation loss at iteration' line (train with --eval-interval "
                          "and --valid-data-path)")
     losses = {}
     for _, language, value in _VALUE.findall(lines[-1]):
@@ -33,13 +34,13 @@ def read_run(run_dir: str) -> dict:
     results = os.path.join(run_dir, "consistency.json")
     for path in (log, results):
         if not os.path.isfile(path):
-            raise ValueError(f"{run_dir}: {os.path.basename(path)} is missing (did the run "
+            raise UserError(f"{run_dir}: {os.path.basename(path)} is missing (did the run "
                              "finish?)")
     with open(log, encoding="utf-8") as f:
         try:
             losses = last_validation_losses(f.read())
-        except ValueError as exc:
-            raise ValueError(f"{log}: {exc}") from exc
+        except UserError as exc:
+            raise UserError(f"{log}: {exc}") from exc
     with open(results, encoding="utf-8") as f:
         metrics = json.load(f)
     return {"name": os.path.basename(os.path.normpath(run_dir)), "losses": losses,
@@ -49,7 +50,7 @@ def read_run(run_dir: str) -> dict:
 def format_ablation_table(runs: Sequence[Mapping]) -> str:
     """One row per run: validation loss (all, per language) and the consistency metrics."""
     if not runs:
-        raise ValueError("no runs")
+        raise UserError("no runs")
     languages = sorted({l for run in runs for l in run["losses"] if l != "all"})
     first = runs[0]["metrics"]
     names = metric_names(first["source_language"], first["target_language"])

@@ -8,7 +8,8 @@ language T), with ``S(T)`` / ``S(F)`` for a correct / wrong prediction in S:
 * ``S(F)->T(T)`` = P(correct in T | wrong in S) - eq. 4, lower is better,
 
 as fractions in [0, 1], ``None`` where the condition never occurs. The letters are the
-languages' initials (E, K for en, ko).
+languages' initials (E, K for en, ko). Problems with the input raise ``UserError`` naming
+``file:line``.
 
 Prediction is lm-evaluation-harness's multiple-choice log-likelihood "acc": each choice is
 scored by the sum of its tokens' log-probabilities after the prompt, the best-scoring choice
@@ -37,6 +38,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
+
+from megatron_trillion.errors import UserError
 
 __all__ = [
     "Question",
@@ -74,9 +77,9 @@ class ParallelItem:
 
 def load_parallel_items(path: str, languages: Sequence[str]) -> list[ParallelItem]:
     """Read ``{"id", "<lang>": {"prompt", "choices", "answer"}, ...}`` lines; every problem is
-    a ``ValueError`` naming ``file:line``. Languages other than ``languages`` are ignored."""
+    a ``UserError`` naming ``file:line``. Languages other than ``languages`` are ignored."""
     if not os.path.isfile(path):
-        raise ValueError(f"--data {path}: no such file")
+        raise UserError(f"--data {path}: no such file")
     items: list[ParallelItem] = []
     seen: dict[str, str] = {}
     with open(path, encoding="utf-8") as f:
@@ -87,46 +90,46 @@ def load_parallel_items(path: str, languages: Sequence[str]) -> list[ParallelIte
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
+                raise UserError(f"{where}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object per line")
+                raise UserError(f"{where}: expected a JSON object per line")
             if "id" not in record:
-                raise ValueError(f"{where}: item has no \"id\"")
+                raise UserError(f"{where}: item has no \"id\"")
             item_id = str(record["id"])
             if item_id in seen:
-                raise ValueError(f"{where}: id {item_id!r} already used at {seen[item_id]}")
+                raise UserError(f"{where}: id {item_id!r} already used at {seen[item_id]}")
             seen[item_id] = where
             questions = {}
             for language in languages:
                 if language not in record:
                     present = sorted(k for k, v in record.items() if isinstance(v, dict))
-                    raise ValueError(f"{where}: item {item_id!r} has no {language!r} question "
+                    raise UserError(f"{where}: item {item_id!r} has no {language!r} question "
                                      f"(it has {present})")
                 questions[language] = _question(record[language], f"{where} [{language}]")
             items.append(ParallelItem(item_id, questions))
     if not items:
-        raise ValueError(f"--data {path}: no items")
+        raise UserError(f"--data {path}: no items")
     return items
 
 
 def _question(raw, where: str) -> Question:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected an object with prompt, choices, answer")
+        raise UserError(f"{where}: expected an object with prompt, choices, answer")
     missing = [k for k in ("prompt", "choices", "answer") if k not in raw]
     if missing:
-        raise ValueError(f"{where}: missing {missing}")
+        raise UserError(f"{where}: missing {missing}")
     prompt, choices, answer = raw["prompt"], raw["choices"], raw["answer"]
     if not isinstance(prompt, str):
-        raise ValueError(f"{where}: prompt must be a string")
+        raise UserError(f"{where}: prompt must be a string")
     if not isinstance(choices, list) or not choices:
-        raise ValueError(f"{where}: choices must be a non-empty list of strings, got {choices!r}")
+        raise UserError(f"{where}: choices must be a non-empty list of strings, got {choices!r}")
     for n, choice in enumerate(choices):
         if not isinstance(choice, str) or not choice:
-            raise ValueError(f"{where}: choice {n} must be a non-empty string, got {choice!r}")
+            raise UserError(f"{where}: choice {n} must be a non-empty string, got {choice!r}")
     if isinstance(answer, bool) or not isinstance(answer, int):
-        raise ValueError(f"{where}: answer must be the index of the right choice, got {answer!r}")
+        raise UserError(f"{where}: answer must be the index of the right choice, got {answer!r}")
     if not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: answer {answer} is out of range for {len(choices)} choices "
+        raise UserError(f"{where}: answer {answer} is out of range for {len(choices)} choices "
                          f"(0..{len(choices) - 1})")
     return Question(prompt, tuple(choices), answer, where)
 
@@ -145,7 +148,7 @@ def load_hf_tokenizer(model_dir: str):
     except (OSError, ValueError, TypeError):
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
-            raise ValueError(f"{model_dir} has no tokenizer (tokenizer.json); export with "
+            raise UserError(f"{model_dir} has no tokenizer (tokenizer.json); export with "
                              "--tokenizer-model") from None
         return PreTrainedTokenizerFast(tokenizer_file=path)
 
@@ -157,7 +160,7 @@ def load_hf_model(model_dir: str, device: Optional[str] = None, dtype: str = "au
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"--model {model_dir}: no config.json (a Hugging Face model directory, "
+        raise UserError(f"--model {model_dir}: no config.json (a Hugging Face model directory, "
                          "e.g. from tools/convert_checkpoint.py export)")
     dtypes = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16,
               "fp16": torch.float16}
@@ -178,10 +181,10 @@ def encode_choice(tokenizer, prompt: str, choice: str, prefix_token_id: Optional
     context = tokenizer.encode(stripped, add_special_tokens=False) if stripped else []
     continuation = tokenizer.encode(choice, add_special_tokens=False)
     if not continuation:
-        raise ValueError(f"{where}: choice {choice!r} has no tokens")
+        raise UserError(f"{where}: choice {choice!r} has no tokens")
     if not context:
         if prefix_token_id is None:
-            raise ValueError(f"{where}: the prompt is empty and the tokenizer has neither a BOS "
+            raise UserError(f"{where}: the prompt is empty and the tokenizer has neither a BOS "
                              "nor an EOS token to condition the choices on")
         if continuation[0] == prefix_token_id:  # lm-eval: a choice that starts with it
             context, continuation = continuation[:1], continuation[1:]
@@ -204,7 +207,7 @@ def score_requests(model, requests: Sequence[tuple[list[int], list[int]]], *,
     inputs = []
     for context, continuation in requests:
         if max_length is not None and len(continuation) > max_length:
-            raise ValueError(f"a choice of {len(continuation)} tokens is longer than the model's "
+            raise UserError(f"a choice of {len(continuation)} tokens is longer than the model's "
                              f"context ({max_length})")
         whole = context + continuation
         if max_length is not None:
@@ -260,7 +263,7 @@ def predict(model, tokenizer, items: Sequence[ParallelItem], languages: Sequence
     vocab = model.get_output_embeddings().weight.shape[0]
     largest = max(max(c + k) for c, k in requests)
     if largest >= vocab:
-        raise ValueError(f"the tokenizer produced token id {largest} but the model has only "
+        raise UserError(f"the tokenizer produced token id {largest} but the model has only "
                          f"{vocab} output rows: model and tokenizer do not belong together")
     max_length = getattr(model.config, "max_position_embeddings", None)
     scores = score_requests(model, requests, batch_size=batch_size, max_length=max_length,
@@ -348,7 +351,7 @@ def read_lm_eval_samples(path: str, metric: str = "acc",
     ``doc`` (e.g. Global-MMLU's ``sample_id``) that names the same question in every language.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     samples: dict = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -358,33 +361,33 @@ def read_lm_eval_samples(path: str, metric: str = "acc",
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg}); expected lm-eval "
+                raise UserError(f"{where}: not valid JSON ({exc.msg}); expected lm-eval "
                                  "--log_samples output") from exc
             if not isinstance(record, dict) or "doc_id" not in record:
-                raise ValueError(f"{where}: no \"doc_id\"; expected lm-eval --log_samples "
+                raise UserError(f"{where}: no \"doc_id\"; expected lm-eval --log_samples "
                                  "output (samples_<task>_<date>.jsonl)")
             if metric not in record:
                 logged = [k for k in record.get("metrics", []) if k in record]
-                raise ValueError(f"{where}: no per-sample metric {metric!r} (this task logs "
+                raise UserError(f"{where}: no per-sample metric {metric!r} (this task logs "
                                  f"{logged}); choose one with --lm-eval-metric")
             value = record[metric]
             if not isinstance(value, (int, float)) or value not in (0, 1):
-                raise ValueError(f"{where}: metric {metric!r} is {value!r}, not 0/1 correctness")
+                raise UserError(f"{where}: metric {metric!r} is {value!r}, not 0/1 correctness")
             if pair_key == "doc_id":
                 key = record["doc_id"]
             else:
                 doc = record.get("doc")
                 if not isinstance(doc, dict) or pair_key not in doc:
-                    raise ValueError(f"{where}: the doc has no field {pair_key!r} to pair "
+                    raise UserError(f"{where}: the doc has no field {pair_key!r} to pair "
                                      "languages by (--pair-key)")
                 key = doc[pair_key]
             key = json.dumps(key, sort_keys=True)
             if key in samples:
-                raise ValueError(f"{where}: {pair_key} {key} already at {samples[key].where} "
+                raise UserError(f"{where}: {pair_key} {key} already at {samples[key].where} "
                                  "(several filters or repeats in one file are ambiguous)")
             samples[key] = LoggedSample(bool(value), where)
     if not samples:
-        raise ValueError(f"{path}: no samples")
+        raise UserError(f"{path}: no samples")
     return samples
 
 
@@ -398,9 +401,9 @@ def pair_lm_eval_samples(source_paths: Sequence[str], target_paths: Sequence[str
     with a ``doc`` field all files of a language are pooled and matched by that field.
     """
     if not source_paths or not target_paths:
-        raise ValueError("lm-eval samples are needed for both languages")
+        raise UserError("lm-eval samples are needed for both languages")
     if pair_key == "doc_id" and len(source_paths) != len(target_paths):
-        raise ValueError(f"pairing by doc_id needs one target file per source file (the same "
+        raise UserError(f"pairing by doc_id needs one target file per source file (the same "
                          f"task in both languages), got {len(source_paths)} and "
                          f"{len(target_paths)}; or pair by a doc field with --pair-key")
     sides = []
@@ -410,7 +413,7 @@ def pair_lm_eval_samples(source_paths: Sequence[str], target_paths: Sequence[str
             for key, sample in read_lm_eval_samples(path, metric, pair_key).items():
                 key = (n, key) if pair_key == "doc_id" else key
                 if key in pooled:
-                    raise ValueError(f"{sample.where}: {pair_key} {key} already at "
+                    raise UserError(f"{sample.where}: {pair_key} {key} already at "
                                      f"{pooled[key].where}")
                 pooled[key] = sample
         sides.append(pooled)
@@ -418,7 +421,7 @@ def pair_lm_eval_samples(source_paths: Sequence[str], target_paths: Sequence[str
     for here, there in ((source, target), (target, source)):
         unmatched = [k for k in here if k not in there]
         if unmatched:
-            raise ValueError(f"{here[unmatched[0]].where}: {len(unmatched)} question(s) have no "
+            raise UserError(f"{here[unmatched[0]].where}: {len(unmatched)} question(s) have no "
                              f"counterpart in the other language (first: {pair_key} "
                              f"{unmatched[0]}); the two runs must cover the same questions")
     keys = sorted(source, key=str)
