@@ -43,6 +43,9 @@ def _prepare_data(directory: str) -> dict:
             "ABLATION_TOKENIZER": f"{directory}/tokenizer"}
 
 
+pytestmark = pytest.mark.slow   # thirteen process launches (4 x pretrain, export, eval)
+
+
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ablation"))
