@@ -22,12 +22,12 @@ including the input embedding row and the output layer.
   dFFN = 592, i.e. FFN ~ 11,600. We round to the nearest multiple of 256 (tensor-parallel and
   GEMM friendly): FFN 11,520 -> 7.728B (-0.4%). Long-context RoPE theta 1,000,000 as in
   trillion-7b-32k.
-* **tri-21b** (32 layers, 32 query heads / 8 KV heads, vocab 124,416, context 8192, 20.73B).
-  Hidden and FFN are free. With 32 heads, hidden = 32 x head_dim; for each candidate head_dim
-  the FFN that hits 20.73B is: 160 -> hidden 5120, FFN 35,316 (ratio 6.9, far outside the
-  SwiGLU range 2.7-4.5); 192 -> hidden 6144, FFN 27,433 (ratio 4.47); 224 -> hidden 7168,
-  FFN 21,559 (ratio 3.0 but an unusual head dim). We take hidden 6144 (head dim 192) and round
-  the FFN to a multiple of 256: 27,392 -> 20.706B (-0.1%).
+* **tri-21b**: the published base shape. The Tri-21B model card (reference 001) gives 32 query /
+  8 KV heads, vocab 124,416, context 8192 and 20.73B parameters; its "32 layers" cannot reach
+  20.73B with any SwiGLU-range FFN. The Tri-21B-Think model card (whose base model is Tri-21B)
+  gives the rest: 40 layers, hidden 5,120, head dim 160 (= 5120 / 32 heads), FFN 27,392.
+  Untied embeddings (2 x 124,416 x 5,120 = 1.274B) + 40 x (attention 65.5M + SwiGLU 420.7M)
+  = 20.726B (published 20.73B, -0.02%).
 * **trinity-large** (AFMoE, transformers' ``AfmoeForCausalLM``; ~398B total / ~13B active).
   Public: 60 layers of which the first 6 are dense, hidden 3072, 48 query heads / 8 KV heads,
   256 routed experts top-4 + 1 shared expert, sigmoid router with expert bias, QK-norm, gated
@@ -212,11 +212,12 @@ TRI_7B = dataclasses.replace(
 
 TRI_21B = ModelPreset(
     name="tri-21b",
-    num_layers=32,
-    hidden_size=6144,
+    num_layers=40,
+    hidden_size=5120,
     ffn_hidden_size=27392,
     num_attention_heads=32,
     num_query_groups=8,
+    kv_channels=160,
     vocab_size=124416,
     seq_length=8192,
     rotary_base=1_000_000,
@@ -270,7 +271,7 @@ _TINY_DENSE = dict(
 TINY_TRILLION_7B = dataclasses.replace(TRILLION_7B, name="tiny-trillion-7b", **_TINY_DENSE)
 TINY_TRI_7B = dataclasses.replace(TRI_7B, name="tiny-tri-7b", **_TINY_DENSE)
 TINY_TRI_21B = dataclasses.replace(TRI_21B, name="tiny-tri-21b", num_query_groups=2,
-                                   **_TINY_DENSE)
+                                   kv_channels=None, **_TINY_DENSE)
 TINY_TRINITY = dataclasses.replace(
     TRINITY_LARGE,
     name="tiny-trinity",
