@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -110,8 +110,8 @@ def update_expert_bias(model: list, config) -> None:
         new_bias = get_updated_expert_bias(counts, bias, rule.rate)
     else:
         # The same group as megatron-core's rule.
-        torch.distributed.all_reduce(counts, group=parallel_state.get_tensor_and_data_parallel_group(
-            with_context_parallel=True))
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        torch.distributed.all_reduce(counts, group=group)
         momentum = torch.stack([r.expert_bias_momentum for r in found])
         new_bias, new_momentum = smebu_step(counts, bias, momentum, rate=rule.rate,
                                             momentum_coeff=rule.momentum,
@@ -130,7 +130,7 @@ def update_expert_bias(model: list, config) -> None:
 
 def _layer_slot(name: str, router, num_layers: int) -> int:
     """0-based slot of a router: its decoder layer, or num_layers + j for MTP layer j."""
-    mtp = re.match(r"mtp\.layers\.(\d+)\.", name)
+    mtp = re.match(r"mtp\.layers\.(\d+)(\.|$)", name)
     if mtp:
         return num_layers + int(mtp.group(1))
     if router.layer_number is None:
