@@ -181,3 +181,23 @@ def test_invalid_bias_update_settings_are_refused():
         resolve_preset("tiny-trinity", {"moe_router_enable_expert_bias": False})
     with pytest.raises(ValueError, match="sandwich_post_norm_init needs sandwich_norm"):
         resolve_preset("tiny-tri-7b", {"sandwich_post_norm_init": "inverse_depth"})
+
+
+def test_bias_update_flags_reach_the_preset_and_stray_ones_are_refused():
+    from megatron_trillion.errors import UserError
+    from megatron_trillion.pretrain import resolve_model_preset
+    from megatron_trillion.training.arguments import parse_args
+
+    def preset(*argv):
+        return resolve_model_preset(parse_args(["--mock-data", "--train-iters", "1", *argv]))
+
+    smebu = preset("--preset", "tiny-trinity", "--moe-router-bias-update-momentum", "0.9",
+                   "--moe-router-bias-update-rate", "1e-4")
+    assert smebu.expert_bias_update() == ExpertBiasUpdate("smebu", 1e-4, 0.9, 2.0)
+    with pytest.raises(UserError, match="--moe-router-bias-update-clamp-scale only applies to "
+                       "--moe-router-bias-update-style smebu"):
+        preset("--preset", "tiny-trinity", "--moe-router-bias-update-style", "sign",
+               "--moe-router-bias-update-clamp-scale", "3")
+    with pytest.raises(UserError, match="--moe-router-bias-update-rate is set but the model is "
+                       "dense"):
+        preset("--preset", "tiny-tri-7b", "--moe-router-bias-update-rate", "1e-4")
