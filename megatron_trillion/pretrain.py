@@ -560,6 +560,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         on_step=on_step,
         hang_timeout_seconds=config.training.hang_timeout_seconds,  # issue 11: watchdog
         housekeeping=housekeeping,
+        empty_expert_warning_steps=config.logging.moe_empty_expert_warning_steps,
     )
     try:
         final = train(run)
@@ -574,10 +575,11 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
 
 
 def _connect_ddp_to_schedule(model: list, config: PretrainConfig) -> None:
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    # megatron-core's finalize_model_grads, with the model's own expert-bias rule (SMEBU).
+    from megatron_trillion.training.expert_bias import finalize_grads_and_expert_bias
 
     transformer_config = model[0].config
-    transformer_config.finalize_model_grads_func = finalize_model_grads
+    transformer_config.finalize_model_grads_func = finalize_grads_and_expert_bias
     if config.parallel.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in model]
         transformer_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

@@ -94,10 +94,12 @@ def _ref_moe(x, moe, p, feats):
 
 def reference_logits(model, p, tokens, **disable):
     feats = {"gate": True, "qk_norm": True, "window": True, "rope_on_global": False,
-             "expert_bias": True, "sandwich": True}
+             "expert_bias": True, "sandwich": True, "mup": p.mup_enabled}
     feats.update(disable)
     eps = p.norm_epsilon
     h = model.embedding.word_embeddings.weight[tokens]
+    if feats["mup"]:  # AFMoE mup_enabled: input embeddings x sqrt(hidden)
+        h = h * p.hidden_size ** 0.5
     local_pattern, moe_pattern = p.local_layer_pattern(), p.moe_layer_pattern()
     for i, layer in enumerate(model.decoder.layers):
         a = _ref_attention(_rms(h, layer.input_layernorm.weight, eps), layer.self_attention, p,
@@ -155,7 +157,7 @@ def _afmoe_checks() -> dict:
         logits = model(tokens, position_ids, None)
         ref = reference_logits(model, p, tokens)
         out = {"full": (logits - ref).abs().max().item(), "scale": ref.abs().max().item()}
-        for feature in ("gate", "qk_norm", "window", "expert_bias", "sandwich"):
+        for feature in ("gate", "qk_norm", "window", "expert_bias", "sandwich", "mup"):
             alt = reference_logits(model, p, tokens, **{feature: False})
             out[f"without_{feature}"] = (logits - alt).abs().max().item()
         alt = reference_logits(model, p, tokens, rope_on_global=True)
@@ -200,6 +202,8 @@ def _hf_logits(model, p, tokens):
         from transformers import AfmoeConfig, AfmoeForCausalLM
     except ImportError:
         return None
+    from megatron_trillion.convert.afmoe import hf_config as afmoe_hf_config
+
     cfg = AfmoeConfig(
         vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_hidden_size,
         moe_intermediate_size=p.moe_ffn_hidden_size, num_hidden_layers=p.num_layers,
@@ -210,7 +214,9 @@ def _hf_logits(model, p, tokens):
         route_scale=1.0, global_attn_every_n_layers=p.global_attn_every_n_layers,
         sliding_window=p.sliding_window, rms_norm_eps=p.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": p.rotary_base},
-        tie_word_embeddings=False, mup_enabled=False, max_position_embeddings=p.seq_length,
+        tie_word_embeddings=False, max_position_embeddings=p.seq_length,
+        # the exporter's config.json value (tiny-trinity: True, as Trinity Large)
+        mup_enabled=afmoe_hf_config(p)["mup_enabled"],
     )
     cfg._attn_implementation = "eager"
     hf = AfmoeForCausalLM(cfg).eval()
@@ -359,8 +365,13 @@ def _init_checks() -> dict:
                                layer.mlp.experts.local_experts[0].linear_fc2.weight.flatten(),
                                layer.mlp.shared_experts.linear_fc2.weight.flatten()]).std().item(),
         "norms_one": all(bool((p == 1).all()) for n, p in model.named_parameters()
-                         if "norm" in n),
+                         if "norm" in n and ".post_" not in n),
+        # depth-scaled sandwich norm: the post-sublayer norms start at 1 / num_layers (4)
+        "post_norms": sorted({float(v) for n, p in model.named_parameters()
+                              if ".post_" in n for v in p.unique()}),
         "expert_bias_zero": bool((layer.mlp.router.expert_bias == 0).all()),
+        "momentum_zero": bool((layer.mlp.router.expert_bias_momentum == 0).all()),
+        "mup_scale": model.embedding.mup_embedding_scale,
     }
 
 
@@ -419,10 +430,11 @@ def test_trinity_forward_matches_transformers_afmoe(results):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("feature", ["gate", "qk_norm", "window", "expert_bias", "sandwich",
-                                     "rope_on_global"])
+                                     "rope_on_global", "mup"])
 def test_each_afmoe_feature_changes_the_output(results, feature):
-    # Gated attention, QK-norm, local windows, the router's expert bias, the sandwich norm and
-    # NoPE on global layers each matter: the reference without that one feature disagrees.
+    # Gated attention, QK-norm, local windows, the router's expert bias, the sandwich norm,
+    # NoPE on global layers and the muP embedding scale each matter: the reference without that
+    # one feature disagrees.
     key = feature if feature == "rope_on_global" else f"without_{feature}"
     assert results["afmoe"][key] > 1e-3, results["afmoe"]
 
@@ -491,7 +503,9 @@ def test_initialization_follows_megatron_distributions(results):
     assert abs(r["embedding_std"] / 0.02 - 1) < 0.05
     assert abs(r["qkv_std"] / 0.02 - 1) < 0.05
     assert abs(r["proj_std"] / (0.02 / 8 ** 0.5) - 1) < 0.05
-    assert r["norms_one"] and r["expert_bias_zero"]
+    assert r["norms_one"] and r["expert_bias_zero"] and r["momentum_zero"]
+    assert r["post_norms"] == [0.25]
+    assert r["mup_scale"] == pytest.approx(128 ** 0.5)
 
 
 @pytest.mark.slow

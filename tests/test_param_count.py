@@ -29,6 +29,36 @@ def test_full_preset_within_two_percent_of_published(name):
     assert abs(total_err) <= 0.02
 
 
+# The shapes the publishers state (model cards / reports); a preset must equal them field by
+# field, so a total that happens to land near the published count cannot hide a wrong network.
+PUBLISHED_SHAPES = {
+    # Trillion-7B technical report, Table 2.
+    "trillion-7b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
+                        num_attention_heads=32, query_groups=32, vocab_size=128256),
+    # Tri-7B model card (layers, heads, vocab; hidden and FFN are derived, see presets.py).
+    "tri-7b": dict(num_layers=32, num_attention_heads=32, vocab_size=128256),
+    # Tri-21B card (heads 32/8, vocab) + Tri-21B-Think card (layers, hidden, head dim, FFN).
+    "tri-21b": dict(num_layers=40, hidden_size=5120, head_dim=160, ffn_hidden_size=27392,
+                    num_attention_heads=32, query_groups=8, vocab_size=124416,
+                    untie_embeddings_and_output_weights=True),
+    # Trinity-Large-Base card: 256 experts, 4 active, 6 dense layers, 8,192 context.
+    "trinity-large": dict(num_experts=256, moe_router_topk=4, num_dense_layers=6,
+                          seq_length=8192),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SHAPES))
+def test_full_preset_has_the_published_shape(name):
+    preset = get_preset(name)
+    got = {field: getattr(preset, field) for field in PUBLISHED_SHAPES[name]}
+    assert got == PUBLISHED_SHAPES[name]
+
+
+def test_tri_21b_total_rounds_to_the_published_figure():
+    # Untied 2 x 124,416 x 5,120 + 40 x (attention 65.5M + SwiGLU 420.7M) = 20.7255B.
+    assert round(count_parameters(get_preset("tri-21b")).total / 1e9, 2) == 20.73
+
+
 def test_every_full_preset_is_checked():
     assert set(FULL) == {"trillion-7b", "trillion-7b-32k", "tri-7b", "tri-21b", "trinity-large"}
 

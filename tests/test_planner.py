@@ -169,8 +169,9 @@ def test_pipeline_stages_hold_fewer_microbatches_towards_the_end():
                         "--pipeline-model-parallel-size", "4", "--sequence-parallel",
                         "--num-layers-per-virtual-pipeline-stage", "2",
                         "--global-batch-size", "256", "--use-distributed-optimizer")
-    # megatron-core's interleaving penalty on the first stage: p (1 + (p - 1) / (p v)).
-    assert interleaved.stages[0].in_flight_microbatches == pytest.approx(4 * (1 + 3 / 16))
+    # megatron-core's interleaving penalty on the first stage: p (1 + (p - 1) / (p v)), with
+    # v = 40 layers / (4 stages x 2 layers) = 5 virtual stages.
+    assert interleaved.stages[0].in_flight_microbatches == pytest.approx(4 * (1 + 3 / 20))
 
 
 def test_throughput_follows_the_flop_count():

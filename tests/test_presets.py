@@ -43,8 +43,9 @@ def test_published_architecture_numbers():
     long = get_preset("trillion-7b-32k")
     assert (long.seq_length, long.rotary_base) == (32768, 1_000_000)
     t21 = get_preset("tri-21b")
-    assert (t21.num_layers, t21.num_attention_heads, t21.query_groups, t21.vocab_size,
-            t21.seq_length) == (32, 32, 8, 124416, 8192)
+    assert (t21.num_layers, t21.hidden_size, t21.head_dim, t21.ffn_hidden_size,
+            t21.num_attention_heads, t21.query_groups, t21.vocab_size, t21.seq_length) == (
+        40, 5120, 160, 27392, 32, 8, 124416, 8192)
     tl = get_preset("trinity-large")
     assert (tl.num_experts, tl.moe_router_topk, tl.num_dense_layers, tl.seq_length) == (
         256, 4, 6, 8192)

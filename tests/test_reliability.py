@@ -50,11 +50,11 @@ def _moe_phases(cache: str, save: str) -> dict:
     from megatron_trillion.training.arguments import parse_args
 
     quiet_known_warnings()
-    # the module (the package attribute of the same name is the function)
-    fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    # pretrain's finalize (megatron-core's finalize_model_grads + the model's bias rule)
+    fmg = importlib.import_module("megatron_trillion.training.expert_bias")
     rank = int(os.environ["RANK"])
     calls: list = []  # one entry per finalize_model_grads call
-    real_finalize = fmg.finalize_model_grads
+    real_finalize = fmg.finalize_grads_and_expert_bias
 
     def recording_finalize(model, *args, **kwargs):
         routers = _routers(model)
@@ -62,14 +62,17 @@ def _moe_phases(cache: str, save: str) -> dict:
         torch.distributed.all_reduce(
             counts, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
         before = [m.expert_bias.clone() for _, m in routers]
+        momentum = [m.expert_bias_momentum.clone() for _, m in routers]
         out = real_finalize(model, *args, **kwargs)
         calls.append({"names": [n for n, _ in routers], "counts": counts.tolist(),
                       "before": [b.tolist() for b in before],
+                      "momentum_before": [m.tolist() for m in momentum],
                       "after": [m.expert_bias.tolist() for _, m in routers],
+                      "momentum_after": [m.expert_bias_momentum.tolist() for _, m in routers],
                       "dtypes": sorted({str(m.expert_bias.dtype) for _, m in routers})})
         return out
 
-    fmg.finalize_model_grads = recording_finalize  # read by pretrain at setup
+    fmg.finalize_grads_and_expert_bias = recording_finalize  # read by pretrain at setup
 
     # Rank 1 poisons its loss in iteration 2: every rank must skip it and name its samples.
     progress = {"done": 0, "poison": 2}
@@ -91,10 +94,19 @@ def _moe_phases(cache: str, save: str) -> dict:
 
     recompute = ["--recompute-granularity", "full", "--recompute-method", "uniform",
                  "--recompute-num-layers", "1"]
+    tensorboard = os.path.join(save, "tensorboard")
     argv = _argv(cache, "--expert-model-parallel-size", "2", "--train-iters", "3",
+                 "--tensorboard-dir", tensorboard,
                  "--save", save, "--save-interval", "2", *recompute)
     _, run = pretrain(parse_args(argv), log=lines.append, on_step=on_step)
     out = {"calls": calls[:], "losses": losses[:], "lines": lines[:]}
+    if rank == 0:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(tensorboard)
+        events.Reload()
+        out["tensorboard"] = {tag: [e.value for e in events.Scalars(tag)]
+                              for tag in events.Tags()["scalars"] if tag.startswith("moe/")}
     if rank == 0:
         # The bad-batch record must list every DP rank's samples of iteration 2.
         dataset = run.train_batches.dataset
@@ -106,16 +118,21 @@ def _moe_phases(cache: str, save: str) -> dict:
             out["step2_docs"][index] = by_source
         out["sources"] = [f"{s.language}:{s.path_prefix}" for s in dataset.mixture.sources]
 
-    # Phase 2: every token prefers the experts of EP rank 0 -> EP rank 1 receives nothing.
+    # Phase 2: every token prefers the experts of EP rank 0 -> EP rank 1 receives nothing;
+    # the bias moves by megatron-core's sign rule for this step.
+    from megatron_trillion.models.router_balance import ExpertBiasUpdate
+
     progress["poison"] = -1
     with torch.no_grad():
         for _, router in _routers(run.model):
+            router.expert_bias_update = ExpertBiasUpdate("sign", 1e-3)
             router.expert_bias.zero_()
             router.expert_bias[EXPERTS // 2:] = -100.0
     del calls[:]
     result = loop.train_step(run, run.train_batches.for_step(0, GBS))
     out["zero"] = {"loss": float(result["lm loss"]), "skipped": result["skipped"],
-                   "counts": calls[0]["counts"]}
+                   "counts": calls[0]["counts"], "before": calls[0]["before"],
+                   "after": calls[0]["after"]}
 
     # Phase 3: resume from the iteration-2 checkpoint and redo iteration 3.
     ps.destroy_model_parallel()
@@ -127,7 +144,7 @@ def _moe_phases(cache: str, save: str) -> dict:
 
     # Phase 4: leakage probes of the real tiny-trinity model (MoE + MTP) under TP2 and PP2.
     loop.forward_step = real_forward
-    fmg.finalize_model_grads = real_finalize
+    fmg.finalize_grads_and_expert_bias = real_finalize
     ps.destroy_model_parallel()
     out["leak_tp2"] = _leakage_probe(tensor=2, pipeline=1)
     ps.destroy_model_parallel()
@@ -214,7 +231,13 @@ def moe_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_expert_bias_fp32_once_per_step_from_all_reduced_counts_under_recompute(moe_run):
-    rate = 1e-3  # tiny-trinity's moe_router_bias_update_rate
+    import torch
+
+    from megatron_trillion.models.presets import get_preset
+    from megatron_trillion.models.router_balance import smebu_step
+
+    rule = get_preset("tiny-trinity").expert_bias_update()  # SMEBU, Trinity's constants
+    assert rule.style == "smebu"
     for out in moe_run:
         calls = out["calls"]
         # one finalize (= one bias update) per optimizer step, not per micro-batch (2 here)
@@ -227,11 +250,15 @@ def test_expert_bias_fp32_once_per_step_from_all_reduced_counts_under_recompute(
             for counts in call["counts"]:
                 # every routed token counted once over TP x CP x DP despite full recompute
                 assert sum(counts) == GBS * SEQ * TOPK
-            for counts, before, after in zip(call["counts"], call["before"], call["after"]):
-                # the update follows the counts reduced over TP x CP x DP (not local ones)
-                mean = sum(counts) / len(counts)
-                expected = [b + rate * ((mean > c) - (mean < c)) for b, c in zip(before, counts)]
-                assert after == pytest.approx(expected, abs=1e-7)
+            # the SMEBU update follows the counts reduced over TP x CP x DP (not local ones)
+            bias, momentum = smebu_step(
+                torch.tensor(call["counts"]), torch.tensor(call["before"]),
+                torch.tensor(call["momentum_before"]), rate=rule.rate,
+                momentum_coeff=rule.momentum, clamp_scale=rule.clamp_scale)
+            torch.testing.assert_close(torch.tensor(call["after"]), bias, atol=1e-7, rtol=0)
+            torch.testing.assert_close(torch.tensor(call["momentum_after"]), momentum,
+                                       atol=1e-7, rtol=0)
+            for before, after in zip(call["before"], call["after"]):
                 assert any(a != b for a, b in zip(after, before))
         # the MTP layer's bias moved like the decoder layers' (it is balanced too)
         mtp = names.index(next(n for n in names if n.startswith("mtp.")))
@@ -243,10 +270,13 @@ def test_expert_bias_fp32_once_per_step_from_all_reduced_counts_under_recompute(
 @pytest.mark.slow
 def test_skipped_step_leaves_expert_bias_and_names_its_samples(moe_run):
     out = moe_run[0]
-    # iteration 2 was skipped: the bias before iteration 3 is the one before iteration 2
+    # iteration 2 was skipped: the bias and SMEBU momentum before iteration 3 are the ones
+    # before iteration 2
     assert math.isnan(out["losses"][1])
     assert out["calls"][2]["before"] == out["calls"][1]["before"]
+    assert out["calls"][2]["momentum_before"] == out["calls"][1]["momentum_before"]
     assert out["calls"][2]["before"] != out["calls"][0]["before"]
+    assert out["calls"][2]["momentum_before"] != out["calls"][0]["momentum_before"]
     record = [line for line in out["lines"] if "skipped iteration 2" in line]
     assert len(record) == 1, out["lines"]
     line = record[0]
@@ -261,8 +291,12 @@ def test_expert_bias_restored_from_checkpoint(moe_run):
     for out in moe_run:
         resumed = out["resumed"]
         assert len(resumed["calls"]) == 1
-        # the bias the resumed iteration 3 starts from is the saved one (not zeros)
+        # the bias and SMEBU momentum the resumed iteration 3 starts from are the saved ones
+        # (not zeros), bit for bit, and so is what it leaves
         assert resumed["calls"][0]["before"] == out["calls"][2]["before"]
+        assert resumed["calls"][0]["momentum_before"] == out["calls"][2]["momentum_before"]
+        assert resumed["calls"][0]["after"] == out["calls"][2]["after"]
+        assert resumed["calls"][0]["momentum_after"] == out["calls"][2]["momentum_after"]
         assert resumed["losses"] == [out["losses"][2]]
 
 
@@ -271,9 +305,32 @@ def test_alltoall_with_an_ep_rank_receiving_zero_tokens(moe_run):
     for out in moe_run:
         zero = out["zero"]
         assert not zero["skipped"] and math.isfinite(zero["loss"])
-        for counts in zero["counts"]:
+        for counts, before, after in zip(zero["counts"], zero["before"], zero["after"]):
             assert counts[EXPERTS // 2:] == [0.0] * (EXPERTS // 2)
             assert sum(counts) == GBS * SEQ * TOPK
+            # megatron-core's sign rule (the other --moe-router-bias-update-style)
+            mean = sum(counts) / len(counts)
+            expected = [b + 1e-3 * ((mean > c) - (mean < c)) for b, c in zip(before, counts)]
+            assert after == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_routing_health_in_the_log_and_tensorboard(moe_run):
+    out = moe_run[0]
+    steps = [line for line in out["lines"] if line.startswith(" iteration")]
+    assert len(steps) == 3
+    for line in steps:
+        assert "moe max vio: " in line and "moe empty experts: " in line
+    # per MoE layer (layers 2-4 of tiny-trinity, and its MTP layer), one value per iteration
+    tags = out["tensorboard"]
+    layers = ["layer_2", "layer_3", "layer_4", "mtp_1"]
+    assert sorted(tags) == sorted([f"moe/{what}/{layer}" for what in ("max_vio", "empty_experts")
+                                   for layer in layers])
+    assert all(len(values) == 3 for values in tags.values())
+    # MaxVio of the first step, from the all-reduced counts the bias update saw
+    counts = out["calls"][0]["counts"][0]
+    mean = sum(counts) / len(counts)
+    assert tags["moe/max_vio/layer_2"][0] == pytest.approx(max(counts) / mean - 1, rel=1e-6)
 
 
 @pytest.mark.slow

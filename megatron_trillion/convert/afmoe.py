@@ -82,8 +82,8 @@ def hf_config(p: ModelPreset) -> dict:
         "sliding_window": p.sliding_window,
         "layer_types": ["sliding_attention" if local else "full_attention"
                         for local in p.local_layer_pattern()],
-        # megatron-core has no embedding multiplier: muP input scaling stays off.
-        "mup_enabled": False,
+        # Input embeddings x sqrt(hidden_size) (models.afmoe.enable_mup_embedding_scale).
+        "mup_enabled": p.mup_enabled,
         "attention_bias": False,
         "initializer_range": p.init_method_std,
         "use_cache": True,

@@ -25,13 +25,20 @@ first ``num_dense_layers`` dense            ``moe_layer_freq`` list
 
 Differences to keep in mind for the HF exporter: megatron's ``expert_bias`` is a buffer (HF: a
 ``requires_grad=False`` parameter ``mlp.expert_bias``) updated by megatron's aux-loss-free rule;
-HF initialises the router weight to zeros, megatron to normal(0, std); AFMoE's ``mup_enabled``
-embedding scale (x sqrt(hidden)) has no megatron-core counterpart and is not modelled.
+HF initialises the router weight to zeros, megatron to normal(0, std).
 
-Here: :class:`SandwichTransformerLayer`, a ``TransformerLayer`` whose bias-dropout-add steps
-first normalise the sublayer output with its own RMSNorm. Its two extra norms are layer
-submodules (``post_self_attn_layernorm``, ``post_mlp_layernorm``), so checkpoints name them
-``decoder.layers.N.post_self_attn_layernorm.weight`` / ``...post_mlp_layernorm.weight``.
+Here:
+
+* :class:`SandwichTransformerLayer`, a ``TransformerLayer`` whose bias-dropout-add steps first
+  normalise the sublayer output with its own RMSNorm. Its two extra norms are layer submodules
+  (``post_self_attn_layernorm``, ``post_mlp_layernorm``), so checkpoints name them
+  ``decoder.layers.N.post_self_attn_layernorm.weight`` / ``...post_mlp_layernorm.weight``.
+  Their initial weight is the layer's ``post_norm_init_gain`` (depth-scaled sandwich norm:
+  Trinity starts them at 1 / num_layers); ``models.init`` asks the layer via
+  ``initial_values()``.
+* :func:`enable_mup_embedding_scale`: AFMoE's ``mup_enabled`` multiplies the input embeddings
+  by sqrt(hidden_size). megatron-core's ``LanguageModelEmbedding`` has no multiplier, so a
+  forward hook scales its output (the MTP layers embed through the same module).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import torch
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import (
@@ -101,6 +109,43 @@ class SandwichTransformerLayer(TransformerLayer):
         self.self_attn_bda = _NormThenBiasDropoutAdd(self.post_self_attn_layernorm,
                                                      self.self_attn_bda)
         self.mlp_bda = _NormThenBiasDropoutAdd(self.post_mlp_layernorm, self.mlp_bda)
+        self.post_norm_init_gain = 1.0
+
+    def set_post_norm_init_gain(self, gain: float) -> None:
+        """Start the post-sublayer norm weights at ``gain`` (now, and in ``models.init``)."""
+        self.post_norm_init_gain = float(gain)
+        with torch.no_grad():
+            for weight in self.initial_values():
+                weight.fill_(self.post_norm_init_gain)
+
+    def initial_values(self) -> dict:
+        """{parameter: initial value} for the parameters not initialised like the defaults."""
+        return {norm.weight: self.post_norm_init_gain
+                for norm in (self.post_self_attn_layernorm, self.post_mlp_layernorm)
+                if isinstance(getattr(norm, "weight", None), torch.Tensor)}
+
+
+def set_post_norm_init_gain(model: torch.nn.Module, gain: float) -> None:
+    """Depth-scaled sandwich norm: every sandwich layer's post-norms start at ``gain``."""
+    for module in model.modules():
+        if isinstance(module, SandwichTransformerLayer):
+            module.set_post_norm_init_gain(gain)
+
+
+def _scale_output(module, inputs, output):
+    return output * module.mup_embedding_scale
+
+
+def enable_mup_embedding_scale(model: torch.nn.Module, hidden_size: int) -> None:
+    """Multiply ``model.embedding``'s output by sqrt(hidden_size) (AFMoE ``mup_enabled``).
+
+    Elementwise, so it commutes with the embedding's dropout and sequence-parallel scatter."""
+    embedding = getattr(model, "embedding", None)
+    if embedding is None:  # a pipeline stage without the embedding
+        return
+    if getattr(embedding, "mup_embedding_scale", None) is None:
+        embedding.register_forward_hook(_scale_output)
+    embedding.mup_embedding_scale = float(hidden_size) ** 0.5
 
 
 def sandwich_layer_spec(layer_spec: ModuleSpec, norm: Union[ModuleSpec, type]) -> ModuleSpec:

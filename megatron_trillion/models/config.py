@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_trillion.models.presets import ModelPreset, resolve_preset
-from megatron_trillion.models import specs
+from megatron_trillion.models import afmoe, specs
+from megatron_trillion.models.router_balance import configure_expert_bias_update
 
 _PARALLEL_FIELDS = {
     "tensor_model_parallel_size": "get_tensor_model_parallel_world_size",
@@ -227,6 +228,13 @@ def build_model(
         vp_stage=vp_stage,
     )
     mask_padded_logits(model, p.vocab_size)
+    # What megatron-core's GPTModel does not express (models.afmoe, models.router_balance).
+    if p.sandwich_norm and p.sandwich_post_norm_init != "one":
+        afmoe.set_post_norm_init_gain(model, p.post_norm_init_gain)
+    if p.mup_enabled:
+        afmoe.enable_mup_embedding_scale(model, p.hidden_size)
+    if p.is_moe and p.moe_router_enable_expert_bias:
+        configure_expert_bias_update(model, p.expert_bias_update())
     return model
 
 

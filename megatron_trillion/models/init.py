@@ -19,8 +19,10 @@ block at a time).
 
 Distributions (megatron-core's defaults): weights ~ N(0, init_method_std); the output
 projections of residual branches (``linear_proj``, ``linear_fc2``, incl. experts) ~
-N(0, init_method_std / sqrt(2 * num_layers)); norm weights = 1; biases and the MoE expert bias =
-0. Unknown 1-D tensors raise, so a new module type cannot silently get a wrong initialisation.
+N(0, init_method_std / sqrt(2 * num_layers)); norm weights = 1; biases, the MoE expert bias and
+its SMEBU momentum = 0. A module may name constant initial values of its own parameters with
+``initial_values()`` -> {parameter: value} (the depth-scaled sandwich post-norms do). Unknown
+1-D tensors raise, so a new module type cannot silently get a wrong initialisation.
 Vocabulary rows (embedding, output layer) are drawn as if the tensor had exactly the tokenizer's
 rows, so the padding for the TP size (``models.vocab``) changes no real row; padded rows are 0.
 """
@@ -70,7 +72,8 @@ def _seed_for(seed: int, key: str, prefix: tuple, block: int) -> int:
 
 def _kind(key: str, ndim: int) -> str:
     name = key.rsplit(".", 1)[-1]
-    if name == "expert_bias" or name == "bias" or name.endswith("_bias"):
+    if name in ("expert_bias", "expert_bias_momentum") or name == "bias" or \
+            name.endswith("_bias"):
         return "zeros"
     if "norm" in key and name.endswith("weight"):
         return "ones"
@@ -121,11 +124,17 @@ def initialize_weights(model_chunks, seed: int, *, init_method_std: Optional[flo
     std = config.init_method_std if init_method_std is None else init_method_std
     layers = config.num_layers if num_layers is None else num_layers
     out_std = std / math.sqrt(2.0 * layers)
+    constants = _module_initial_values(model_chunks)
     written = 0
     vocab_size = unpadded_vocab_size(module)
     for shard in _iter_shards(model_chunks):
         data = shard.data
         n_pre = shard.prepend_axis_num
+        constant = constants.get((data.data_ptr(), data.numel()))
+        if constant is not None:
+            data.fill_(constant)
+            written += data.numel()
+            continue
         kind = _kind(shard.key, len(shard.global_shape) - n_pre)
         if kind in ("zeros", "ones"):
             data.fill_(0.0 if kind == "zeros" else 1.0)
@@ -155,6 +164,18 @@ def initialize_weights(model_chunks, seed: int, *, init_method_std: Optional[flo
         index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], local[1:]))
         data[: rows.size(0)].copy_(rows[index].to(data.dtype))
     return written
+
+
+def _module_initial_values(model_chunks) -> dict:
+    """{(data pointer, numel): value} of the parameters whose modules name their initial value
+    (such parameters are never sharded: their shard is the whole tensor)."""
+    values = {}
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if hasattr(module, "initial_values"):
+                for tensor, value in module.initial_values().items():
+                    values[(tensor.data_ptr(), tensor.numel())] = float(value)
+    return values
 
 
 def _owner_lookup(model_chunks) -> dict:

@@ -22,12 +22,12 @@ including the input embedding row and the output layer.
   dFFN = 592, i.e. FFN ~ 11,600. We round to the nearest multiple of 256 (tensor-parallel and
   GEMM friendly): FFN 11,520 -> 7.728B (-0.4%). Long-context RoPE theta 1,000,000 as in
   trillion-7b-32k.
-* **tri-21b** (32 layers, 32 query heads / 8 KV heads, vocab 124,416, context 8192, 20.73B).
-  Hidden and FFN are free. With 32 heads, hidden = 32 x head_dim; for each candidate head_dim
-  the FFN that hits 20.73B is: 160 -> hidden 5120, FFN 35,316 (ratio 6.9, far outside the
-  SwiGLU range 2.7-4.5); 192 -> hidden 6144, FFN 27,433 (ratio 4.47); 224 -> hidden 7168,
-  FFN 21,559 (ratio 3.0 but an unusual head dim). We take hidden 6144 (head dim 192) and round
-  the FFN to a multiple of 256: 27,392 -> 20.706B (-0.1%).
+* **tri-21b**: the published base shape. The Tri-21B model card (reference 001) gives 32 query /
+  8 KV heads, vocab 124,416, context 8192 and 20.73B parameters; its "32 layers" cannot reach
+  20.73B with any SwiGLU-range FFN. The Tri-21B-Think model card (whose base model is Tri-21B)
+  gives the rest: 40 layers, hidden 5,120, head dim 160 (= 5120 / 32 heads), FFN 27,392.
+  Untied embeddings (2 x 124,416 x 5,120 = 1.274B) + 40 x (attention 65.5M + SwiGLU 420.7M)
+  = 20.726B (published 20.73B, -0.02%).
 * **trinity-large** (AFMoE, transformers' ``AfmoeForCausalLM``; ~398B total / ~13B active).
   Public: 60 layers of which the first 6 are dense, hidden 3072, 48 query heads / 8 KV heads,
   256 routed experts top-4 + 1 shared expert, sigmoid router with expert bias, QK-norm, gated
@@ -38,9 +38,14 @@ including the input embedding row and the output layer.
   ~393B in 257 experts of 3 x 3072 x F_e weights -> F_e = 3072.6 -> **moe FFN 3072** (total
   398.41B, +0.1%). Active = embeddings + attention + 6 dense FFNs + 54 x (router + 5 experts):
   13B requires dense FFN ~ 8,000 -> **dense FFN 8192** (2.67 x hidden, the Llama ratio;
-  13.15B active, +1.1%). Trinity does not use MTP (mtp_num_layers 0). Not modelled: AFMoE's
-  ``mup_enabled`` embedding scale (megatron-core has no hook for it; Trinity's flag value is not
-  assumed), "depth-scaled" initial values of the post-norm weights (an init detail).
+  13.15B active, +1.1%). Trinity does not use MTP (mtp_num_layers 0).
+  Training details from the Trinity Large technical report (arXiv 2602.17004; its text was not
+  reachable here, the figures come from secondary write-ups of it): the router bias moves by
+  **SMEBU** (rate 5e-4, momentum 0.5, clamp scale 2; ``models.router_balance``) instead of
+  megatron-core's sign rule; the input embeddings are scaled by sqrt(hidden) (AFMoE's
+  ``mup_enabled``); the sandwich post-norm weights start **depth-scaled**, at 1 / num_layers
+  (the write-up's formula lost its typesetting, 1/sqrt(L) is the other reading;
+  ``sandwich_post_norm_init`` selects either), the pre-norms at 1.
 
 Tiny variants (``tiny-*``) keep every code path of their parent (MHA vs GQA, MoE with dense
 first layer, shared expert, sigmoid router + expert bias, QK-norm, gated attention, sandwich
@@ -95,6 +100,11 @@ class ModelPreset:
     """AFMoE applies RoPE only on local layers (global layers are NoPE)."""
     sandwich_norm: bool = False
     """RMSNorm after attention and after the MLP, before the residual add (AFMoE)."""
+    sandwich_post_norm_init: str = "one"
+    """Initial weight of those post-sublayer norms: "one", "inverse_depth" (1 / num_layers)
+    or "inverse_sqrt_depth" (1 / sqrt(num_layers)) - depth-scaled sandwich norm."""
+    mup_enabled: bool = False
+    """Multiply the input embeddings by sqrt(hidden_size) (AFMoE's ``mup_enabled``)."""
 
     # Mixture of experts (None = dense).
     num_experts: Optional[int] = None
@@ -106,6 +116,12 @@ class ModelPreset:
     moe_router_score_function: str = "sigmoid"
     moe_router_enable_expert_bias: bool = True
     moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias_update_style: str = "sign"
+    """"sign" (megatron-core's rule) or "smebu" (see models.router_balance)."""
+    moe_router_bias_update_momentum: float = 0.5
+    """SMEBU's momentum beta."""
+    moe_router_bias_update_clamp_scale: float = 2.0
+    """SMEBU's kappa in tanh(kappa * normalised violation)."""
     moe_router_topk_scaling_factor: Optional[float] = None
     """AFMoE ``route_scale`` (applied after top-k normalisation)."""
     moe_aux_loss_coeff: float = 0.0
@@ -113,6 +129,21 @@ class ModelPreset:
     # Published sizes, for the parameter-count test (None = not published).
     published_total_params: Optional[float] = None
     published_active_params: Optional[float] = None
+
+    @property
+    def post_norm_init_gain(self) -> float:
+        """The initial weight of the sandwich post-sublayer norms."""
+        return {"one": 1.0, "inverse_depth": 1.0 / self.num_layers,
+                "inverse_sqrt_depth": self.num_layers ** -0.5}[self.sandwich_post_norm_init]
+
+    def expert_bias_update(self):
+        """The router bias rule (``models.router_balance.ExpertBiasUpdate``)."""
+        from megatron_trillion.models.router_balance import ExpertBiasUpdate
+
+        return ExpertBiasUpdate(self.moe_router_bias_update_style,
+                                self.moe_router_bias_update_rate,
+                                self.moe_router_bias_update_momentum,
+                                self.moe_router_bias_update_clamp_scale)
 
     @property
     def head_dim(self) -> int:
@@ -170,6 +201,23 @@ class ModelPreset:
             if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
                 errors.append("moe_router_enable_expert_bias needs "
                               "moe_router_score_function='sigmoid'")
+            try:
+                self.expert_bias_update().validate()
+            except ValueError as err:
+                errors.append(str(err))
+            if (self.moe_router_bias_update_style != "sign"
+                    and not self.moe_router_enable_expert_bias):
+                errors.append(f"moe_router_bias_update_style="
+                              f"{self.moe_router_bias_update_style!r} needs "
+                              "moe_router_enable_expert_bias")
+        if not self.is_moe and self.moe_router_bias_update_style != "sign":
+            errors.append(f"moe_router_bias_update_style="
+                          f"{self.moe_router_bias_update_style!r} needs an MoE preset")
+        if self.sandwich_post_norm_init not in ("one", "inverse_depth", "inverse_sqrt_depth"):
+            errors.append(f"sandwich_post_norm_init must be 'one', 'inverse_depth' or "
+                          f"'inverse_sqrt_depth', got {self.sandwich_post_norm_init!r}")
+        elif self.sandwich_post_norm_init != "one" and not self.sandwich_norm:
+            errors.append("sandwich_post_norm_init needs sandwich_norm")
         if self.global_attn_every_n_layers is not None and self.sliding_window is None:
             errors.append("global_attn_every_n_layers needs sliding_window")
         if not self.rope_on_global_layers and self.sliding_window is None:
@@ -212,11 +260,12 @@ TRI_7B = dataclasses.replace(
 
 TRI_21B = ModelPreset(
     name="tri-21b",
-    num_layers=32,
-    hidden_size=6144,
+    num_layers=40,
+    hidden_size=5120,
     ffn_hidden_size=27392,
     num_attention_heads=32,
     num_query_groups=8,
+    kv_channels=160,
     vocab_size=124416,
     seq_length=8192,
     rotary_base=1_000_000,
@@ -249,6 +298,12 @@ TRINITY_LARGE = ModelPreset(
     moe_router_score_function="sigmoid",
     moe_router_enable_expert_bias=True,
     moe_router_topk_scaling_factor=None,
+    moe_router_bias_update_style="smebu",
+    moe_router_bias_update_rate=5e-4,
+    moe_router_bias_update_momentum=0.5,
+    moe_router_bias_update_clamp_scale=2.0,
+    sandwich_post_norm_init="inverse_depth",
+    mup_enabled=True,
     published_total_params=398e9,
     published_active_params=13e9,
 )
@@ -270,7 +325,7 @@ _TINY_DENSE = dict(
 TINY_TRILLION_7B = dataclasses.replace(TRILLION_7B, name="tiny-trillion-7b", **_TINY_DENSE)
 TINY_TRI_7B = dataclasses.replace(TRI_7B, name="tiny-tri-7b", **_TINY_DENSE)
 TINY_TRI_21B = dataclasses.replace(TRI_21B, name="tiny-tri-21b", num_query_groups=2,
-                                   **_TINY_DENSE)
+                                   kv_channels=None, **_TINY_DENSE)
 TINY_TRINITY = dataclasses.replace(
     TRINITY_LARGE,
     name="tiny-trinity",

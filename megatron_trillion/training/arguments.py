@@ -93,6 +93,16 @@ class ModelArgs:
         "> 0, else none)", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
                                     "none"])
     moe_aux_loss_coeff: Optional[float] = flag(None, "weight of the load-balancing loss")
+    moe_router_bias_update_style: Optional[str] = flag(
+        None, "how the router expert bias moves each step: sign (megatron-core) or smebu "
+        "(Trinity's soft-clamped momentum updates; default: the preset's)",
+        choices=["sign", "smebu"])
+    moe_router_bias_update_rate: Optional[float] = flag(
+        None, "expert bias update rate (sign: the step; smebu: lambda; default: the preset's)")
+    moe_router_bias_update_momentum: Optional[float] = flag(
+        None, "SMEBU momentum beta (default: the preset's)")
+    moe_router_bias_update_clamp_scale: Optional[float] = flag(
+        None, "SMEBU soft-clamp scale kappa in tanh(kappa * violation) (default: the preset's)")
     moe_token_dispatcher_type: str = flag(
         "alltoall", "how tokens reach their experts (flex needs DeepEP on GPU)",
         choices=["allgather", "alltoall", "flex"])
@@ -112,6 +122,8 @@ class ModelArgs:
         names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "kv_channels", "seq_length", "rotary_base", "norm_epsilon",
                  "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
+                 "moe_router_bias_update_style", "moe_router_bias_update_rate",
+                 "moe_router_bias_update_momentum", "moe_router_bias_update_clamp_scale",
                  "mtp_num_layers", "mtp_loss_scaling_factor", "init_method_std")
         overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.untie_embeddings_and_output_weights:
@@ -358,6 +370,9 @@ class LoggingArgs:
     no_progress_bar: bool = flag(False, "disable the progress bar on rank 0")
     device_peak_tflops: Optional[float] = flag(
         None, "peak dense TFLOP/s of one device for MFU (default: H100/H200 BF16 989 on GPU)")
+    moe_empty_expert_warning_steps: int = flag(
+        100, "warn when an MoE expert receives no token for this many consecutive steps "
+        "(0: never)")
 
 
 @dataclass(frozen=True)

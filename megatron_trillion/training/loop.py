@@ -107,6 +107,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     hang_timeout_seconds: Optional[float] = None  # --hang-timeout-seconds (training.watchdog)
     housekeeping: Any = None  # training.housekeeping.Housekeeping (gc, profiler, memory)
+    empty_expert_warning_steps: Optional[int] = 100  # --moe-empty-expert-warning-steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,9 +235,11 @@ def evaluate(run: Run) -> dict:
 
 
 def train(run: Run) -> TrainState:
+    from megatron_trillion.training.expert_bias import RoutingHealth
     from megatron_trillion.training.watchdog import HangWatchdog
 
     state = run.state
+    routing = RoutingHealth(run.model, run.empty_expert_warning_steps)
     is_logging_rank = torch.distributed.get_rank() == 0
     bar = ProgressBar(run.train_iters, state.iteration, enabled=run.progress and is_logging_rank)
     # Without the bar, lines go to run.log (pretrain's `log`), so callers see every line.
@@ -262,6 +265,7 @@ def train(run: Run) -> TrainState:
             previous = run.scheduler.num_steps
             state.iteration += 1
             state.consumed_samples += global_batch
+            routing.record()  # MoE load per layer, on the device (collective over PP)
             if result["skipped"]:
                 state.skipped_iterations += 1
                 state.nan_iterations += 1
@@ -286,7 +290,9 @@ def train(run: Run) -> TrainState:
 
             if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
                 totals.read_into(window, state)
-                _log_iteration(run, state, result, window, global_batch, say)
+                _log_iteration(run, state, result, window, global_batch, say, routing)
+                for line in routing.warnings(state.iteration):
+                    say(line)
                 shown["loss"] = _window_loss(window)
                 shown["tokens_per_second"] = window["tokens"] / max(window["time"], 1e-9)
                 window = _new_window()
@@ -365,7 +371,7 @@ class _DeviceTotals:
 
 
 def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, global_batch: int,
-                   say: Callable[[str], None]) -> None:
+                   say: Callable[[str], None], routing=None) -> None:
     iters = max(window["iters"], 1)
     seconds = max(window["time"], 1e-9)
     tflops = window["flops"] / seconds / run.world_size / 1e12
@@ -379,6 +385,7 @@ def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, glob
         grad_norm=result["grad_norm"], skipped_iterations=state.skipped_iterations,
         nan_iterations=state.nan_iterations, tflops_per_device=tflops, mfu=mfu,
         tokens_per_second=window["tokens"] / seconds,
+        extra=routing.summary() if routing is not None else None,
     )
     say(line)
     if run.writers is not None and torch.distributed.get_rank() == 0:
@@ -388,6 +395,8 @@ def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, glob
                         "throughput/tokens-per-second": window["tokens"] / seconds})
         if result["grad_norm"] is not None and math.isfinite(result["grad_norm"]):
             scalars["grad-norm"] = result["grad_norm"]
+        if routing is not None:
+            scalars.update(routing.per_layer())
         run.writers.scalars(scalars, state.iteration)
 
 

@@ -132,10 +132,27 @@ def model_flag_errors(model: ModelArgs, preset: ModelPreset) -> list[str]:
         for value, flag_text in ((model.moe_ffn_hidden_size, "--moe-ffn-hidden-size"),
                                  (model.moe_aux_loss_coeff, "--moe-aux-loss-coeff"),
                                  (model.moe_router_load_balancing_type,
-                                  "--moe-router-load-balancing-type")):
+                                  "--moe-router-load-balancing-type"),
+                                 (model.moe_router_bias_update_style,
+                                  "--moe-router-bias-update-style"),
+                                 (model.moe_router_bias_update_rate,
+                                  "--moe-router-bias-update-rate"),
+                                 (model.moe_router_bias_update_momentum,
+                                  "--moe-router-bias-update-momentum"),
+                                 (model.moe_router_bias_update_clamp_scale,
+                                  "--moe-router-bias-update-clamp-scale")):
             if value is not None:
                 errors.append(f"{flag_text} is set but the model is dense (give --num-experts "
                               "or a MoE preset)")
+    elif preset.moe_router_bias_update_style == "sign":
+        # SMEBU's constants mean nothing to the sign rule.
+        for value, flag_text in ((model.moe_router_bias_update_momentum,
+                                  "--moe-router-bias-update-momentum"),
+                                 (model.moe_router_bias_update_clamp_scale,
+                                  "--moe-router-bias-update-clamp-scale")):
+            if value is not None:
+                errors.append(f"{flag_text} only applies to --moe-router-bias-update-style "
+                              f"smebu ({where} uses sign)")
     elif model.moe_router_load_balancing_type not in (None, "none", "sinkhorn") and \
             not (model.moe_aux_loss_coeff or preset.moe_aux_loss_coeff):
         errors.append(f"--moe-router-load-balancing-type {model.moe_router_load_balancing_type} "
