@@ -112,6 +112,11 @@ def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
                       moe_token_dispatcher_type=model.moe_token_dispatcher_type)
         if model.moe_router_load_balancing_type is not None:
             kwargs["moe_router_load_balancing_type"] = model.moe_router_load_balancing_type
+    if kwargs["variable_seq_lengths"] and not preset.is_moe:
+        # megatron-core refuses variable lengths with its default (MoE-only) allgather
+        # dispatcher even in a dense model; MoE runs choose theirs
+        # (--moe-token-dispatcher-type).
+        kwargs["moe_token_dispatcher_type"] = "alltoall"
     if train.fp8_format:
         kwargs.update(fp8=train.fp8_format, fp8_amax_history_len=train.fp8_amax_history_len,
                       fp8_amax_compute_algo=train.fp8_amax_compute_algo,
