@@ -507,6 +507,11 @@ def load_checkpoint_dir(path: str, model_chunks: list, optimizer: Any,
     if load_optimizer and optimizer is not None:
         with _param_state_load_without_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        # Weights only (--finetune, --no-load-optim): optimizers that keep their own main
+        # parameters (the distributed optimizer, BF16/FP16) still hold the initial weights and
+        # would write them back over the loaded ones at the first step.
+        optimizer.reload_model_params()
     if rng_ok:
         _set_rng_state(loaded["rng_state"])
     log(f" loaded checkpoint {path} (iteration {common.get('iteration')})")
