@@ -383,8 +383,6 @@ def context_parallel_split(config: PretrainConfig, preset, shape: RunShape):
         ContextParallelSplit,
         tokens_multiple_per_rank,
     )
-    from megatron_trillion.models.specs import resolve_transformer_impl
-
     if shape.parallel.context < 2:
         return None
     multiple = tokens_multiple_per_rank(
@@ -392,9 +390,7 @@ def context_parallel_split(config: PretrainConfig, preset, shape: RunShape):
         sequence_parallel=config.parallel.sequence_parallel)
     return ContextParallelSplit(
         shape.parallel.context, ps.get_context_parallel_rank(),
-        tokens_per_rank_multiple=multiple, mtp=bool(preset.mtp_num_layers),
-        use_transformer_engine=(resolve_transformer_impl(config.model.transformer_impl)
-                                == "transformer_engine"))
+        tokens_per_rank_multiple=multiple, mtp=bool(preset.mtp_num_layers))
 
 
 class ExitSignal:

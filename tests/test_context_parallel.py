@@ -41,6 +41,20 @@ def test_partitioned_indices_are_tes_load_balanced_layout():
         thd_partitioned_indices(torch.tensor([0, 6]), 6, 2, 0)
 
 
+def test_partitioned_indices_equal_tes_kernel():
+    """Where Transformer Engine is installed (GPU), its kernel gives the same indices."""
+    tex = pytest.importorskip("transformer_engine_torch")
+    if not torch.cuda.is_available():
+        pytest.skip("Transformer Engine's index kernel needs a GPU")
+    from megatron_trillion.data.context_parallel import thd_partitioned_indices
+
+    cu = torch.tensor([0, 8, 24, 48], dtype=torch.int32)
+    for cp in (2, 4):
+        for rank in range(cp):
+            theirs = tex.thd_get_partitioned_indices(cu.cuda(), 48, cp, rank)
+            assert theirs.cpu().tolist() == thd_partitioned_indices(cu, 48, cp, rank).tolist()
+
+
 @pytest.mark.parametrize("cp, multiple", [(2, 1), (2, 16), (4, 2)])
 def test_split_pads_every_block_and_keeps_padding_out_of_the_loss(cp, multiple):
     from megatron_trillion.data.context_parallel import ContextParallelSplit

@@ -14,10 +14,12 @@ load-balanced way megatron-core 0.16.1 and TE expect for packed (THD) sequences:
    ``2 x CP - 1 - r`` (TE's ``thd_get_partitioned_indices``: causal attention costs the same on
    every rank). Tokens, labels, loss mask and position ids are split with the same indices.
 
-On GPU the split is megatron-core's ``get_thd_batch_on_this_cp_rank`` (TE computes the
-indices); megatron-core has no CPU version, so :func:`thd_partitioned_indices` is the same index
-arithmetic in torch, used by the CPU attention (``XLDACoreAttention``) and tested against TE's
-documented layout.
+megatron-core's ``get_thd_batch_on_this_cp_rank`` does this split with TE's CUDA kernel
+(``tex.thd_get_partitioned_indices``), which needs the batch on the GPU and TE installed.
+:func:`thd_partitioned_indices` is the same index arithmetic in torch, so the split happens in
+the data loader on CPU, identically with and without a GPU (``XLDACoreAttention`` on CPU and
+TE's attention on GPU read the same layout); the tests compare it with TE's kernel where TE is
+installed.
 
 megatron-core 0.16.1's multi-token-prediction roll (``roll_tensor`` for packed sequences under CP)
 reads ``cu_seqlens_q`` and divides it by CP, i.e. it assumes padded boundaries; with MTP the
@@ -115,21 +117,18 @@ def _cumsum(values: Sequence[int]) -> list[int]:
 
 
 class ContextParallelSplit:
-    """Callable: a collated batch -> this CP rank's share with CP-aware ``PackedSeqParams``.
-
-    ``use_transformer_engine`` selects megatron-core's TE-backed split (GPU) or the same index
-    arithmetic on CPU; ``mtp`` makes ``cu_seqlens_q/kv`` the padded boundaries (see module
-    docstring)."""
+    """Callable: a collated batch -> this CP rank's share with CP-aware ``PackedSeqParams``
+    (those ``get_thd_batch_on_this_cp_rank`` builds); ``mtp`` makes ``cu_seqlens_q/kv`` the
+    padded boundaries (see module docstring)."""
 
     def __init__(self, cp_size: int, cp_rank: int, *, tokens_per_rank_multiple: int = 1,
-                 mtp: bool = False, use_transformer_engine: bool = False) -> None:
+                 mtp: bool = False) -> None:
         if cp_size < 2:
             raise ValueError(f"ContextParallelSplit needs a context-parallel size >= 2, "
                              f"got {cp_size}")
         self.cp_size, self.cp_rank = cp_size, cp_rank
         self.tokens_per_rank_multiple = tokens_per_rank_multiple
         self.mtp = mtp
-        self.use_transformer_engine = use_transformer_engine
 
     def __call__(self, batch: dict) -> dict:
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -137,19 +136,12 @@ class ContextParallelSplit:
         tensors, cu, cu_padded = pad_blocks_for_context_parallel(
             batch, self.cp_size, self.tokens_per_rank_multiple)
         max_padded = int((cu_padded[1:] - cu_padded[:-1]).max())
-        if self.use_transformer_engine:
-            from megatron.core.utils import get_thd_batch_on_this_cp_rank
-
-            tensors, params = get_thd_batch_on_this_cp_rank(
-                tensors, cu, cu_padded, torch.tensor([max_padded]), self.cp_size, self.cp_rank)
-        else:
-            index = thd_partitioned_indices(cu_padded, tensors["tokens"].shape[1], self.cp_size,
-                                            self.cp_rank)
-            tensors = {key: value.index_select(1, index) for key, value in tensors.items()}
-            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     cu_seqlens_q_padded=cu_padded,
-                                     cu_seqlens_kv_padded=cu_padded,
-                                     max_seqlen_q=max_padded, max_seqlen_kv=max_padded)
+        index = thd_partitioned_indices(cu_padded, tensors["tokens"].shape[1], self.cp_size,
+                                        self.cp_rank)
+        tensors = {key: value.index_select(1, index) for key, value in tensors.items()}
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
+                                 max_seqlen_q=max_padded, max_seqlen_kv=max_padded)
         if self.mtp:
             params.cu_seqlens_q = params.cu_seqlens_kv = cu_padded
         out = dict(batch)
