@@ -383,6 +383,7 @@ def context_parallel_split(config: PretrainConfig, preset, shape: RunShape):
         ContextParallelSplit,
         tokens_multiple_per_rank,
     )
+
     if shape.parallel.context < 2:
         return None
     multiple = tokens_multiple_per_rank(

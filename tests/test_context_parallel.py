@@ -97,9 +97,13 @@ def test_te_thd_context_parallel_limits_are_refused_up_front(tmp_path):
     flags = ["--mock-data", "--seq-length", "128", "--micro-batch-size", "1",
              "--global-batch-size", "4", "--train-iters", "4", "--lr-warmup-iters", "1",
              "--context-parallel-size", "2"]
+    from megatron_trillion.planning import plan_run
+
     config = parse_args(["--preset", "tiny-trinity", *flags])
     with pytest.raises(ConfigError, match="p2p ring, which has no sliding window"):
         validate(config, resolve_model_preset(config), 2, transformer_engine_available=True)
+    with pytest.raises(ValueError, match="p2p ring, which has no sliding window"):
+        plan_run(config, 2)   # the planner plans GPU runs
     validate(config, resolve_model_preset(config), 2, transformer_engine_available=False)
     config = parse_args(["--preset", "tiny-tri-7b", *flags])
     validate(config, resolve_model_preset(config), 2, transformer_engine_available=True)

@@ -182,6 +182,12 @@ class XLDACoreAttention(MegatronModule):
                     f"XLDACoreAttention: packed_seq_params.qkv_format="
                     f"{packed_seq_params.qkv_format!r} is not supported; use 'thd'."
                 )
+            if self.config.context_parallel_size > 1:
+                raise ValueError(
+                    "XLDACoreAttention under context parallelism needs THD packed_seq_params "
+                    "(the split of megatron_trillion.data.context_parallel); without them the "
+                    "sequence chunks of the other CP ranks would be ignored."
+                )
             return self._forward_sbhd(query, key, value, attention_mask,
                                       attn_mask_type or self.attn_mask_type)
         if attention_mask is not None:

@@ -85,7 +85,7 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                           "--pipeline-model-parallel-size >= 2")
     if par.sequence_parallel and par.tensor_model_parallel_size < 2:
         errors.append("--sequence-parallel needs --tensor-model-parallel-size >= 2")
-    errors += _context_parallel_errors(config, preset, transformer_engine_available)
+    errors += context_parallel_errors(config, preset, transformer_engine_available)
     if par.overlap_param_gather and not par.use_distributed_optimizer:
         errors.append("--overlap-param-gather needs --use-distributed-optimizer")
     if config.optimizer.optimizer == "muon" and par.overlap_param_gather:
@@ -349,7 +349,7 @@ def _model_errors(config: PretrainConfig, preset: ModelPreset) -> list[str]:
     return errors
 
 
-def _context_parallel_errors(config: PretrainConfig, preset: ModelPreset,
+def context_parallel_errors(config: PretrainConfig, preset: ModelPreset,
                              transformer_engine_available: bool) -> list[str]:
     """Context parallelism over packed (THD) sequences: what Transformer Engine cannot run.
 
