@@ -475,6 +475,12 @@ def plan_run(config: PretrainConfig, world_size: int, hardware: Hardware = Hardw
         # Without --preset the flags define the model; its vocabulary is --vocab-size.
         preset = resolve_model(config.model, vocab_size=None if config.model.preset
                                else config.data.vocab_size)
+    from megatron_trillion.training.validation import context_parallel_errors
+
+    # Planned runs are GPU runs: context parallelism there is TE's (THD: p2p ring only).
+    unsupported = context_parallel_errors(config, preset, transformer_engine_available=True)
+    if unsupported:
+        raise ValueError("; ".join(unsupported))
     vpp = _virtual_stages(config, preset, config.parallel.pipeline_model_parallel_size)
     lay = Layout.from_config(config, world_size, vpp)
     if preset.num_layers % (lay.pipeline * vpp):

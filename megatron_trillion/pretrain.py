@@ -98,12 +98,20 @@ def build_transformer_config(config: PretrainConfig, preset, shape: RunShape):
         cross_entropy_loss_fusion=kernels.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=kernels.cross_entropy_fusion_impl,
         tp_comm_overlap=kernels.tp_comm_overlap,
+        # Context parallelism pads every attention block to a multiple of 2 x CP, so the tokens
+        # per micro-batch vary: pipeline stages exchange activation shapes first.
+        variable_seq_lengths=(shape.parallel.context > 1 and shape.parallel.pipeline > 1),
     )
     if preset.is_moe:
         kwargs.update(moe_grouped_gemm=kernels.moe_grouped_gemm,
                       moe_token_dispatcher_type=model.moe_token_dispatcher_type)
         if model.moe_router_load_balancing_type is not None:
             kwargs["moe_router_load_balancing_type"] = model.moe_router_load_balancing_type
+    if kwargs["variable_seq_lengths"] and not preset.is_moe:
+        # megatron-core refuses variable lengths with its default (MoE-only) allgather
+        # dispatcher even in a dense model; MoE runs choose theirs
+        # (--moe-token-dispatcher-type).
+        kwargs["moe_token_dispatcher_type"] = "alltoall"
     if train.fp8_format:
         kwargs.update(fp8=train.fp8_format, fp8_amax_history_len=train.fp8_amax_history_len,
                       fp8_amax_compute_algo=train.fp8_amax_compute_algo,
@@ -313,8 +321,8 @@ def build_dataset(config: PretrainConfig, sources, shape: RunShape, eod: int, wo
 
 
 def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: int,
-                       workdir: str, dp_rank: int, chat=None,
-                       log=lambda line: None) -> dict:
+                       workdir: str, dp_rank: int, chat=None, log=lambda line: None,
+                       context_parallel=None) -> dict:
     """Micro-batches of held-out data per language (this rank's share)."""
     from megatron_trillion.training.data import StepBatches
 
@@ -336,7 +344,8 @@ def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: in
             dataset = build_dataset(config, entries, shape, eod, workdir, num_samples=samples,
                                     rho=0.0, anchor_language=language,
                                     masking="document" if masking == "xlda" else masking)
-        batches[language] = StepBatches(dataset, micro, dp_rank, dp).for_step(0, samples)
+        batches[language] = StepBatches(dataset, micro, dp_rank, dp,
+                                        context_parallel).for_step(0, samples)
     return batches
 
 
@@ -353,11 +362,33 @@ def make_step_flops(preset):
     def step_flops(batches: list) -> float:
         blocks = []
         for batch in batches:
-            cu = batch["packed_seq_params"].cu_seqlens_q.tolist()
+            # Under context parallelism: the whole (unpadded) blocks, of which this rank does
+            # 1/CP of the work.
+            cu = batch.get("cu_seqlens_blocks", batch["packed_seq_params"].cu_seqlens_q).tolist()
             blocks.append([b - a for a, b in zip(cu[:-1], cu[1:])])
-        return training_flops(preset, blocks)
+        cp = batches[0].get("context_parallel_size", 1) if batches else 1
+        return training_flops(preset, blocks) / cp
 
     return step_flops
+
+
+def context_parallel_split(config: PretrainConfig, preset, shape: RunShape):
+    """This rank's ``ContextParallelSplit`` of every micro-batch (None without CP)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_trillion.data.context_parallel import (
+        ContextParallelSplit,
+        tokens_multiple_per_rank,
+    )
+
+    if shape.parallel.context < 2:
+        return None
+    multiple = tokens_multiple_per_rank(
+        fp8=bool(config.training.fp8_format), tensor_parallel=shape.parallel.tensor,
+        sequence_parallel=config.parallel.sequence_parallel)
+    return ContextParallelSplit(
+        shape.parallel.context, ps.get_context_parallel_rank(),
+        tokens_per_rank_multiple=multiple, mtp=bool(preset.mtp_num_layers))
 
 
 class ExitSignal:
@@ -485,12 +516,15 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         dataset = _dataset_for(config, sources, shape, eod, workdir, anneal, scheduler, common,
                                say)
         report_sample_index(dataset, say)
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    # The ranks of one context-parallel group read the same samples, each keeping its share.
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
+    cp_split = context_parallel_split(config, preset, shape)
     batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
-                          shape.data_parallel_size, prefetch=config.data.num_workers > 0)
+                          shape.data_parallel_size, cp_split,
+                          prefetch=config.data.num_workers > 0)
     valid_sources = splits.valid or splits.test or []
     eval_batches = build_eval_batches(config, valid_sources, shape, eod, workdir, dp_rank,
-                                      chat, say) if valid_sources else {}
+                                      chat, say, cp_split) if valid_sources else {}
     if scheduler.mtp_loss_scaling is not None and preset.mtp_num_layers:
         set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
 
@@ -534,7 +568,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
             run.train_batches = StepBatches(
                 _anneal_dataset(config, previous.dataset, shape, eod, workdir,
                                 train_state.consumed_samples, say),
-                config.batch.micro_batch_size, dp_rank, shape.data_parallel_size,
+                config.batch.micro_batch_size, dp_rank, shape.data_parallel_size, cp_split,
                 prefetch=config.data.num_workers > 0)
             previous.close()
 
@@ -547,7 +581,9 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
     run = Run(
         model=model, optimizer=optimizer, scheduler=scheduler, rampup=rampup, guard=guard,
         train_batches=batches, train_iters=shape.train_iters,
-        tokens_per_microbatch=config.batch.micro_batch_size * shape.seq_length,
+        # THD: one row of B*S tokens, of which each context-parallel rank holds ~1/CP
+        tokens_per_microbatch=config.batch.micro_batch_size * shape.seq_length
+        // shape.parallel.context,
         step_flops=make_step_flops(preset),
         world_size=torch.distributed.get_world_size(),
         log_interval=config.logging.log_interval, eval_interval=config.eval.eval_interval,

@@ -9,6 +9,7 @@ requeue) runs against stand-in ``srun``/``scontrol``/``scancel``/``torchrun`` ex
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from multiprocess import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -239,3 +242,110 @@ def test_pre_timeout_signal_saves_and_requeues(tmp_path):
     assert (fake / "saved").read_text() == "saved"
     assert (fake / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert (tmp_path / "ckpt").is_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# the context-extension recipe, run for real on CPU at a tiny scale
+
+
+def _write_language_datasets(data_dir: Path, languages: list[str]) -> None:
+    """long_/short_/valid_long_<lang> datasets as the recipe names them: long documents of
+    300-900 tokens, short ones of 8-100. Each language is a fixed Markov chain over its own 64
+    tokens (the next token is the language's successor of the current one 90% of the time), so
+    training on one split lowers the loss on the others within a few steps."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n, lang in enumerate(languages):
+        tokens = 1 + n * 64 + np.arange(64)
+        successor = dict(zip(tokens, rng.permutation(tokens)))
+        for kind, (low, high), docs in (("long", (300, 900), 40), ("short", (8, 100), 200),
+                                        ("valid_long", (300, 900), 8)):
+            prefix = str(data_dir / f"{kind}_{lang}_text_document")
+            builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+            for _ in range(docs):
+                doc = [int(rng.choice(tokens))]
+                for _ in range(int(rng.integers(low, high)) - 2):
+                    doc.append(successor[doc[-1]] if rng.random() < 0.9
+                               else int(rng.choice(tokens)))
+                builder.add_document(np.array(doc + [0], dtype=np.int64), [len(doc) + 1])
+            builder.finalize(prefix + ".idx")
+
+
+def _with(flags: list[str], replace: dict, drop: set) -> list[str]:
+    """``flags`` with the values of ``replace`` swapped in (flags missing are appended) and the
+    flags in ``drop`` (with their values) removed."""
+    out, i = [], 0
+    while i < len(flags):
+        name, j = flags[i], i + 1
+        while j < len(flags) and not flags[j].startswith("--"):
+            j += 1
+        if name in replace:
+            out += [name, *replace.pop(name)]
+        elif name not in drop:
+            out += flags[i:j]
+        i = j
+    for name, values in replace.items():
+        out += [name, *values]
+    return out
+
+
+def _context_extension_run(init_argv: list[str], recipe_argv: list[str]) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+
+    quiet_known_warnings()
+    short: list[float] = []
+    pretrain(parse_args(init_argv), log=lambda line: None,
+             on_step=lambda state, result: short.append(result["lm loss"]))
+    parallel_state.destroy_model_parallel()
+    long: list[float] = []
+    lines: list[str] = []
+    pretrain(parse_args(recipe_argv), log=lines.append,
+             on_step=lambda state, result: long.append(result["lm loss"]))
+    return {"short": short, "long": long, "log": lines}
+
+
+@pytest.mark.slow
+def test_context_extension_recipe_runs_on_cpu(tmp_path):
+    """The recipe's own flags at a tiny scale: a 256-token checkpoint (RoPE theta 1e5) is
+    extended to 1,024 tokens with theta 1e6 under CP2 with the 60/40 long/short mix per
+    language; the loss is finite and falls."""
+    languages = ["en", "ko", "ja"]
+    _write_language_datasets(tmp_path / "data", languages)
+    torchrun, flags = _split(_dry_run("tri_7b/context_extension.sbatch", tmp_path,
+                                      LANGS=" ".join(languages)))
+    assert flags[flags.index("--load") + 1] == str(tmp_path / "init")
+    assert "--finetune" in flags and flags[flags.index("--context-parallel-size") + 1] == "2"
+    tiny = {"--preset": ["tiny-tri-7b"], "--tokenizer-type": ["NullTokenizer"],
+            "--vocab-size": ["4096"], "--micro-batch-size": ["1"], "--global-batch-size": ["2"],
+            "--lr": ["2e-3"], "--min-lr": ["2e-4"], "--lr-warmup-iters": ["1"],
+            "--log-interval": ["1"], "--no-progress-bar": []}
+    # CPU: one tensor-parallel rank (TP x SP runs in the CP2 x TP2 parity test), fp32
+    recipe_argv = _with(flags, {**tiny, "--train-iters": ["6"], "--eval-interval": ["3"],
+                                "--eval-iters": ["1"],
+                                "--tensor-model-parallel-size": ["1"]},
+                        drop={"--train-samples", "--tokenizer-model", "--sequence-parallel",
+                              "--bf16"})
+    assert recipe_argv[recipe_argv.index("--seq-length") + 1] == "32768"
+    recipe_argv = _with(recipe_argv, {"--seq-length": ["1024"]}, set())
+    init_argv = _with(flags, {**tiny, "--train-iters": ["4"], "--seq-length": ["256"],
+                              "--rotary-base": ["100000"], "--save": [str(tmp_path / "init")],
+                              "--tensor-model-parallel-size": ["1"]},
+                      drop={"--train-samples", "--tokenizer-model", "--sequence-parallel",
+                            "--bf16", "--load", "--finetune", "--valid-data-path",
+                            "--eval-interval", "--eval-iters", "--exit-signal-handler"})
+    ranks = run_distributed(_context_extension_run, 2, timeout=900, init_argv=init_argv,
+                            recipe_argv=recipe_argv)
+    result = ranks[0]
+    assert (tmp_path / "init" / "latest_checkpointed_iteration.txt").exists()
+    long = result["long"]
+    assert len(long) == 6 and all(math.isfinite(x) for x in long), long
+    assert long[-1] < long[0], (result["short"], long)
+    validation = [float(re.search(r"\| lm loss value: (\S+) \|", line).group(1))
+                  for line in result["log"] if line.lstrip().startswith("validation loss at")]
+    assert len(validation) == 2 and validation[1] < validation[0], validation

@@ -245,7 +245,7 @@ def test_bad_inputs_raise_actionable_errors():
              packed_seq_params=_packed([0, 10]))
     with pytest.raises(ValueError, match="key/value groups"):
         attn(q, q, q, None, packed_seq_params=_packed([0, 10]))
-    with pytest.raises(ValueError, match="context parallel"):
+    with pytest.raises(ValueError, match="context-parallel process group has 1 ranks"):
         _attention(_config(context_parallel_size=2))
 
 

@@ -39,12 +39,17 @@ local spec norm rejects sequence parallel on CPU), sliding-window
 attention (``config.window_size = (left, right)`` with megatron/TE semantics: query i sees keys
 ``j`` with ``i - left <= j <= i + right``; with causal masking right is 0; applied to the layers
 selected by ``config.window_attn_skip_freq``), ``softmax_scale``, attention dropout.
-Not supported (raises): context parallel > 1 (use TE on GPU), ``softmax_type`` other than
-``"vanilla"``, padded cu_seqlens that differ from the unpadded ones.
+Context parallelism (THD): each CP rank holds its load-balanced share of every block (the
+layout of ``megatron_trillion.data.context_parallel``, TE's); keys/values are all-gathered over
+the CP group per layer with a reduce-scatter backward, causality and block boundaries as without
+CP (``_forward_thd_context_parallel``).
+Not supported (raises): ``softmax_type`` other than ``"vanilla"``; padded cu_seqlens that differ
+from the unpadded ones without context parallelism.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -102,12 +107,6 @@ class XLDACoreAttention(MegatronModule):
         require_packed_seq_params: bool = False,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "XLDACoreAttention (the CPU attention path) does not support context parallelism "
-                f"(--context-parallel-size={config.context_parallel_size}); use the Transformer "
-                "Engine spec on GPU or set --context-parallel-size 1."
-            )
         if config.softmax_type != "vanilla":
             raise ValueError(
                 f"XLDACoreAttention supports softmax_type='vanilla' only, got "
@@ -119,8 +118,16 @@ class XLDACoreAttention(MegatronModule):
         self.require_packed_seq_params = bool(require_packed_seq_params)
 
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
         self.pg_collection = pg_collection
+        self.cp_group = getattr(pg_collection, "cp", None)
+        cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        if cp_size != config.context_parallel_size:
+            raise ValueError(
+                f"XLDACoreAttention: context_parallel_size={config.context_parallel_size} but the "
+                f"context-parallel process group has {cp_size} ranks."
+            )
         tp_size = pg_collection.tp.size()
         self.num_heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.num_groups_per_partition = divide(config.num_query_groups, tp_size)
@@ -175,6 +182,12 @@ class XLDACoreAttention(MegatronModule):
                     f"XLDACoreAttention: packed_seq_params.qkv_format="
                     f"{packed_seq_params.qkv_format!r} is not supported; use 'thd'."
                 )
+            if self.config.context_parallel_size > 1:
+                raise ValueError(
+                    "XLDACoreAttention under context parallelism needs THD packed_seq_params "
+                    "(the split of megatron_trillion.data.context_parallel); without them the "
+                    "sequence chunks of the other CP ranks would be ignored."
+                )
             return self._forward_sbhd(query, key, value, attention_mask,
                                       attn_mask_type or self.attn_mask_type)
         if attention_mask is not None:
@@ -183,6 +196,8 @@ class XLDACoreAttention(MegatronModule):
                 "XLDACoreAttention: pass attention_mask=None with packed_seq_params; the "
                 "attention blocks come from packed_seq_params.cu_seqlens_q."
             )
+        if self.config.context_parallel_size > 1:
+            return self._forward_thd_context_parallel(query, key, value, packed_seq_params)
         return self._forward_thd(query, key, value, packed_seq_params)
 
     # ------------------------------------------------------------------------------------------
@@ -218,6 +233,74 @@ class XLDACoreAttention(MegatronModule):
             for block, piece in zip(blocks, out.transpose(1, 2).unbind(0)):
                 outputs[block] = piece[:lengths[block]]                  # [L, H, dv]
         out = torch.cat([o for o in outputs if o is not None], dim=0)    # [T, H, dv]
+        return out.reshape(out.shape[0], -1)
+
+    # ------------------------------------------------------------------------------------------
+    # THD under context parallelism: this rank's two chunks of every block against the whole block
+
+    def _forward_thd_context_parallel(self, query: Tensor, key: Tensor, value: Tensor,
+                                      params: PackedSeqParams) -> Tensor:
+        """Block-causal attention for the load-balanced THD split of
+        ``megatron_trillion.data.context_parallel`` (TE's layout): of every padded block of
+        ``P`` tokens this rank holds chunks ``r`` and ``2 CP - 1 - r`` of ``P / 2 CP`` tokens.
+
+        The keys/values of all CP ranks are all-gathered once per layer (megatron-core's
+        sequence-parallel gather: its backward reduce-scatters, so the gradients of remote keys
+        and values flow back to the ranks that own them), put back in row order, and each local
+        query attends to the keys of its own block at positions <= its own. Queries on padding
+        (past the block's real length in ``cu_seqlens_q``) output zeros, as TE's do."""
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        from megatron_trillion.data.context_parallel import thd_partitioned_indices
+
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError(
+                "XLDACoreAttention THD path expects q/k/v of shape [tokens, heads, head_dim]; got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+            )
+        self._check_heads(query.shape[1], key.shape[1], value.shape[1])
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        real, padded = _context_parallel_block_lengths(params, query.shape[0], cp)
+        total = sum(padded)
+
+        key_all, value_all = (gather_from_sequence_parallel_region(x, group=self.cp_group)
+                              for x in (key, value))          # [total, G, d], rank-major
+        owner_order = torch.cat([thd_partitioned_indices(
+            torch.tensor([0, *itertools.accumulate(padded)]), total, cp, r) for r in range(cp)])
+        to_row = torch.empty_like(owner_order)
+        to_row[owner_order] = torch.arange(total)
+        key_all, value_all = self._expand_groups(key_all.index_select(0, to_row),
+                                                 value_all.index_select(0, to_row), head_dim=1)
+        local = [p // cp for p in padded]
+        q_parts = torch.split(query, local, dim=0)
+        k_parts = torch.split(key_all, padded, dim=0)
+        v_parts = torch.split(value_all, padded, dim=0)
+
+        # Blocks of the same padded length share the query positions, hence one mask and one
+        # batched SDPA call.
+        buckets: dict[int, list[int]] = {}
+        for block, size in enumerate(padded):
+            if size > 0:
+                buckets.setdefault(size, []).append(block)
+        outputs: list[Optional[Tensor]] = [None] * len(padded)
+        for size, blocks in buckets.items():
+            chunk = size // (2 * cp)
+            positions = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                                   torch.arange((2 * cp - 1 - rank) * chunk,
+                                                (2 * cp - rank) * chunk)])
+            cols = torch.arange(size).unsqueeze(0)
+            allowed = cols <= positions.unsqueeze(1)
+            if self.window_left is not None:
+                allowed = allowed & (cols >= positions.unsqueeze(1) - self.window_left)
+            q, k, v = (torch.stack([parts[b] for b in blocks]).transpose(1, 2)
+                       for parts in (q_parts, k_parts, v_parts))     # [n, H, len, d]
+            out = self._run_sdpa(q, k, v, allowed, False,
+                                 self.dropout_p if self.training else 0.0)
+            for block, piece in zip(blocks, out.transpose(1, 2).unbind(0)):
+                if real[block] < size:
+                    piece = piece * (positions < real[block]).to(piece.dtype)[:, None, None]
+                outputs[block] = piece                                   # [2 chunk, H, dv]
+        out = torch.cat([o for o in outputs if o is not None], dim=0)
         return out.reshape(out.shape[0], -1)
 
     # ------------------------------------------------------------------------------------------
@@ -326,6 +409,37 @@ def _block_lengths(params: PackedSeqParams, num_tokens: int) -> list[int]:
             f"0, be non-decreasing and end at the number of tokens ({num_tokens})."
         )
     return [b - a for a, b in zip(cu, cu[1:])]
+
+
+def _context_parallel_block_lengths(params: PackedSeqParams, local_tokens: int,
+                                     cp: int) -> tuple[list[int], list[int]]:
+    """(real, padded) block lengths of a context-parallel THD batch, validated."""
+    cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
+    pad_q, pad_kv = params.cu_seqlens_q_padded, params.cu_seqlens_kv_padded
+    if cu_q is None:
+        raise ValueError("PackedSeqParams.cu_seqlens_q is required by XLDACoreAttention.")
+    if pad_q is None:
+        pad_q = cu_q
+    if pad_kv is None:
+        pad_kv = cu_kv if cu_kv is not None else cu_q
+    if (cu_kv is not None and not torch.equal(cu_q.cpu(), cu_kv.cpu())) or \
+            not torch.equal(pad_q.cpu(), pad_kv.cpu()):
+        raise ValueError("XLDACoreAttention is self-attention: the q and kv cu_seqlens (and "
+                         "their padded versions) must be equal.")
+    cu = [int(x) for x in cu_q.reshape(-1).tolist()]
+    cu_padded = [int(x) for x in pad_q.reshape(-1).tolist()]
+    real = [b - a for a, b in zip(cu, cu[1:])]
+    padded = [b - a for a, b in zip(cu_padded, cu_padded[1:])]
+    if (len(real) != len(padded) or cu_padded[0] != 0
+            or any(p % (2 * cp) or n > p or n < 0 for n, p in zip(real, padded))
+            or cu_padded[-1] != local_tokens * cp):
+        raise ValueError(
+            f"context parallel {cp}: cu_seqlens_q_padded={cu_padded[:8]}... must start at 0, "
+            f"have blocks that are multiples of 2 x CP ({2 * cp}) tokens holding the real "
+            f"lengths of cu_seqlens_q={cu[:8]}..., and end at CP x the {local_tokens} local "
+            "tokens (split the batch with megatron_trillion.data.context_parallel)."
+        )
+    return real, padded
 
 
 def _bucket_length(length: int) -> int:

@@ -507,6 +507,11 @@ def load_checkpoint_dir(path: str, model_chunks: list, optimizer: Any,
     if load_optimizer and optimizer is not None:
         with _param_state_load_without_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        # Weights only (--finetune, --no-load-optim): with BF16/FP16 the optimizer's fp32 main
+        # copies still hold the initial weights and its first step would write them back over
+        # the loaded ones (Megatron-LM reloads them the same way).
+        optimizer.reload_model_params()
     if rng_ok:
         _set_rng_state(loaded["rng_state"])
     log(f" loaded checkpoint {path} (iteration {common.get('iteration')})")

@@ -270,23 +270,31 @@ class StepBatches:
     step's micro-batches (assuming the same global batch size) while this step trains; a step
     whose batch size changed (a ramp-up) is read directly. One thread: the packed dataset's
     stream caches are not shared between threads, and one reader already hides the reads.
+
+    ``dp_rank``/``dp_size`` exclude context parallelism: the ranks of one CP group read the same
+    samples and ``context_parallel`` (a ``data.context_parallel.ContextParallelSplit``, None
+    without CP) keeps this rank's share of every micro-batch.
     """
 
     def __init__(self, dataset, micro_batch: int, dp_rank: int, dp_size: int,
-                 prefetch: bool = False) -> None:
+                 context_parallel=None, prefetch: bool = False) -> None:
         self.dataset = dataset
         self.micro_batch = micro_batch
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.context_parallel = context_parallel
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._ahead = None  # ((consumed, global_batch), Future)
 
     def _read(self, consumed: int, global_batch: int) -> list[dict]:
-        return [
-            pin_batch(collate_packed([self.dataset[i] for i in indices]))
+        batches = [
+            collate_packed([self.dataset[i] for i in indices])
             for indices in microbatch_indices(consumed, global_batch, self.micro_batch,
                                               self.dp_rank, self.dp_size)
         ]
+        if self.context_parallel is not None:
+            batches = [self.context_parallel(batch) for batch in batches]
+        return [pin_batch(batch) for batch in batches]
 
     def for_step(self, consumed: int, global_batch: int) -> list[dict]:
         if self._pool is None:

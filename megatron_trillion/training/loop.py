@@ -197,7 +197,8 @@ def _step_sample_refs(batches: list, dataset: Any) -> tuple:
     from megatron.core import parallel_state as ps
 
     local = _sample_refs(batches, dataset)
-    group = ps.get_data_parallel_group(with_context_parallel=True)
+    # Context-parallel peers hold shares of the same samples: gather over data parallel only.
+    group = ps.get_data_parallel_group(with_context_parallel=False)
     gathered: list = [None] * torch.distributed.get_world_size(group)
     torch.distributed.all_gather_object(gathered, local, group=group)
     return tuple(ref for part in gathered for ref in part)

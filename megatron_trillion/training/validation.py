@@ -85,9 +85,7 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                           "--pipeline-model-parallel-size >= 2")
     if par.sequence_parallel and par.tensor_model_parallel_size < 2:
         errors.append("--sequence-parallel needs --tensor-model-parallel-size >= 2")
-    if par.context_parallel_size > 1 and not transformer_engine_available:
-        errors.append("--context-parallel-size > 1 needs Transformer Engine's attention "
-                      "(GPU); the CPU XLDA attention does not split sequences")
+    errors += context_parallel_errors(config, preset, transformer_engine_available)
     if par.overlap_param_gather and not par.use_distributed_optimizer:
         errors.append("--overlap-param-gather needs --use-distributed-optimizer")
     if config.optimizer.optimizer == "muon" and par.overlap_param_gather:
@@ -348,6 +346,35 @@ def _model_errors(config: PretrainConfig, preset: ModelPreset) -> list[str]:
         if preset.num_experts < 1:
             errors.append(f"--num-experts must be >= 1, got {preset.num_experts}")
         # topk <= experts is a preset error above; EP | experts: validate_parallel_sizes
+    return errors
+
+
+def context_parallel_errors(config: PretrainConfig, preset: ModelPreset,
+                             transformer_engine_available: bool) -> list[str]:
+    """Context parallelism over packed (THD) sequences: what Transformer Engine cannot run.
+
+    Every batch here is THD (attention blocks as cu_seqlens). TE's THD context parallelism is
+    only its p2p (ring) implementation - megatron-core's default ``cp_comm_type`` - and that
+    implementation has no sliding window; FP8 attention has no THD path at all (FP8 GEMMs are
+    fine: their tokens are padded to multiples of 16 per rank). The CPU attention
+    (``XLDACoreAttention``) supports all of these."""
+    from megatron_trillion.models.specs import TRANSFORMER_IMPLS
+
+    cp = config.parallel.context_parallel_size
+    if cp < 2:
+        return []
+    impl = config.model.transformer_impl
+    uses_te = impl == "transformer_engine" or (impl == "auto" and transformer_engine_available)
+    if impl not in TRANSFORMER_IMPLS or not uses_te:
+        return []
+    errors = []
+    if preset.sliding_window is not None:
+        errors.append(
+            f"--context-parallel-size {cp} with --preset {preset.name}'s sliding-window "
+            f"attention ({preset.sliding_window} tokens): Transformer Engine's context "
+            "parallelism for packed (THD) sequences is its p2p ring, which has no sliding "
+            "window (its all-gather and a2a variants have no THD); use "
+            "--context-parallel-size 1 or --transformer-impl local")
     return errors
 
 
