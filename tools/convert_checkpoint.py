@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.warnings import quiet_known_warnings
 
     quiet_known_warnings()
     from megatron_trillion.convert.export import ExportConfig, export_checkpoint

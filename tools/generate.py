@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(the one its --sft run trained with) and stop at the end of the turn")
     args = parser.parse_args(argv)
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.warnings import quiet_known_warnings
 
     quiet_known_warnings()
     from megatron_trillion.inference.generate import (

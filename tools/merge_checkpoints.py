@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="one weight per --load (default: equal; normalised to sum to 1)")
     args = parser.parse_args(argv)
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.warnings import quiet_known_warnings
 
     quiet_known_warnings()
     from megatron_trillion.convert.merge import merge_checkpoints

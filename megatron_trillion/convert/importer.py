@@ -123,7 +123,7 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
     from megatron_trillion.data.tokenizers import HuggingFaceTokenizer
     from megatron_trillion.models.config import build_model
     from megatron_trillion.models.init import initialize_weights
-    from megatron_trillion.pretrain import model_signature
+    from megatron_trillion.models.presets import model_signature
     from megatron_trillion.training.loop import TrainState
 
     hf = HFCheckpointReader(config.load)
