@@ -46,14 +46,12 @@ def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = Non
 
 def tokenizer_config(config: PretrainConfig):
     """The run's tokenizer flags, or None when it has no tokenizer (mock data, NullTokenizer)."""
-    from megatron_trillion.data.tokenizers import TokenizerConfig
+    from megatron_trillion.data.tokenizers import TOKENIZER_TYPE_ALIASES, TokenizerConfig
 
     data = config.data
     if data.mock_data or data.tokenizer_type == "NullTokenizer":
         return None
-    # Megatron-LM's Llama2Tokenizer is a SentencePiece .model read the same way.
-    kind = "SentencePieceTokenizer" if data.tokenizer_type == "Llama2Tokenizer" \
-        else data.tokenizer_type
+    kind = TOKENIZER_TYPE_ALIASES.get(data.tokenizer_type, data.tokenizer_type)
     return TokenizerConfig(tokenizer_type=kind,
                            tokenizer_model=data.tokenizer_model,
                            vocab_file=data.vocab_file, merge_file=data.merge_file)
