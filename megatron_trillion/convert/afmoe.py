@@ -15,16 +15,9 @@ from typing import Iterator
 
 import torch
 
-from megatron_trillion.convert.layout import (
-    GetTensor,
-    decoder_export_steps,
-    decoder_hf_config,
-    decoder_import_tensors,
-    join_swiglu,
-    pack_qkv,
-    split_qkv,
-    split_swiglu,
-)
+from megatron_trillion.convert import layout
+from megatron_trillion.convert.layout import (GetTensor, join_swiglu, pack_qkv, split_qkv,
+                                              split_swiglu)
 from megatron_trillion.models.presets import ModelPreset
 
 ARCHITECTURE = "AfmoeForCausalLM"
@@ -59,7 +52,7 @@ def unsupported_features(p: ModelPreset) -> list[str]:
 def hf_config(p: ModelPreset) -> dict:
     """config.json fields (without dtype / token ids, which the exporter adds)."""
     return {
-        **decoder_hf_config(p, ARCHITECTURE, MODEL_TYPE),
+        **layout.decoder_hf_config(p, ARCHITECTURE, MODEL_TYPE),
         "moe_intermediate_size": p.moe_ffn_hidden_size,
         "num_dense_layers": p.num_dense_layers,
         "num_experts": p.num_experts,
@@ -128,7 +121,7 @@ def export_steps(p: ModelPreset, get: GetTensor) -> list:
             yield from out.items()
         return produce
 
-    return decoder_export_steps(p, get, layer)
+    return layout.decoder_export_steps(p, get, layer)
 
 
 def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -161,7 +154,7 @@ def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.
                                                              get(src + "mlp.up_proj.weight"))
             yield dst + "mlp.linear_fc2.weight", get(src + "mlp.down_proj.weight")
 
-    return decoder_import_tensors(p, get, layer)
+    return layout.decoder_import_tensors(p, get, layer)
 
 
 def _import_experts(p: ModelPreset, get: GetTensor, src: str, dst: str):

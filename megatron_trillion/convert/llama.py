@@ -7,16 +7,9 @@ from typing import Iterator
 
 import torch
 
-from megatron_trillion.convert.layout import (
-    GetTensor,
-    decoder_export_steps,
-    decoder_hf_config,
-    decoder_import_tensors,
-    join_swiglu,
-    pack_qkv,
-    split_qkv,
-    split_swiglu,
-)
+from megatron_trillion.convert import layout
+from megatron_trillion.convert.layout import (GetTensor, join_swiglu, pack_qkv, split_qkv,
+                                              split_swiglu)
 from megatron_trillion.models.presets import ModelPreset
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -37,7 +30,7 @@ def unsupported_features(p: ModelPreset) -> list[str]:
 
 def hf_config(p: ModelPreset) -> dict:
     """config.json fields (without dtype / token ids, which the exporter adds)."""
-    return {**decoder_hf_config(p, ARCHITECTURE, MODEL_TYPE), "mlp_bias": False}
+    return {**layout.decoder_hf_config(p, ARCHITECTURE, MODEL_TYPE), "mlp_bias": False}
 
 
 def export_steps(p: ModelPreset, get: GetTensor) -> list:
@@ -62,7 +55,7 @@ def export_steps(p: ModelPreset, get: GetTensor) -> list:
             }.items()
         return produce
 
-    return decoder_export_steps(p, get, layer)
+    return layout.decoder_export_steps(p, get, layer)
 
 
 def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -80,4 +73,4 @@ def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.
                                                          get(src + "mlp.up_proj.weight"))
         yield dst + "mlp.linear_fc2.weight", get(src + "mlp.down_proj.weight")
 
-    return decoder_import_tensors(p, get, layer)
+    return layout.decoder_import_tensors(p, get, layer)
