@@ -550,7 +550,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         device_peak_tflops=config.logging.device_peak_tflops or _default_peak(),
         writers=writers, progress=not config.logging.no_progress_bar, log=say, state=state,
         on_step=on_step,
-        hang_timeout_seconds=config.training.hang_timeout_seconds,  # issue 11: watchdog
+        hang_timeout_seconds=config.training.hang_timeout_seconds,
         housekeeping=housekeeping,
     )
     try:
