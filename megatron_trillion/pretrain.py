@@ -7,7 +7,6 @@ schedules and data, resume from ``--load``, train, save.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -17,8 +16,10 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_trillion.errors import UserError
+from megatron_trillion.models.presets import model_signature
 from megatron_trillion.models.vocab import padded_vocab_size
 from megatron_trillion.platform.device import compute_device
+from megatron_trillion.platform.warnings import quiet_known_warnings
 from megatron_trillion.training.arguments import PretrainConfig, parse_args, to_flat_dict
 from megatron_trillion.training.validation import (
     RunShape,
@@ -45,14 +46,12 @@ def resolve_model_preset(config: PretrainConfig, vocab_size: Optional[int] = Non
 
 def tokenizer_config(config: PretrainConfig):
     """The run's tokenizer flags, or None when it has no tokenizer (mock data, NullTokenizer)."""
-    from megatron_trillion.data.tokenizers import TokenizerConfig
+    from megatron_trillion.data.tokenizers import TOKENIZER_TYPE_ALIASES, TokenizerConfig
 
     data = config.data
     if data.mock_data or data.tokenizer_type == "NullTokenizer":
         return None
-    # Megatron-LM's Llama2Tokenizer is a SentencePiece .model read the same way.
-    kind = "SentencePieceTokenizer" if data.tokenizer_type == "Llama2Tokenizer" \
-        else data.tokenizer_type
+    kind = TOKENIZER_TYPE_ALIASES.get(data.tokenizer_type, data.tokenizer_type)
     return TokenizerConfig(tokenizer_type=kind,
                            tokenizer_model=data.tokenizer_model,
                            vocab_file=data.vocab_file, merge_file=data.merge_file)
@@ -349,13 +348,6 @@ def build_eval_batches(config: PretrainConfig, sources, shape: RunShape, eod: in
     return batches
 
 
-def model_signature(preset) -> dict:
-    fields = dataclasses.asdict(preset)
-    fields["num_query_groups"] = preset.query_groups
-    fields["kv_channels"] = preset.head_dim
-    return fields
-
-
 def make_step_flops(preset):
     from megatron_trillion.training.flops import training_flops
 
@@ -594,7 +586,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None):
         device_peak_tflops=config.logging.device_peak_tflops or _default_peak(),
         writers=writers, progress=not config.logging.no_progress_bar, log=say, state=state,
         on_step=on_step,
-        hang_timeout_seconds=config.training.hang_timeout_seconds,  # issue 11: watchdog
+        hang_timeout_seconds=config.training.hang_timeout_seconds,
         housekeeping=housekeeping,
         empty_expert_warning_steps=config.logging.moe_empty_expert_warning_steps,
     )
@@ -687,20 +679,6 @@ def _default_peak() -> Optional[float]:
 
 # --------------------------------------------------------------------------------------------
 # CLI
-
-
-def quiet_known_warnings() -> None:
-    """megatron-core warns on every rank about what a CPU host lacks (TE, apex) and about a
-    `.grad` probe of its own; neither is actionable for a user."""
-    import warnings
-
-    for message in (".*Transformer Engine.*", ".*Apex is not installed.*",
-                    ".*The .grad attribute of a Tensor that is not a leaf.*",
-                    ".*full scope is deprecated.*", ".*Please use DTensor instead.*",
-                    ".*`load_state_dict` is deprecated.*"):
-        warnings.filterwarnings("ignore", message=message)
-    # torch.distributed's own deprecation notices about collectives megatron-core calls.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def _set_logging_level(level: Optional[int]) -> None:

@@ -19,31 +19,19 @@ def _tool_main(name: str):
     return module.main
 
 
-def preprocess_data() -> None:
-    """megatron-trillion-preprocess: see tools/preprocess_data.py."""
-    sys.exit(_tool_main("preprocess_data")())
+def _console_script(name: str):
+    """The console-script function of tools/<name>.py: runs its main() and exits with its status."""
+    def entry() -> None:
+        sys.exit(_tool_main(name)())
+
+    entry.__name__ = name
+    entry.__doc__ = f"Runs tools/{name}.py (its --help says what it does)."
+    return entry
 
 
-def train_tokenizer() -> None:
-    """megatron-trillion-train-tokenizer: see tools/train_tokenizer.py."""
-    sys.exit(_tool_main("train_tokenizer")())
-
-
-def plan() -> None:
-    """megatron-trillion-plan: see tools/plan.py."""
-    sys.exit(_tool_main("plan")())
-
-
-def convert_checkpoint() -> None:
-    """megatron-trillion-convert: see tools/convert_checkpoint.py."""
-    sys.exit(_tool_main("convert_checkpoint")())
-
-
-def build_data_index() -> None:
-    """megatron-trillion-build-data-index: see tools/build_data_index.py."""
-    sys.exit(_tool_main("build_data_index")())
-
-
-def merge_checkpoints() -> None:
-    """megatron-trillion-merge: see tools/merge_checkpoints.py."""
-    sys.exit(_tool_main("merge_checkpoints")())
+preprocess_data = _console_script("preprocess_data")           # megatron-trillion-preprocess
+train_tokenizer = _console_script("train_tokenizer")           # megatron-trillion-train-tokenizer
+plan = _console_script("plan")                                 # megatron-trillion-plan
+convert_checkpoint = _console_script("convert_checkpoint")     # megatron-trillion-convert
+build_data_index = _console_script("build_data_index")         # megatron-trillion-build-data-index
+merge_checkpoints = _console_script("merge_checkpoints")       # megatron-trillion-merge

@@ -249,21 +249,21 @@ def _fake_checkpoint(root, iteration: int, partial: bool = False) -> str:
 
 
 def test_publish_keeps_last_k_and_moves_the_tracker_last(tmp_path):
-    from megatron_trillion.training.checkpointing import _publish, read_tracker
+    from megatron_trillion.training.checkpointing import publish_checkpoint, read_tracker
 
     for iteration in (2, 4, 6):
         _fake_checkpoint(tmp_path, iteration, partial=True)
-        _publish(str(tmp_path), iteration, keep_last=2, log=lambda line: None)
+        publish_checkpoint(str(tmp_path), iteration, keep_last=2, log=lambda line: None)
         assert read_tracker(str(tmp_path)) == iteration
     assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000006",
                                             "latest_checkpointed_iteration.txt"]
 
 
 def test_resolve_ignores_partial_and_reports_it(tmp_path):
-    from megatron_trillion.training.checkpointing import _publish, resolve_checkpoint
+    from megatron_trillion.training.checkpointing import publish_checkpoint, resolve_checkpoint
 
     _fake_checkpoint(tmp_path, 2, partial=True)
-    _publish(str(tmp_path), 2, keep_last=None, log=lambda line: None)
+    publish_checkpoint(str(tmp_path), 2, keep_last=None, log=lambda line: None)
     partial = _fake_checkpoint(tmp_path, 4, partial=True)
     lines = []
     assert resolve_checkpoint(str(tmp_path), log=lines.append).endswith("iter_0000002")

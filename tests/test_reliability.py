@@ -1,4 +1,4 @@
-"""Issue 11 reliability contracts (MoE expert bias, zero-token experts, masking by construction,
+"""Reliability contracts (MoE expert bias, zero-token experts, masking by construction,
 up-front validation, hang watchdog, bad-batch record), each pinned by a test.
 
 Process start-up dominates on CPU, so one 2-rank launch (``moe_run``) runs every MoE and

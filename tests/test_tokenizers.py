@@ -138,3 +138,17 @@ def test_errors_name_the_flag(tmp_path, bpe_dir):
         HuggingFaceTokenizer(str(tmp_path / "garbage.json"))
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         SentencePieceTokenizer(str(tmp_path / "garbage.json"))
+
+
+def test_from_run_config_rebuilds_the_saved_tokenizer_flags():
+    from megatron_trillion.data.tokenizers import TokenizerConfig
+
+    assert TokenizerConfig.from_run_config({}) is None
+    assert TokenizerConfig.from_run_config({"tokenizer_type": "NullTokenizer"}) is None
+    assert TokenizerConfig.from_run_config({"tokenizer_type": "HuggingFaceTokenizer"}) is None
+    assert TokenizerConfig.from_run_config(
+        {"tokenizer_type": "Llama2Tokenizer", "tokenizer_model": "sp.model"}) == \
+        TokenizerConfig("SentencePieceTokenizer", "sp.model")
+    assert TokenizerConfig.from_run_config(
+        {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "v.json", "merge_file": "m.txt",
+         "mock_data": False}) == TokenizerConfig("GPT2BPETokenizer", None, "v.json", "m.txt")

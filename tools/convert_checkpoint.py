@@ -63,19 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.single_process import run_single_process
 
-    quiet_known_warnings()
-    from megatron_trillion.convert.export import ExportConfig, export_checkpoint
-    from megatron_trillion.convert.importer import ImportConfig, import_checkpoint
-    from megatron_trillion.platform.distributed import (
-        destroy_distributed,
-        initialize_single_process,
-    )
+    def convert() -> None:
+        from megatron_trillion.convert.export import ExportConfig, export_checkpoint
+        from megatron_trillion.convert.importer import ImportConfig, import_checkpoint
 
-    # megatron-core's checkpoint reader/writer needs a process group: one gloo rank.
-    initialize_single_process()
-    try:
         if args.command == "export":
             export_checkpoint(ExportConfig(
                 load=args.load, save=args.save, dtype=args.dtype, iteration=args.ckpt_step,
@@ -89,12 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 expert_model_parallel_size=args.expert_model_parallel_size,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 seed=args.seed), progress=not args.no_progress_bar)
-    except ValueError as exc:  # CheckpointError and MissingTensorError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+
+    return run_single_process(convert)
 
 
 if __name__ == "__main__":

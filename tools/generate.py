@@ -25,22 +25,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "(the one its --sft run trained with) and stop at the end of the turn")
     args = parser.parse_args(argv)
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.single_process import run_single_process
 
-    quiet_known_warnings()
-    from megatron_trillion.inference.generate import (
-        chat_format,
-        greedy_generate,
-        load_for_inference,
-    )
-    from megatron_trillion.platform.distributed import (
-        destroy_distributed,
-        initialize_single_process,
-    )
-    from megatron_trillion.training.checkpointing import CheckpointError
+    def generate() -> int:
+        from megatron_trillion.inference.generate import (
+            chat_format,
+            greedy_generate,
+            load_for_inference,
+        )
 
-    initialize_single_process()
-    try:
         model, tokenizer, run_config = load_for_inference(args.load)
         if tokenizer is None:
             print("error: the checkpoint's run used no tokenizer (--mock-data)", file=sys.stderr)
@@ -57,12 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 new = greedy_generate(model, tokenizer.encode(prompt), args.max_new_tokens,
                                       eod=tokenizer.eod)
             print(f"{prompt!r} -> {tokenizer.decode(new)!r}")
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+        return 0
+
+    return run_single_process(generate)
 
 
 if __name__ == "__main__":

@@ -30,25 +30,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="one weight per --load (default: equal; normalised to sum to 1)")
     args = parser.parse_args(argv)
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.single_process import run_single_process
 
-    quiet_known_warnings()
-    from megatron_trillion.convert.merge import merge_checkpoints
-    from megatron_trillion.platform.distributed import (
-        destroy_distributed,
-        initialize_single_process,
-    )
+    def merge() -> None:
+        from megatron_trillion.convert.merge import merge_checkpoints
 
-    # megatron-core's checkpoint reader/writer needs a process group: one gloo rank.
-    initialize_single_process()
-    try:
         merge_checkpoints(args.load, args.save, args.weights)
-    except ValueError as exc:  # CheckpointError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+
+    return run_single_process(merge)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,9 @@ from typing import Iterator
 
 import torch
 
-from megatron_trillion.convert.layout import (
-    GetTensor,
-    join_swiglu,
-    pack_qkv,
-    split_qkv,
-    split_swiglu,
-)
+from megatron_trillion.convert import layout
+from megatron_trillion.convert.layout import (GetTensor, join_swiglu, pack_qkv, split_qkv,
+                                              split_swiglu)
 from megatron_trillion.models.presets import ModelPreset
 
 ARCHITECTURE = "AfmoeForCausalLM"
@@ -54,24 +50,11 @@ def unsupported_features(p: ModelPreset) -> list[str]:
 
 
 def hf_config(p: ModelPreset) -> dict:
+    """config.json fields (without dtype / token ids, which the exporter adds)."""
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": p.vocab_size,
-        "hidden_size": p.hidden_size,
-        "intermediate_size": p.ffn_hidden_size,
+        **layout.decoder_hf_config(p, ARCHITECTURE, MODEL_TYPE),
         "moe_intermediate_size": p.moe_ffn_hidden_size,
-        "num_hidden_layers": p.num_layers,
         "num_dense_layers": p.num_dense_layers,
-        "num_attention_heads": p.num_attention_heads,
-        "num_key_value_heads": p.query_groups,
-        "head_dim": p.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": p.seq_length,
-        "rms_norm_eps": p.norm_epsilon,
-        "rope_theta": p.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": p.rotary_base},
-        "tie_word_embeddings": not p.untie_embeddings_and_output_weights,
         "num_experts": p.num_experts,
         "num_experts_per_tok": p.moe_router_topk,
         "num_shared_experts": p.moe_shared_expert_intermediate_size // p.moe_ffn_hidden_size,
@@ -84,9 +67,6 @@ def hf_config(p: ModelPreset) -> dict:
                         for local in p.local_layer_pattern()],
         # Input embeddings x sqrt(hidden_size) (models.afmoe.enable_mup_embedding_scale).
         "mup_enabled": p.mup_enabled,
-        "attention_bias": False,
-        "initializer_range": p.init_method_std,
-        "use_cache": True,
     }
 
 
@@ -94,9 +74,6 @@ def export_steps(p: ModelPreset, get: GetTensor) -> list:
     """[(label, produce)]: ``produce()`` yields (HF name, tensor) for one piece of the model
     (embedding, one layer, head), reading only what it yields next."""
     moe_pattern = p.moe_layer_pattern()
-
-    def embedding():
-        yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
 
     def layer(i):
         def produce():
@@ -144,21 +121,14 @@ def export_steps(p: ModelPreset, get: GetTensor) -> list:
             yield from out.items()
         return produce
 
-    def head():
-        yield "model.norm.weight", get("decoder.final_layernorm.weight")
-        if p.untie_embeddings_and_output_weights:
-            yield "lm_head.weight", get("output_layer.weight")
-
-    return ([("embedding", embedding)]
-            + [(f"layer {i}", layer(i)) for i in range(p.num_layers)]
-            + [("head", head)])
+    return layout.decoder_export_steps(p, get, layer)
 
 
 def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, tensor) pairs from HF tensors (``get`` takes HF names)."""
     moe_pattern = p.moe_layer_pattern()
-    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
-    for i in range(p.num_layers):
+
+    def layer(i):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         yield dst + "input_layernorm.weight", get(src + "input_layernorm.weight")
         yield dst + "self_attention.linear_qkv.weight", pack_qkv(
@@ -183,9 +153,8 @@ def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.
             yield dst + "mlp.linear_fc1.weight", join_swiglu(get(src + "mlp.gate_proj.weight"),
                                                              get(src + "mlp.up_proj.weight"))
             yield dst + "mlp.linear_fc2.weight", get(src + "mlp.down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if p.untie_embeddings_and_output_weights:
-        yield "output_layer.weight", get("lm_head.weight")
+
+    return layout.decoder_import_tensors(p, get, layer)
 
 
 def _import_experts(p: ModelPreset, get: GetTensor, src: str, dst: str):

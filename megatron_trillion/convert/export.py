@@ -77,19 +77,6 @@ def _tokenizer_config(config: ExportConfig, run_config: dict) -> dict:
                                            "merge_file")}
 
 
-def _tokenizer_flags(tok: dict) -> TokenizerConfig:
-    return TokenizerConfig(tokenizer_type=tok["tokenizer_type"],
-                           tokenizer_model=tok.get("tokenizer_model"),
-                           vocab_file=tok.get("vocab_file"), merge_file=tok.get("merge_file"))
-
-
-def _load_tokenizer(tok: dict):
-    if not (tok.get("tokenizer_model") or tok.get("vocab_file")) or \
-            tok.get("tokenizer_type") in (None, "NullTokenizer"):
-        return None
-    return build_tokenizer(_tokenizer_flags(tok))
-
-
 def check_vocab(model_vocab: int, tokenizer, where: str, field: str, advice: str) -> None:
     """A tokenizer with more ids than the embedding has rows would index past it."""
     if tokenizer is not None and tokenizer.vocab_size > model_vocab:
@@ -110,9 +97,10 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
     preset = dataclasses.replace(reader.preset, mtp_num_layers=0)
     arch = architecture_for(preset)
     tok = _tokenizer_config(config, reader.run_config)
-    tokenizer = _load_tokenizer(tok)
+    tokenizer_flags = TokenizerConfig.from_run_config(tok)
+    tokenizer = build_tokenizer(tokenizer_flags) if tokenizer_flags is not None else None
     if tokenizer is not None:
-        drift = tokenizer_drift_warning(reader.run_config, _tokenizer_flags(tok), tokenizer)
+        drift = tokenizer_drift_warning(reader.run_config, tokenizer_flags, tokenizer)
         if drift:
             log(f" WARNING: {drift}")
     check_vocab(preset.vocab_size, tokenizer, tok.get("tokenizer_model") or tok.get("vocab_file"),

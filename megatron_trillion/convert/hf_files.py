@@ -88,18 +88,23 @@ def generation_config(bos: Optional[int], eos: Optional[int]) -> dict:
 
 def copy_tokenizer_files(run_config: dict, directory: str) -> list[str]:
     """Copy the tokenizer the run trained with (its --tokenizer-* flags) into ``directory``."""
-    kind = run_config.get("tokenizer_type")
+    from megatron_trillion.data.tokenizers import TokenizerConfig
+
+    flags = TokenizerConfig.from_run_config(run_config)
     copied = []
+    if flags is None:
+        return copied
+    kind = flags.tokenizer_type
 
     def copy(src: str, name: str) -> None:
         shutil.copyfile(src, os.path.join(directory, name))
         copied.append(name)
 
     if kind == "GPT2BPETokenizer":
-        copy(run_config["vocab_file"], "vocab.json")
-        copy(run_config["merge_file"], "merges.txt")
+        copy(flags.vocab_file, "vocab.json")
+        copy(flags.merge_file, "merges.txt")
         return copied
-    model = run_config.get("tokenizer_model")
+    model = flags.tokenizer_model
     if not model:
         return copied
     if os.path.isdir(model):

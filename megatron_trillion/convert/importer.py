@@ -123,7 +123,7 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
     from megatron_trillion.data.tokenizers import HuggingFaceTokenizer
     from megatron_trillion.models.config import build_model
     from megatron_trillion.models.init import initialize_weights
-    from megatron_trillion.pretrain import model_signature
+    from megatron_trillion.models.presets import model_signature
     from megatron_trillion.training.loop import TrainState
 
     hf = HFCheckpointReader(config.load)
@@ -211,17 +211,16 @@ def save_weights_only(root: str, model, common: dict) -> str:
 
     Unlike a training save there is no optimizer and no RNG state: ``pretrain --finetune``
     requests exactly the model's tensors, and megatron-core's strict loading rejects keys a
-    request does not name. Same directory layout and publish order as
-    ``training.checkpointing`` (write, then rename, then tracker), so a killed import leaves no
-    checkpoint that looks complete.
+    request does not name. Published by ``training.checkpointing.publish_checkpoint``, as a
+    training save is, so a killed import leaves no checkpoint that looks complete.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     from megatron_trillion.training.checkpointing import (
         PARTIAL,
-        TRACKER,
         checkpoint_dir,
+        publish_checkpoint,
         unwrap,
     )
 
@@ -234,9 +233,5 @@ def save_weights_only(root: str, model, common: dict) -> str:
     state = {"model": unwrap(model).sharded_state_dict(
         metadata=ensure_metadata_has_dp_cp_group(None)), "common": common}
     dist_checkpointing.save(state, partial)
-    os.replace(partial, final)
-    tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("0")
-    os.replace(tmp, os.path.join(root, TRACKER))
+    publish_checkpoint(root, 0)
     return final

@@ -10,7 +10,7 @@ The names used by the mappings are those of a TP1 local-spec GPTModel's ``state_
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -58,3 +58,61 @@ def split_swiglu(fc1: torch.Tensor):
 def join_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up], dim=0)
 
+
+
+# --------------------------------------------------------------------------------------------
+# what every decoder architecture shares: config.json fields, embedding and head
+
+
+def decoder_hf_config(p: ModelPreset, architecture: str, model_type: str) -> dict:
+    """The config.json fields every exported decoder has (the architecture adds its own)."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": p.vocab_size,
+        "hidden_size": p.hidden_size,
+        "intermediate_size": p.ffn_hidden_size,
+        "num_hidden_layers": p.num_layers,
+        "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.query_groups,
+        "head_dim": p.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": p.seq_length,
+        "rms_norm_eps": p.norm_epsilon,
+        # transformers 5 reads rope_parameters; vLLM / SGLang / transformers 4 read rope_theta.
+        "rope_theta": p.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": p.rotary_base},
+        "tie_word_embeddings": not p.untie_embeddings_and_output_weights,
+        "attention_bias": False,
+        "initializer_range": p.init_method_std,
+        "use_cache": True,
+    }
+
+
+def decoder_export_steps(p: ModelPreset, get: GetTensor, layer: Callable) -> list:
+    """[(label, produce)]: ``produce()`` yields (HF name, tensor) for one piece of the model
+    (embedding, one layer, head), reading only what it yields next; ``layer(i)`` is layer i's."""
+
+    def embedding():
+        yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
+
+    def head():
+        yield "model.norm.weight", get("decoder.final_layernorm.weight")
+        if p.untie_embeddings_and_output_weights:
+            yield "lm_head.weight", get("output_layer.weight")
+
+    return ([("embedding", embedding)]
+            + [(f"layer {i}", layer(i)) for i in range(p.num_layers)]
+            + [("head", head)])
+
+
+def decoder_import_tensors(p: ModelPreset, get: GetTensor,
+                           layer: Callable) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, tensor) pairs from HF tensors (``get`` takes HF names); ``layer(i)``
+    yields layer i's."""
+    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
+    for i in range(p.num_layers):
+        yield from layer(i)
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if p.untie_embeddings_and_output_weights:
+        yield "output_layer.weight", get("lm_head.weight")

@@ -7,13 +7,9 @@ from typing import Iterator
 
 import torch
 
-from megatron_trillion.convert.layout import (
-    GetTensor,
-    join_swiglu,
-    pack_qkv,
-    split_qkv,
-    split_swiglu,
-)
+from megatron_trillion.convert import layout
+from megatron_trillion.convert.layout import (GetTensor, join_swiglu, pack_qkv, split_qkv,
+                                              split_swiglu)
 from megatron_trillion.models.presets import ModelPreset
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -34,36 +30,12 @@ def unsupported_features(p: ModelPreset) -> list[str]:
 
 def hf_config(p: ModelPreset) -> dict:
     """config.json fields (without dtype / token ids, which the exporter adds)."""
-    return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": p.vocab_size,
-        "hidden_size": p.hidden_size,
-        "intermediate_size": p.ffn_hidden_size,
-        "num_hidden_layers": p.num_layers,
-        "num_attention_heads": p.num_attention_heads,
-        "num_key_value_heads": p.query_groups,
-        "head_dim": p.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": p.seq_length,
-        "rms_norm_eps": p.norm_epsilon,
-        # transformers 5 reads rope_parameters; vLLM / SGLang / transformers 4 read rope_theta.
-        "rope_theta": p.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": p.rotary_base},
-        "tie_word_embeddings": not p.untie_embeddings_and_output_weights,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": p.init_method_std,
-        "use_cache": True,
-    }
+    return {**layout.decoder_hf_config(p, ARCHITECTURE, MODEL_TYPE), "mlp_bias": False}
 
 
 def export_steps(p: ModelPreset, get: GetTensor) -> list:
     """[(label, produce)]: ``produce()`` yields (HF name, tensor) for one piece of the model
     (embedding, one layer, head), reading only that piece."""
-
-    def embedding():
-        yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
 
     def layer(i):
         def produce():
@@ -83,20 +55,13 @@ def export_steps(p: ModelPreset, get: GetTensor) -> list:
             }.items()
         return produce
 
-    def head():
-        yield "model.norm.weight", get("decoder.final_layernorm.weight")
-        if p.untie_embeddings_and_output_weights:
-            yield "lm_head.weight", get("output_layer.weight")
-
-    return ([("embedding", embedding)]
-            + [(f"layer {i}", layer(i)) for i in range(p.num_layers)]
-            + [("head", head)])
+    return layout.decoder_export_steps(p, get, layer)
 
 
 def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, tensor) pairs from HF tensors (``get`` takes HF names)."""
-    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
-    for i in range(p.num_layers):
+
+    def layer(i):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         yield dst + "input_layernorm.weight", get(src + "input_layernorm.weight")
         yield dst + "self_attention.linear_qkv.weight", pack_qkv(
@@ -107,6 +72,5 @@ def import_tensors(p: ModelPreset, get: GetTensor) -> Iterator[tuple[str, torch.
         yield dst + "mlp.linear_fc1.weight", join_swiglu(get(src + "mlp.gate_proj.weight"),
                                                          get(src + "mlp.up_proj.weight"))
         yield dst + "mlp.linear_fc2.weight", get(src + "mlp.down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if p.untie_embeddings_and_output_weights:
-        yield "output_layer.weight", get("lm_head.weight")
+
+    return layout.decoder_import_tensors(p, get, layer)

@@ -63,34 +63,18 @@ class SFTDataError(UserError):
 
 def parse_sft_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tuple]:
     """``[W] [LANG:]FILE.jsonl ...`` -> ``[(weight or None, path, language), ...]``."""
-    if not tokens:
-        raise UserError(f"{flag} is empty")
-    entries, weight = [], None
-    for token in tokens:
-        try:
-            value = float(token)
-        except ValueError:
-            value = None
-        if value is not None:
-            if weight is not None:
-                raise UserError(f"{flag}: two weights in a row ({weight} {token})")
-            if value <= 0:
-                raise UserError(f"{flag}: weights must be > 0, got {token}")
-            weight = value
-            continue
-        lang, sep, path = token.partition(":")
-        if not sep or "/" in lang or not lang:
-            path = token
-            match = _LANG_IN_NAME.search(os.path.basename(token))
-            lang = match.group(1) if match else os.path.basename(token).rsplit(".", 1)[0]
+    from megatron_trillion.data.data_path import split_data_path
+
+    entries = []
+    for weight, path, lang in split_data_path(tokens, flag, "a file", positive_weights=True):
+        if lang is None:
+            match = _LANG_IN_NAME.search(os.path.basename(path))
+            lang = match.group(1) if match else os.path.basename(path).rsplit(".", 1)[0]
         if not path.endswith(".jsonl"):
             raise UserError(f"{flag}: --sft reads chat JSONL files (*.jsonl), got {path!r}")
         if not os.path.isfile(path):
             raise UserError(f"{flag}: {path} does not exist")
         entries.append((weight, path, lang))
-        weight = None
-    if weight is not None:
-        raise UserError(f"{flag}: weight {weight} is not followed by a file")
     weighted = [w is not None for w, _, _ in entries]
     if any(weighted) and not all(weighted):
         raise UserError(f"{flag}: give a weight to every file or to none")

@@ -21,11 +21,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 from megatron_trillion.errors import UserError
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer")
+# Megatron-LM's --tokenizer-type names for a tokenizer read the same way as one of ours:
+# its Llama2Tokenizer is a SentencePiece .model.
+TOKENIZER_TYPE_ALIASES = {"Llama2Tokenizer": "SentencePieceTokenizer"}
 
 # Tried in order when a tokenizer.json comes without a tokenizer_config.json naming its EOS.
 _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>")
@@ -68,6 +71,19 @@ class TokenizerConfig:
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     include_special_tokens: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping) -> Optional["TokenizerConfig"]:
+        """The tokenizer of a checkpoint's saved run configuration (its ``--tokenizer-*``
+        flags), or None when the run had none (mock data, NullTokenizer)."""
+        kind = run_config.get("tokenizer_type")
+        if kind in (None, "NullTokenizer") or not (run_config.get("tokenizer_model")
+                                                   or run_config.get("vocab_file")):
+            return None
+        return cls(tokenizer_type=TOKENIZER_TYPE_ALIASES.get(kind, kind),
+                   tokenizer_model=run_config.get("tokenizer_model"),
+                   vocab_file=run_config.get("vocab_file"),
+                   merge_file=run_config.get("merge_file"))
 
     def files(self) -> list[str]:
         """The files this tokenizer is read from (for fingerprints and error messages)."""

@@ -82,6 +82,30 @@ def load_parallel_items(path: str, languages: Sequence[str]) -> list[ParallelIte
         raise UserError(f"--data {path}: no such file")
     items: list[ParallelItem] = []
     seen: dict[str, str] = {}
+    for where, record in _jsonl_records(path):
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object per line")
+        if "id" not in record:
+            raise UserError(f"{where}: item has no \"id\"")
+        item_id = str(record["id"])
+        if item_id in seen:
+            raise UserError(f"{where}: id {item_id!r} already used at {seen[item_id]}")
+        seen[item_id] = where
+        questions = {}
+        for language in languages:
+            if language not in record:
+                present = sorted(k for k, v in record.items() if isinstance(v, dict))
+                raise UserError(f"{where}: item {item_id!r} has no {language!r} question "
+                                 f"(it has {present})")
+            questions[language] = _question(record[language], f"{where} [{language}]")
+        items.append(ParallelItem(item_id, questions))
+    if not items:
+        raise UserError(f"--data {path}: no items")
+    return items
+
+
+def _jsonl_records(path: str, expected: str = ""):
+    """(``file:line``, parsed value) of each non-blank line; bad JSON is a ``UserError`` there."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             where = f"{path}:{number}"
@@ -90,26 +114,8 @@ def load_parallel_items(path: str, languages: Sequence[str]) -> list[ParallelIte
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object per line")
-            if "id" not in record:
-                raise UserError(f"{where}: item has no \"id\"")
-            item_id = str(record["id"])
-            if item_id in seen:
-                raise UserError(f"{where}: id {item_id!r} already used at {seen[item_id]}")
-            seen[item_id] = where
-            questions = {}
-            for language in languages:
-                if language not in record:
-                    present = sorted(k for k, v in record.items() if isinstance(v, dict))
-                    raise UserError(f"{where}: item {item_id!r} has no {language!r} question "
-                                     f"(it has {present})")
-                questions[language] = _question(record[language], f"{where} [{language}]")
-            items.append(ParallelItem(item_id, questions))
-    if not items:
-        raise UserError(f"--data {path}: no items")
-    return items
+                raise UserError(f"{where}: not valid JSON ({exc.msg}){expected}") from exc
+            yield where, record
 
 
 def _question(raw, where: str) -> Question:
@@ -353,39 +359,30 @@ def read_lm_eval_samples(path: str, metric: str = "acc",
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     samples: dict = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg}); expected lm-eval "
-                                 "--log_samples output") from exc
-            if not isinstance(record, dict) or "doc_id" not in record:
-                raise UserError(f"{where}: no \"doc_id\"; expected lm-eval --log_samples "
-                                 "output (samples_<task>_<date>.jsonl)")
-            if metric not in record:
-                logged = [k for k in record.get("metrics", []) if k in record]
-                raise UserError(f"{where}: no per-sample metric {metric!r} (this task logs "
-                                 f"{logged}); choose one with --lm-eval-metric")
-            value = record[metric]
-            if not isinstance(value, (int, float)) or value not in (0, 1):
-                raise UserError(f"{where}: metric {metric!r} is {value!r}, not 0/1 correctness")
-            if pair_key == "doc_id":
-                key = record["doc_id"]
-            else:
-                doc = record.get("doc")
-                if not isinstance(doc, dict) or pair_key not in doc:
-                    raise UserError(f"{where}: the doc has no field {pair_key!r} to pair "
-                                     "languages by (--pair-key)")
-                key = doc[pair_key]
-            key = json.dumps(key, sort_keys=True)
-            if key in samples:
-                raise UserError(f"{where}: {pair_key} {key} already at {samples[key].where} "
-                                 "(several filters or repeats in one file are ambiguous)")
-            samples[key] = LoggedSample(bool(value), where)
+    for where, record in _jsonl_records(path, "; expected lm-eval --log_samples output"):
+        if not isinstance(record, dict) or "doc_id" not in record:
+            raise UserError(f"{where}: no \"doc_id\"; expected lm-eval --log_samples "
+                             "output (samples_<task>_<date>.jsonl)")
+        if metric not in record:
+            logged = [k for k in record.get("metrics", []) if k in record]
+            raise UserError(f"{where}: no per-sample metric {metric!r} (this task logs "
+                             f"{logged}); choose one with --lm-eval-metric")
+        value = record[metric]
+        if not isinstance(value, (int, float)) or value not in (0, 1):
+            raise UserError(f"{where}: metric {metric!r} is {value!r}, not 0/1 correctness")
+        if pair_key == "doc_id":
+            key = record["doc_id"]
+        else:
+            doc = record.get("doc")
+            if not isinstance(doc, dict) or pair_key not in doc:
+                raise UserError(f"{where}: the doc has no field {pair_key!r} to pair "
+                                 "languages by (--pair-key)")
+            key = doc[pair_key]
+        key = json.dumps(key, sort_keys=True)
+        if key in samples:
+            raise UserError(f"{where}: {pair_key} {key} already at {samples[key].where} "
+                             "(several filters or repeats in one file are ambiguous)")
+        samples[key] = LoggedSample(bool(value), where)
     if not samples:
         raise UserError(f"{path}: no samples")
     return samples

@@ -32,11 +32,8 @@ def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, lo
     if common.get("chat_template"):  # the template an --sft run trained with
         run_config["sft_chat_template"] = common["chat_template"]
     tokenizer = None
-    if run_config.get("tokenizer_model") or run_config.get("vocab_file"):
-        tokenizer_flags = TokenizerConfig(
-            tokenizer_type=run_config["tokenizer_type"],
-            tokenizer_model=run_config.get("tokenizer_model"),
-            vocab_file=run_config.get("vocab_file"), merge_file=run_config.get("merge_file"))
+    tokenizer_flags = TokenizerConfig.from_run_config(run_config)
+    if tokenizer_flags is not None:
         tokenizer = build_tokenizer(tokenizer_flags)
         drift = tokenizer_drift_warning(run_config, tokenizer_flags, tokenizer)
         if drift:

@@ -358,6 +358,14 @@ PRESETS: Mapping[str, ModelPreset] = {
 }
 
 
+def model_signature(preset: ModelPreset) -> dict:
+    """The architecture a checkpoint records, so a load into a different model fails clearly."""
+    fields = dataclasses.asdict(preset)
+    fields["num_query_groups"] = preset.query_groups
+    fields["kv_channels"] = preset.head_dim
+    return fields
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 

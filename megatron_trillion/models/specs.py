@@ -87,7 +87,8 @@ def _layer_spec(config: TransformerConfig, num_experts: Optional[int], impl: str
             moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=config.qk_layernorm,
         )
-        # Masked modes: TE's attention raises without THD block boundaries (issue 11).
+        # Masked modes: TE's attention would silently attend across documents without THD block
+        # boundaries, so it raises instead.
         attention = spec.submodules.self_attention.submodules
         attention.core_attention = require_packed_thd(attention.core_attention,
                                                       attention_masking)
@@ -172,7 +173,7 @@ def get_mtp_block_spec(config: TransformerConfig, decoder_spec: TransformerBlock
     else:
         spec = get_gpt_mtp_block_spec_for_backend(config, block, backend=_LocalBackend(),
                                                   vp_stage=vp_stage)
-    # full recompute + packed sequences: megatron-core 0.16.1's MTP layer crashes (issue 11)
+    # full recompute + packed sequences: megatron-core 0.16.1's MTP layer crashes without this
     return use_packed_recompute_mtp_layers(spec)
 
 

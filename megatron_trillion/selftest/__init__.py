@@ -131,7 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import tempfile
 
-    from megatron_trillion.pretrain import quiet_known_warnings
+    from megatron_trillion.platform.warnings import quiet_known_warnings
     from megatron_trillion.selftest import checks
 
     args = parse_args(argv)

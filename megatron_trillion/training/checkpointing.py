@@ -290,9 +290,11 @@ class CheckpointContents:
 # saving
 
 
-def _publish(root: str, iteration: int, keep_last: Optional[int],
-             log: Callable[[str], None]) -> None:
-    """Rank 0, after every rank's shards are on disk: make ``iter_N`` the newest checkpoint."""
+def publish_checkpoint(root: str, iteration: int, keep_last: Optional[int] = None,
+                       log: Callable[[str], None] = print) -> None:
+    """Rank 0, after every rank's shards are in ``iter_N.partial``: make ``iter_N`` the newest
+    checkpoint (rename, then a synced tracker), so a kill at any point leaves either the old
+    newest checkpoint or the new one, never a half-written one that looks complete."""
     final = checkpoint_dir(root, iteration)
     if os.path.exists(final):  # saving an iteration again (resumed from an older one)
         # Set the old copy aside rather than deleting it first: a kill between the two renames
@@ -373,7 +375,7 @@ class CheckpointSaver:
     def _finish(self, iteration: int) -> None:
         torch.distributed.barrier()  # every rank's shards are on disk before publishing
         if torch.distributed.get_rank() == 0:
-            _publish(self.root, iteration, self.keep_last, self.log)
+            publish_checkpoint(self.root, iteration, self.keep_last, self.log)
         torch.distributed.barrier()
         self.log(f" saved checkpoint at iteration {iteration:7d} to "
                  f"{checkpoint_dir(self.root, iteration)}")

@@ -37,29 +37,14 @@ def infer_language(prefix: str) -> Optional[str]:
 
 def parse_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tuple]:
     """``[W] [LANG:]PREFIX ...`` -> ``[(weight or None, prefix, language), ...]``."""
-    if not tokens:
-        raise UserError(f"{flag} is empty")
-    entries, weight = [], None
-    for token in tokens:
-        try:
-            value = float(token)
-        except ValueError:
-            value = None
-        if value is not None:
-            if weight is not None:
-                raise UserError(f"{flag}: two weights in a row ({weight} {token})")
-            weight = value
-            continue
-        lang, sep, prefix = token.partition(":")
-        if not sep or "/" in lang or not lang:
-            prefix, lang = token, infer_language(token) or UNNAMED_LANGUAGE
+    from megatron_trillion.data.data_path import split_data_path
+
+    entries = []
+    for weight, prefix, lang in split_data_path(tokens, flag, "a dataset prefix"):
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise UserError(f"{flag}: {prefix + ext} does not exist")
-        entries.append((weight, prefix, lang))
-        weight = None
-    if weight is not None:
-        raise UserError(f"{flag}: weight {weight} is not followed by a dataset prefix")
+        entries.append((weight, prefix, lang or infer_language(prefix) or UNNAMED_LANGUAGE))
     return entries
 
 

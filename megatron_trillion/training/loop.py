@@ -139,7 +139,8 @@ def train_step(run: Run, batches: list) -> dict:
     )
     from megatron_trillion.training.numerics import guarded_optimizer_step
 
-    # issue 11: finalize_model_grads moves the MoE expert bias; undone if the step is skipped.
+    # finalize_model_grads moves the MoE expert bias; a skipped step must leave the model as it
+    # was, so the bias is restored then.
     expert_bias = snapshot_expert_bias(run.model)
     for chunk in run.model:
         chunk.zero_grad_buffer()
@@ -249,7 +250,8 @@ def train(run: Run) -> TrainState:
     window = _new_window()
     totals = _DeviceTotals()
     shown = {"loss": None, "tokens_per_second": None}  # the bar shows the last log line's
-    # issue 11: hang watchdog (a no-op unless --hang-timeout-seconds is given)
+    # A stuck collective would hang every rank silently; the watchdog reports where (a no-op
+    # unless --hang-timeout-seconds is given).
     watchdog = HangWatchdog(run.hang_timeout_seconds, torch.distributed.get_rank())
     watchdog.start(state.iteration + 1)
     try:
@@ -270,7 +272,7 @@ def train(run: Run) -> TrainState:
             if result["skipped"]:
                 state.skipped_iterations += 1
                 state.nan_iterations += 1
-                if result["skipped_step"] is not None:  # issue 11: the bad-batch record
+                if result["skipped_step"] is not None:  # which batch, so it can be found
                     say(f" {result['skipped_step'].describe()}")
             run.scheduler.step(global_batch)
             if run.anneal is not None:
@@ -319,7 +321,7 @@ def train(run: Run) -> TrainState:
                                                  state.iteration % run.save_interval == 0):
                     run.save(state)
                 break
-            watchdog.step_done(state.iteration)  # issue 11: eval and save count as the step
+            watchdog.step_done(state.iteration)  # eval and save count as the step
         totals.read_into(window, state)
     finally:
         watchdog.stop()
