@@ -50,7 +50,11 @@ pytestmark = pytest.mark.slow   # thirteen process launches (4 x pretrain, expor
 def ablation(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ablation"))
     data = _prepare_data(str(tmp_path_factory.mktemp("ablation_data")))
-    env = dict(os.environ, ABLATION_OUT=out, PYTHON=sys.executable, OMP_NUM_THREADS="1",
+    # The script's processes start their own process groups: a MASTER_PORT left in this
+    # process's environment by an in-process test must not reach them.
+    inherited = {k: v for k, v in os.environ.items() if k not in (
+        "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env = dict(inherited, ABLATION_OUT=out, PYTHON=sys.executable, OMP_NUM_THREADS="1",
                ABLATION_SEQ_LENGTH="96", ABLATION_ITERS="2", ABLATION_WARMUP_ITERS="1",
                ABLATION_GLOBAL_BATCH_SIZE="4", ABLATION_PARALLEL_ITEMS="12", **data)
     result = subprocess.run(["bash", os.path.join(ROOT, "examples", "xlda_ablation.sh")],
