@@ -201,15 +201,17 @@ class RoutingHealth:
         return (f"layer_{slot + 1}" if slot < self._num_layers
                 else f"mtp_{slot - self._num_layers + 1}")
 
+    def _last_rows(self) -> tuple:
+        """(layer slots, their expert counts of the last step); ([], None) before any step."""
+        if self._counts is None:
+            return [], None
+        counts, slots = self._read()
+        return slots, (counts[slots] if slots else None)
+
     def per_layer(self) -> dict:
         """TensorBoard scalars of the last step: ``moe/max_vio/layer_N`` and
         ``moe/empty_experts/layer_N`` (``mtp_J`` for the MTP layers)."""
-        if self._counts is None:
-            return {}
-        counts, slots = self._read()
-        if not slots:
-            return {}
-        rows = counts[slots]
+        slots, rows = self._last_rows()
         out = {}
         for slot, v, e in zip(slots, max_violation(rows).tolist(), empty_experts(rows).tolist()):
             out[f"moe/max_vio/{self.layer_name(slot)}"] = v
@@ -219,12 +221,9 @@ class RoutingHealth:
     def summary(self) -> dict:
         """For the iteration line: the largest MaxVio over layers, the empty experts summed over
         layers."""
-        if self._counts is None:
-            return {}
-        counts, slots = self._read()
+        slots, rows = self._last_rows()
         if not slots:
             return {}
-        rows = counts[slots]
         return {"moe max vio": float(max_violation(rows).max()),
                 "moe empty experts": float(empty_experts(rows).sum())}
 
