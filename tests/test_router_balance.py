@@ -201,3 +201,18 @@ def test_bias_update_flags_reach_the_preset_and_stray_ones_are_refused():
     with pytest.raises(UserError, match="--moe-router-bias-update-rate is set but the model is "
                        "dense"):
         preset("--preset", "tiny-tri-7b", "--moe-router-bias-update-rate", "1e-4")
+
+
+def test_routing_health_of_a_model_or_stage_without_moe_layers_is_empty():
+    from megatron_trillion.training.expert_bias import RoutingHealth
+
+    dense = _Model()
+    dense.config.num_moe_experts = None
+    health = RoutingHealth([dense])
+    health.record()  # a dense model: nothing to collect, nothing to report
+    assert (health.per_layer(), health.summary(), health.warnings(1)) == ({}, {}, [])
+
+    stage = _Model()  # a pipeline stage whose routers did not run this step
+    health = RoutingHealth([stage])
+    health.record()
+    assert (health.per_layer(), health.summary()) == ({}, {})

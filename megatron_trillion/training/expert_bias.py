@@ -212,6 +212,8 @@ class RoutingHealth:
         """TensorBoard scalars of the last step: ``moe/max_vio/layer_N`` and
         ``moe/empty_experts/layer_N`` (``mtp_J`` for the MTP layers)."""
         slots, rows = self._last_rows()
+        if not slots:
+            return {}
         out = {}
         for slot, v, e in zip(slots, max_violation(rows).tolist(), empty_experts(rows).tolist()):
             out[f"moe/max_vio/{self.layer_name(slot)}"] = v
