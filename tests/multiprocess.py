@@ -1,6 +1,6 @@
 """Run a test body under N gloo processes and surface every rank's failure.
 
-``run_distributed(fn, world_size, **kwargs)`` spawns ``world_size`` processes, sets the
+``run_distributed(fn, world_size, **kwargs)`` starts ``world_size`` processes, sets the
 torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port),
 calls ``fn(**kwargs)`` in each and returns the per-rank return values. A rank that raises makes
 the call raise with that rank's traceback; a run that exceeds ``timeout`` (a hung collective)
@@ -24,7 +24,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, results) -> None:
+# Ranks are forked from a server that has imported these once: megatron-core alone takes ~10 s
+# to import per process on a CI core, which made imports the larger part of the multi-process
+# tests' time under "spawn". The server runs no torch op before forking, so no thread pool is
+# inherited half-initialised.
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt",
+            "megatron.core.dist_checkpointing", "megatron.core.optimizer",
+            "megatron.core.pipeline_parallel", "megatron_trillion.pretrain"]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, results,
+            environ: dict, cwd: str) -> None:
+    # The server was started by the first test that needed it: take this test's environment and
+    # working directory, as a spawned process would.
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -62,11 +77,14 @@ class DistributedTestError(AssertionError):
 
 def run_distributed(fn: Callable, world_size: int, timeout: float = 300.0, **kwargs: Any) -> list:
     """Run ``fn(**kwargs)`` on ``world_size`` gloo ranks; return results ordered by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
     results = ctx.Queue()
     port = free_port()
+    environ, cwd = dict(os.environ), os.getcwd()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, kwargs, results),
+        ctx.Process(target=_worker,
+                    args=(rank, world_size, port, fn, kwargs, results, environ, cwd),
                     daemon=False)
         for rank in range(world_size)
     ]
