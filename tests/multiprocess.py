@@ -33,10 +33,28 @@ _PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models
             "megatron.core.pipeline_parallel", "megatron_trillion.pretrain"]
 
 
+class _ParentStdio:
+    """The test process's stdout and stderr, handed to a rank: a forked rank would otherwise write
+    to the server's, which pytest's capture of the current test (capfd) does not see."""
+
+    def __init__(self, fds: tuple = ()) -> None:
+        self.fds = fds
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return (_ParentStdio, ((reduction.DupFd(1), reduction.DupFd(2)),))
+
+    def attach(self) -> None:
+        for target, fd in zip((1, 2), self.fds):
+            os.dup2(fd.detach(), target)
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, results,
-            environ: dict, cwd: str) -> None:
-    # The server was started by the first test that needed it: take this test's environment and
-    # working directory, as a spawned process would.
+            environ: dict, cwd: str, stdio: _ParentStdio) -> None:
+    # The server was started by the first test that needed it: take this test's environment,
+    # working directory and output streams, as a spawned process would.
+    stdio.attach()
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
@@ -84,7 +102,8 @@ def run_distributed(fn: Callable, world_size: int, timeout: float = 300.0, **kwa
     environ, cwd = dict(os.environ), os.getcwd()
     procs = [
         ctx.Process(target=_worker,
-                    args=(rank, world_size, port, fn, kwargs, results, environ, cwd),
+                    args=(rank, world_size, port, fn, kwargs, results, environ, cwd,
+                          _ParentStdio()),
                     daemon=False)
         for rank in range(world_size)
     ]
