@@ -165,8 +165,8 @@ def single_process_checks(root: str, corrupt_root: str) -> dict:
     import torch
 
     from megatron_trillion.inference.generate import load_for_inference
+    from megatron_trillion.models.presets import model_signature
     from megatron_trillion.platform.distributed import ParallelSizes, initialize_distributed
-    from megatron_trillion.pretrain import model_signature
     from megatron_trillion.training import checkpointing
     from megatron_trillion.training.checkpointing import CheckpointError, load_checkpoint
     from megatron_trillion.models.config import build_model

@@ -90,8 +90,8 @@ def test_split_with_mtp_gives_megatron_cores_roll_the_padded_boundaries():
 
 
 def test_te_thd_context_parallel_limits_are_refused_up_front(tmp_path):
-    from megatron_trillion.pretrain import resolve_model_preset
     from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import resolve_model_preset
     from megatron_trillion.training.validation import ConfigError, validate
 
     flags = ["--mock-data", "--seq-length", "128", "--micro-batch-size", "1",

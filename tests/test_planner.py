@@ -44,14 +44,14 @@ def _measure(flags: list) -> dict:
     from megatron.core import parallel_state
 
     from megatron_trillion.platform.distributed import initialize_distributed
-    from megatron_trillion.pretrain import (
+    from megatron_trillion.platform.warnings import quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import (
         build_model_chunks,
         build_optimizer,
         build_transformer_config,
-        quiet_known_warnings,
         resolve_model_preset,
     )
-    from megatron_trillion.training.arguments import parse_args
     from megatron_trillion.training.validation import validate
 
     quiet_known_warnings()

@@ -185,8 +185,8 @@ def test_invalid_bias_update_settings_are_refused():
 
 def test_bias_update_flags_reach_the_preset_and_stray_ones_are_refused():
     from megatron_trillion.errors import UserError
-    from megatron_trillion.pretrain import resolve_model_preset
     from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import resolve_model_preset
 
     def preset(*argv):
         return resolve_model_preset(parse_args(["--mock-data", "--train-iters", "1", *argv]))

@@ -87,8 +87,8 @@ def _make_datasets(flags: list[str], data_dir: Path) -> None:
 
 def _checked_config(recipe: str, tmp_path: Path):
     from megatron_trillion.planning import check_fits, plan_run
-    from megatron_trillion.pretrain import resolve_model_preset
     from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import resolve_model_preset
     from megatron_trillion.training.validation import validate
 
     torchrun, flags = _split(_dry_run(recipe, tmp_path))

@@ -413,8 +413,7 @@ def _other_vocab_checkpoint(root: str) -> None:
 
     from megatron_trillion.convert.importer import save_weights_only
     from megatron_trillion.models.config import build_model
-    from megatron_trillion.models.presets import get_preset
-    from megatron_trillion.pretrain import model_signature
+    from megatron_trillion.models.presets import get_preset, model_signature
 
     preset = dataclasses.replace(get_preset("tiny-tri-7b"), vocab_size=640, seq_length=128)
     model = build_model(preset, attention_masking="none")

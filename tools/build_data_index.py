@@ -36,21 +36,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from tqdm import tqdm
 
-    from megatron_trillion import pretrain
     from megatron_trillion.data.tokenizers import tokenizer_fingerprint
     from megatron_trillion.data.xlda_packing import resume_xlda_dataset
     from megatron_trillion.training.arguments import parse_args
-    from megatron_trillion.training.data import check_data_files, parse_data_path
+    from megatron_trillion.training.build import (
+        build_tokenizer,
+        resolve_model_preset,
+        tokenizer_config,
+    )
+    from megatron_trillion.training.data import check_data_files
+    from megatron_trillion.training.datasets import DatasetBuilder, data_sources, data_workdir
     from megatron_trillion.training.validation import validate
 
     try:
         config = parse_args(rest)
-        tokenizer = pretrain.build_tokenizer(config)
+        tokenizer = build_tokenizer(config)
         base_vocab = (tokenizer.vocab_size if tokenizer is not None
                       else config.data.vocab_size
-                      or pretrain.resolve_model_preset(config, check=False).vocab_size)
+                      or resolve_model_preset(config, check=False).vocab_size)
         # The tokenizer's size, as pretrain uses it (the model pads it for TP on its own).
-        preset = pretrain.resolve_model_preset(config, base_vocab, check=False)
+        preset = resolve_model_preset(config, base_vocab, check=False)
         par = config.parallel
         world = own_args.world_size or (par.tensor_model_parallel_size
                                         * par.pipeline_model_parallel_size
@@ -58,16 +63,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The index does not depend on the model or the devices: validate as if they exist.
         shape = validate(config, preset, world, transformer_engine_available=True)
         # The start-up data checks of training, so a bad file fails here, not on the GPUs.
-        fingerprint = (tokenizer_fingerprint(pretrain.tokenizer_config(config), tokenizer)
+        fingerprint = (tokenizer_fingerprint(tokenizer_config(config), tokenizer)
                        if tokenizer is not None else None)
         check_data_files(config, fingerprint, base_vocab, print)
-        workdir = pretrain.data_workdir(config)
+        workdir = data_workdir(config)
         eod = tokenizer.eod if tokenizer is not None else 0
-        splits = pretrain.data_sources(config, base_vocab, workdir)
-        sources = splits.train
-        switch = pretrain.anneal_data_switch_sample(config, shape)
-        anneal_sources = (parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
-                          if switch is not None else None)
+        data = DatasetBuilder(config, shape, data_sources(config, base_vocab, workdir), eod,
+                              workdir)
+        sources = data.splits.train
+        switch = data.anneal_switch_sample()
+        anneal_sources = data.anneal_sources() if switch is not None else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -86,20 +91,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if switch == 0:  # the anneal boundary is at step 0: training reads only the anneal mixture
         sources, switch = anneal_sources, None
-    main_data = pretrain.build_dataset(config, sources, shape, eod, workdir)
+    main_data = data.build(sources)
     main_data.index.prefetch = False
     build(main_data, switch if switch is not None else shape.train_samples, "main mixture")
     if switch is not None:
         anneal_data, changes = resume_xlda_dataset(
             main_data.state_dict(switch), switch,
-            **pretrain.dataset_kwargs(config, anneal_sources, shape, eod, workdir))
+            **data.dataset_kwargs(anneal_sources))
         anneal_data.index.prefetch = False
         for change in changes:
             print(f"anneal data mixture at sample {switch}: {change}")
         build(anneal_data, shape.train_samples, "anneal mixture")
-    valid_sources = splits.valid or splits.test or []   # as training chooses them
-    if valid_sources and pretrain.build_eval_batches(config, valid_sources, shape, eod, workdir,
-                                                     dp_rank=0):
+    if data.eval_batches(dp_rank=0):  # the validation sets training reads
         print("validation sets: built")
     return 0
 

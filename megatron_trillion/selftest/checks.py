@@ -278,11 +278,11 @@ CURVE_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}  # max |loss - reference| / refer
 
 def train_tiny(workdir: str, steps: int, *extra: str) -> tuple[list[float], object, object]:
     """``steps`` iterations of the reference run (the schedule of the full 20) through the
-    real entry point; returns (losses, final TrainState, Run)."""
+    run's own setup (``training.run.pretrain``); returns (losses, final TrainState, Run)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_trillion.pretrain import pretrain
     from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.run import pretrain
 
     argv = [*REFERENCE_ARGV, "--data-cache-path", os.path.join(workdir, "data"), *extra]
     if steps < REFERENCE_STEPS:

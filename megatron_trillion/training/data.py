@@ -268,8 +268,15 @@ class StepBatches:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.context_parallel = context_parallel
+        self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self._ahead = None  # ((consumed, global_batch), Future)
+
+    def over(self, dataset) -> "StepBatches":
+        """A reader of ``dataset`` for the same rank, sizes and prefetching (the anneal
+        switch's new mixture)."""
+        return StepBatches(dataset, self.micro_batch, self.dp_rank, self.dp_size,
+                           self.context_parallel, prefetch=self.prefetch)
 
     def _read(self, consumed: int, global_batch: int) -> list[dict]:
         batches = [

@@ -15,7 +15,7 @@ This is "model FLOPs" (MFU): recomputation is not counted; HFU would add it.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -71,3 +71,19 @@ def training_flops(p: ModelPreset, block_lengths_per_sequence: Sequence[Sequence
         pairs = sum(causal_pairs(blocks, window) for blocks in block_lengths_per_sequence)
         attention += 4 * d_attn * pairs
     return 3.0 * (per_token * tokens + attention)
+
+
+def make_step_flops(preset: ModelPreset) -> Callable[[list], float]:
+    """This rank's model FLOPs of a step, from its collated micro-batches' block boundaries."""
+
+    def step_flops(batches: list) -> float:
+        blocks = []
+        for batch in batches:
+            # Under context parallelism: the whole (unpadded) blocks, of which this rank does
+            # 1/CP of the work.
+            cu = batch.get("cu_seqlens_blocks", batch["packed_seq_params"].cu_seqlens_q).tolist()
+            blocks.append([b - a for a, b in zip(cu[:-1], cu[1:])])
+        cp = batches[0].get("context_parallel_size", 1) if batches else 1
+        return training_flops(preset, blocks) / cp
+
+    return step_flops

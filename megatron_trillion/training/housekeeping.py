@@ -5,12 +5,14 @@
 ``--record-memory-history`` (+ ``--memory-snapshot-path``) and ``--exit-duration-in-mins``, with
 Megatron-LM's meanings. The training loop calls ``before_step`` / ``after_step`` /
 ``before_eval`` / ``after_eval`` / ``stop``; each is a no-op for flags that are not set.
+``ExitSignal`` is ``--exit-signal-handler``.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 import time
 from typing import Callable
 
@@ -111,3 +113,24 @@ class Housekeeping:
         if self._nsys_active:
             torch.cuda.cudart().cudaProfilerStop()
             self._nsys_active = False
+
+
+class ExitSignal:
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) -> save at the next step, then exit 0."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank received the signal (a collective)."""
+        from megatron_trillion.platform.device import compute_device
+
+        flag = torch.tensor([1 if self.received else 0], device=compute_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -30,6 +30,20 @@ from megatron_trillion.training.reporting import (
     format_iteration_line,
     format_validation_line,
 )
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from megatron_trillion.training.data import StepBatches
+    from megatron_trillion.training.housekeeping import Housekeeping
+    from megatron_trillion.training.numerics import NumericsGuard
+    from megatron_trillion.training.schedules import (
+        AnnealConfig,
+        BatchSizeSchedule,
+        ParamScheduler,
+        Switch,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,14 +93,17 @@ class TrainState:
 
 @dataclass
 class Run:
-    """Everything the loop needs, built once by ``megatron_trillion.pretrain.setup``."""
+    """Everything the loop needs, built once by ``training.run.pretrain``.
 
-    model: list  # DDP-wrapped model chunks (one per virtual pipeline stage)
-    optimizer: Any
-    scheduler: Any  # training.schedules.ParamScheduler (steps counted in samples)
-    rampup: Any  # training.schedules.BatchSizeRampup
-    guard: Any  # training.numerics.NumericsGuard
-    train_batches: Any  # training.data.StepBatches
+    The hooks (``save``, ``exit_requested``, ``on_anneal_switch``) are handed the run itself at
+    the step boundary that calls them."""
+
+    model: list[DistributedDataParallel]  # one chunk per virtual pipeline stage
+    optimizer: MegatronOptimizer
+    scheduler: ParamScheduler  # steps counted in samples
+    rampup: BatchSizeSchedule
+    guard: NumericsGuard
+    train_batches: StepBatches
     train_iters: int
     tokens_per_microbatch: int
     step_flops: Callable[[list], float]  # this rank's micro-batches -> their model FLOPs
@@ -94,19 +111,21 @@ class Run:
     log_interval: int = 1
     eval_interval: Optional[int] = None
     eval_batches: dict = field(default_factory=dict)  # language -> list of micro-batches
-    on_anneal_switch: Optional[Callable[[list, "TrainState"], None]] = None
-    anneal: Any = None  # training.schedules.AnnealConfig
-    save: Optional[Callable[["TrainState"], None]] = None
+    # Called after a step that crossed into a new anneal stage; returns the batches to train
+    # on from the next step (None: keep the current ones).
+    on_anneal_switch: Optional[Callable[[Run, list[Switch]], Optional[StepBatches]]] = None
+    anneal: Optional[AnnealConfig] = None
+    save: Optional[Callable[[Run], None]] = None  # a checkpoint of the run's current state
     save_interval: Optional[int] = None
-    exit_requested: Callable[[], bool] = lambda: False
+    exit_requested: Callable[[Run], bool] = lambda run: False  # save (if saving) and stop here
     device_peak_tflops: Optional[float] = None
     writers: Optional[MetricWriters] = None
     progress: bool = True
     log: Callable[[str], None] = print
-    on_step: Optional[Callable[["TrainState", dict], None]] = None  # e.g. tests record losses
+    on_step: Optional[Callable[[TrainState, dict], None]] = None  # e.g. tests record losses
     state: TrainState = field(default_factory=TrainState)
     hang_timeout_seconds: Optional[float] = None  # --hang-timeout-seconds (training.watchdog)
-    housekeeping: Any = None  # training.housekeeping.Housekeeping (gc, profiler, memory)
+    housekeeping: Optional[Housekeeping] = None  # gc, profiler, memory, --exit-duration-in-mins
     empty_expert_warning_steps: Optional[int] = 100  # --moe-empty-expert-warning-steps
 
 
@@ -281,7 +300,7 @@ def train(run: Run) -> TrainState:
                     for switch in switches:
                         say(f" anneal: {switch.describe(state.iteration)}")
                     if run.on_anneal_switch is not None:
-                        run.on_anneal_switch(switches, state)
+                        _switch_batches(run, run.on_anneal_switch(run, switches))
 
             window["time"] += watch.lap()
             window["iters"] += 1
@@ -312,14 +331,14 @@ def train(run: Run) -> TrainState:
             if run.save is not None and run.save_interval and \
                     state.iteration % run.save_interval == 0:
                 totals.read_into(window, state)  # the checkpoint holds the FLOPs so far
-                run.save(state)
-            if run.exit_requested():
+                run.save(run)
+            if run.exit_requested(run):
                 totals.read_into(window, state)
                 say(f" exiting at iteration {state.iteration} on request "
                     "(signal, --exit-interval or --exit-duration-in-mins)")
                 if run.save is not None and not (run.save_interval and
                                                  state.iteration % run.save_interval == 0):
-                    run.save(state)
+                    run.save(run)
                 break
             watchdog.step_done(state.iteration)  # eval and save count as the step
         totals.read_into(window, state)
@@ -329,6 +348,13 @@ def train(run: Run) -> TrainState:
         if run.housekeeping is not None:
             run.housekeeping.stop()
     return state
+
+
+def _switch_batches(run: Run, batches: Optional[StepBatches]) -> None:
+    """Train on ``batches`` from the next step (None: no change); the old reader stops."""
+    if batches is not None:
+        previous, run.train_batches = run.train_batches, batches
+        previous.close()
 
 
 def _new_window() -> dict:

@@ -64,7 +64,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 LR_STYLES = ("wsd", "cosine", "linear", "constant")
 WSD_DECAY_STYLES = ("inverse-proportional", "cosine", "linear")
@@ -592,3 +592,8 @@ class StepBatchSizeSchedule:
     def num_microbatches_at(self, consumed_samples: int) -> int:
         return self.global_batch_size_at(consumed_samples) // (
             self.micro_batch_size * self.data_parallel_size)
+
+
+BatchSizeSchedule = Union[BatchSizeRampup, StepBatchSizeSchedule]
+"""The global batch size of each iteration (--rampup-batch-size or --step-batch-size-schedule;
+one interface)."""
