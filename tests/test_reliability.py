@@ -130,7 +130,7 @@ def _moe_phases(cache: str, save: str) -> dict:
             router.expert_bias[EXPERTS // 2:] = -100.0
     del calls[:]
     result = loop.train_step(run, run.train_batches.for_step(0, GBS))
-    out["zero"] = {"loss": float(result["lm loss"]), "skipped": result["skipped"],
+    out["zero"] = {"loss": float(result.loss), "skipped": result.skipped,
                    "counts": calls[0]["counts"], "before": calls[0]["before"],
                    "after": calls[0]["after"]}
 

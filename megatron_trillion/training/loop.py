@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from megatron_trillion.training.data import StepBatches
     from megatron_trillion.training.housekeeping import Housekeeping
-    from megatron_trillion.training.numerics import NumericsGuard
+    from megatron_trillion.training.numerics import NumericsGuard, SkippedStep
     from megatron_trillion.training.schedules import (
         AnnealConfig,
         BatchSizeSchedule,
@@ -122,7 +122,8 @@ class Run:
     writers: Optional[MetricWriters] = None
     progress: bool = True
     log: Callable[[str], None] = print
-    on_step: Optional[Callable[[TrainState, dict], None]] = None  # e.g. tests record losses
+    # e.g. tests record losses; gets StepResult.host_values()
+    on_step: Optional[Callable[[TrainState, dict], None]] = None
     state: TrainState = field(default_factory=TrainState)
     hang_timeout_seconds: Optional[float] = None  # --hang-timeout-seconds (training.watchdog)
     housekeeping: Optional[Housekeeping] = None  # gc, profiler, memory, --exit-duration-in-mins
@@ -131,6 +132,26 @@ class Run:
 
 # --------------------------------------------------------------------------------------------
 # one step
+
+
+@dataclass
+class StepResult:
+    """What one ``train_step`` did. The loss stays on the device (read once per log line)."""
+
+    loss: torch.Tensor  # Megatron-LM's "lm loss": the step's per-token mean, 0-d
+    loss_report: torch.Tensor  # [loss sum, tokens] over the global batch
+    grad_norm: Optional[float]
+    skipped: bool  # the NaN guard skipped the optimizer step
+    skipped_step: Optional[SkippedStep]  # the skipped step's record (which samples), if any
+    updated: bool
+
+    def host_values(self) -> dict:
+        """For ``Run.on_step``: Megatron-LM's names ("lm loss"), the loss and the token count
+        read on the host."""
+        return {"lm loss": float(self.loss), "loss report": self.loss_report,
+                "grad_norm": self.grad_norm, "skipped": self.skipped,
+                "skipped_step": self.skipped_step, "updated": self.updated,
+                "tokens": float(self.loss_report[1])}
 
 
 def _reduce_lm_loss(outputs: list, key: str = "lm loss") -> torch.Tensor:
@@ -149,7 +170,7 @@ def _reduce_lm_loss(outputs: list, key: str = "lm loss") -> torch.Tensor:
     return total
 
 
-def train_step(run: Run, batches: list) -> dict:
+def train_step(run: Run, batches: list) -> StepResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_trillion.training.expert_bias import (
@@ -184,10 +205,9 @@ def train_step(run: Run, batches: list) -> dict:
     if not decision.proceed:
         restore_expert_bias(expert_bias)
     grad_norm = float(grad_norm) if grad_norm is not None else None  # megatron-core's float
-    # "lm loss" (0-d) and "loss report" ([sum, tokens]) stay on the device.
-    return {"lm loss": loss, "loss report": report, "grad_norm": grad_norm,
-            "skipped": not decision.proceed, "skipped_step": decision.skipped,
-            "updated": bool(updated)}
+    return StepResult(loss=loss, loss_report=report, grad_norm=grad_norm,
+                      skipped=not decision.proceed, skipped_step=decision.skipped,
+                      updated=bool(updated))
 
 
 def _sample_refs(batches: list, dataset: Any = None) -> tuple:
@@ -281,18 +301,18 @@ def train(run: Run) -> TrainState:
             batches = run.train_batches.for_step(state.consumed_samples, global_batch)
             totals.add_local_flops(run.step_flops(batches))  # host arithmetic on host data
             result = train_step(run, batches)
-            if not result["skipped"]:  # Megatron-LM: a skipped step's loss is not averaged in
-                totals.add_loss(result["loss report"])
+            if not result.skipped:  # Megatron-LM: a skipped step's loss is not averaged in
+                totals.add_loss(result.loss_report)
 
             previous = run.scheduler.num_steps
             state.iteration += 1
             state.consumed_samples += global_batch
             routing.record()  # MoE load per layer, on the device (collective over PP)
-            if result["skipped"]:
+            if result.skipped:
                 state.skipped_iterations += 1
                 state.nan_iterations += 1
-                if result["skipped_step"] is not None:  # which batch, so it can be found
-                    say(f" {result['skipped_step'].describe()}")
+                if result.skipped_step is not None:  # which batch, so it can be found
+                    say(f" {result.skipped_step.describe()}")
             run.scheduler.step(global_batch)
             if run.anneal is not None:
                 switches = run.anneal.switches(previous, run.scheduler.num_steps)
@@ -307,8 +327,7 @@ def train(run: Run) -> TrainState:
             bar.update(shown["loss"], run.scheduler.lr, shown["tokens_per_second"])
             if run.on_step is not None:
                 # A callback (tests, tools) gets host values: one read per step, only for it.
-                run.on_step(state, {**result, "lm loss": float(result["lm loss"]),
-                                    "tokens": float(result["loss report"][1])})
+                run.on_step(state, result.host_values())
 
             if state.iteration % run.log_interval == 0 or state.iteration == run.train_iters:
                 totals.read_into(window, state)
@@ -399,8 +418,8 @@ class _DeviceTotals:
         state.floating_point_operations += global_flops
 
 
-def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, global_batch: int,
-                   say: Callable[[str], None], routing=None) -> None:
+def _log_iteration(run: Run, state: TrainState, result: StepResult, window: dict,
+                   global_batch: int, say: Callable[[str], None], routing=None) -> None:
     iters = max(window["iters"], 1)
     seconds = max(window["time"], 1e-9)
     tflops = window["flops"] / seconds / run.world_size / 1e12
@@ -411,7 +430,7 @@ def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, glob
         iteration=state.iteration, train_iters=run.train_iters,
         consumed_samples=state.consumed_samples, elapsed_ms=1000 * seconds / iters,
         learning_rate=run.scheduler.lr, global_batch_size=global_batch, losses=losses,
-        grad_norm=result["grad_norm"], skipped_iterations=state.skipped_iterations,
+        grad_norm=result.grad_norm, skipped_iterations=state.skipped_iterations,
         nan_iterations=state.nan_iterations, tflops_per_device=tflops, mfu=mfu,
         tokens_per_second=window["tokens"] / seconds,
         extra=routing.summary() if routing is not None else None,
@@ -422,8 +441,8 @@ def _log_iteration(run: Run, state: TrainState, result: dict, window: dict, glob
         scalars.update({"learning-rate": run.scheduler.lr, "batch-size": global_batch,
                         "throughput/tflops-per-device": tflops,
                         "throughput/tokens-per-second": window["tokens"] / seconds})
-        if result["grad_norm"] is not None and math.isfinite(result["grad_norm"]):
-            scalars["grad-norm"] = result["grad_norm"]
+        if result.grad_norm is not None and math.isfinite(result.grad_norm):
+            scalars["grad-norm"] = result.grad_norm
         if routing is not None:
             scalars.update(routing.per_layer())
         run.writers.scalars(scalars, state.iteration)
