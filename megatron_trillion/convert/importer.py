@@ -27,6 +27,7 @@ import torch
 from megatron_trillion.convert.architectures import architecture_for
 from megatron_trillion.convert.export import check_vocab
 from megatron_trillion.convert.hf_files import HFCheckpointReader
+from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.models.vocab import is_vocab_parallel_key
 
 # config.json keys that are not architecture (or are compared separately)
@@ -139,7 +140,7 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
         raise ValueError(f"{config.load}: model.embed_tokens.weight has {rows} rows but "
                          f"config.json vocab_size is {preset.vocab_size}")
 
-    model = build_model(preset, pre_process=True, post_process=True, attention_masking="none",
+    model = build_model(preset, pre_process=True, post_process=True, attention_masking=MASKING_NONE,
                         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by)
     initialize_weights([model], seed=config.seed)
     state = model.state_dict()

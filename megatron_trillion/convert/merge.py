@@ -62,6 +62,7 @@ def merge_checkpoints(loads: Sequence[str], save: str, weights: Optional[Sequenc
     (``initialize_single_process()``). Every input is checked before anything is loaded or
     written; a failure leaves ``save`` without a (partial) checkpoint."""
     from megatron_trillion.convert.importer import save_weights_only
+    from megatron_trillion.data.attention_blocks import MASKING_NONE
     from megatron_trillion.models.config import build_model
     from megatron_trillion.training.checkpointing import (
         CheckpointError,
@@ -105,7 +106,7 @@ def merge_checkpoints(loads: Sequence[str], save: str, weights: Optional[Sequenc
             f"checkpoint carries the first one's ({paths[0]})")
 
     preset = preset_from_signature(reference)
-    model = build_model(preset, pre_process=True, post_process=True, attention_masking="none")
+    model = build_model(preset, pre_process=True, post_process=True, attention_masking=MASKING_NONE)
     state = model.state_dict()
     merged = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in state.items()
               if torch.is_tensor(t) and t.is_floating_point()}

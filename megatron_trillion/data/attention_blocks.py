@@ -25,13 +25,29 @@ from typing import Sequence
 
 import numpy as np
 
-MASKING_MODES = ("xlda", "document", "none")
-BLOCK_SCOPES = ("pair", "sequence")
+# --attention-masking: what one attention block of a packed sample is. The one definition of
+# the modes (the flag's choices, the packing, both core attentions); kept here, below data and
+# models alike, because the block boundaries are what a mode means.
+MASKING_XLDA = "xlda"
+"""Each cross-lingual block (see the scopes below); monolingual samples: each document."""
+MASKING_DOCUMENT = "document"
+"""Each document (piece of a document)."""
+MASKING_NONE = "none"
+"""The whole sample: classic causal packing, documents see the ones before them."""
+MASKING_MODES = (MASKING_XLDA, MASKING_DOCUMENT, MASKING_NONE)
+MASKED_MODES = (MASKING_XLDA, MASKING_DOCUMENT)
+"""The modes whose attention must see the block boundaries (THD cu_seqlens): run without
+them, a masked model would silently attend across blocks."""
+
+SCOPE_PAIR = "pair"
+SCOPE_SEQUENCE = "sequence"
+BLOCK_SCOPES = (SCOPE_PAIR, SCOPE_SEQUENCE)
 MONOLINGUAL = -1
 
 
 def block_cu_seqlens(document_cu: Sequence[int], piece_starts: Sequence[int],
-                     piece_pairs: Sequence[int], masking: str, scope: str = "pair") -> np.ndarray:
+                     piece_pairs: Sequence[int], masking: str,
+                     scope: str = SCOPE_PAIR) -> np.ndarray:
     """Cumulative block boundaries (int32, ``[0, ..., seq_length]``) of one sample.
 
     ``document_cu``: document boundaries ``[0, ..., seq_length]``; ``piece_starts``: the token
@@ -44,9 +60,9 @@ def block_cu_seqlens(document_cu: Sequence[int], piece_starts: Sequence[int],
         raise ValueError(f"unknown XLDA block scope {scope!r}; expected one of {BLOCK_SCOPES}")
     document_cu = np.asarray(document_cu, dtype=np.int32)
     seq_length = int(document_cu[-1])
-    if masking == "none":
+    if masking == MASKING_NONE:
         return np.asarray([0, seq_length], dtype=np.int32)
-    if masking == "document":
+    if masking == MASKING_DOCUMENT:
         return document_cu
     bounds = set()
     ends = list(piece_starts[1:]) + [seq_length]
@@ -54,9 +70,9 @@ def block_cu_seqlens(document_cu: Sequence[int], piece_starts: Sequence[int],
     for start, end, pair in zip(piece_starts, ends, piece_pairs):
         if pair == MONOLINGUAL:
             bounds.update(int(d) for d in document_cu[:-1] if start <= d < end)
-        elif scope == "pair" and pair != previous:
+        elif scope == SCOPE_PAIR and pair != previous:
             bounds.add(int(start))
-        elif scope == "sequence" and previous in (None, MONOLINGUAL):
+        elif scope == SCOPE_SEQUENCE and previous in (None, MONOLINGUAL):
             bounds.add(int(start))
         previous = pair
     return np.asarray(sorted(bounds) + [seq_length], dtype=np.int32)

@@ -62,6 +62,8 @@ import torch
 from megatron_trillion.data.attention_blocks import (
     BLOCK_SCOPES,
     MASKING_MODES,
+    MASKING_XLDA,
+    SCOPE_PAIR,
     block_cu_seqlens,
 )
 from megatron_trillion.data.mixture import (
@@ -95,8 +97,8 @@ class PackingConfig:
     loss options keys the cache (those only change what is derived from a cached sample)."""
 
     seq_length: int
-    masking: str = "xlda"            # "xlda" | "document" | "none"
-    xlda_block_scope: str = "pair"   # "pair" | "sequence", see data/attention_blocks.py
+    masking: str = MASKING_XLDA          # one of MASKING_MODES (data/attention_blocks.py)
+    xlda_block_scope: str = SCOPE_PAIR   # one of BLOCK_SCOPES
     rho: float = 0.5                 # probability that a sample is cross-lingual
     anchor_language: str = "en"      # the language every cross-lingual sample contains
     seed: int = 1234
@@ -281,14 +283,15 @@ def default_cache_dir(sources: Sequence[tuple]) -> str:
 
 
 def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: int, *,
-                       masking: str = "xlda", rho: float = 0.5, anchor_language: str = "en",
+                       masking: str = MASKING_XLDA, rho: float = 0.5,
+                       anchor_language: str = "en",
                        alpha: Optional[float] = None, beta: Optional[Mapping[str, float]] = None,
                        seed: int = 1234, cache_dir: Optional[str] = None,
                        start_state: Optional[Mapping] = None, eod_token: Optional[int] = None,
                        mask_eod_loss: bool = False, mmap_bin_files: bool = True,
                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
                        ready_sample: Optional[int] = None,
-                       xlda_block_scope: str = "pair") -> XLDAPackedDataset:
+                       xlda_block_scope: str = SCOPE_PAIR) -> XLDAPackedDataset:
     """The training dataset: ``sources`` = ``[(weight_or_None, path_prefix, language), ...]``.
 
     Samples ``[start_state.samples or 0, num_samples)``. The chunk holding ``ready_sample``

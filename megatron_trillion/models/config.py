@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.models.presets import ModelPreset, resolve_preset
 from megatron_trillion.models import afmoe, specs
 from megatron_trillion.models.router_balance import configure_expert_bias_update
@@ -171,7 +172,7 @@ def build_model(
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     transformer_impl: str = "auto",
-    attention_masking: str = "none",
+    attention_masking: str = MASKING_NONE,
     make_vocab_size_divisible_by: int = 128,
     **config_kwargs: Any,
 ):

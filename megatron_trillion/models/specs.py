@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.models.afmoe import sandwich_layer_spec
 from megatron_trillion.models.mtp_recompute import use_packed_recompute_mtp_layers
 from megatron_trillion.models.norms import TorchNorm
@@ -116,7 +117,7 @@ def _layer_spec(config: TransformerConfig, num_experts: Optional[int], impl: str
 
 
 def get_layer_specs(config: TransformerConfig, *, transformer_impl: str = "auto",
-                    attention_masking: str = "none",
+                    attention_masking: str = MASKING_NONE,
                     sandwich_norm: bool = False) -> list[ModuleSpec]:
     """Specs of all ``config.num_layers`` decoder layers (dense or MoE per moe_layer_freq)."""
     impl = resolve_transformer_impl(transformer_impl)
@@ -136,7 +137,7 @@ def get_layer_specs(config: TransformerConfig, *, transformer_impl: str = "auto"
 
 
 def get_decoder_block_spec(config: TransformerConfig, *, transformer_impl: str = "auto",
-                           attention_masking: str = "none", sandwich_norm: bool = False,
+                           attention_masking: str = MASKING_NONE, sandwich_norm: bool = False,
                            vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline stage (and virtual stage ``vp_stage``)."""
     impl = resolve_transformer_impl(transformer_impl)
@@ -154,7 +155,7 @@ def get_decoder_block_spec(config: TransformerConfig, *, transformer_impl: str =
 
 
 def get_mtp_block_spec(config: TransformerConfig, decoder_spec: TransformerBlockSubmodules, *,
-                       transformer_impl: str = "auto", attention_masking: str = "none",
+                       transformer_impl: str = "auto", attention_masking: str = MASKING_NONE,
                        sandwich_norm: bool = False, vp_stage: Optional[int] = None):
     """MTP block spec for this stage (None when no MTP layer lives here).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MASKED_MODES = ("xlda", "document")
+from megatron_trillion.data.attention_blocks import MASKED_MODES, MASKING_NONE
 
 
 def check_packed_thd(packed_seq_params: Any, masking: str, who: str) -> None:
@@ -27,7 +27,7 @@ def check_packed_thd(packed_seq_params: Any, masking: str, who: str) -> None:
             f"{who}: --attention-masking {masking} needs PackedSeqParams(qkv_format='thd') with "
             f"the attention-block cu_seqlens, got {got}: the block mask would be ignored. Pass "
             "the PackedSeqParams from megatron_trillion.data.packed_batch to the model forward, "
-            "or use --attention-masking none for classic causal packing.")
+            f"or use --attention-masking {MASKING_NONE} for classic causal packing.")
 
 
 def require_packed_thd(attention_cls: type, masking: str) -> type:

@@ -67,11 +67,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
-__all__ = ["XLDACoreAttention", "xlda_core_attention_spec", "MASKED_MODES"]
+from megatron_trillion.data.attention_blocks import MASKED_MODES, MASKING_MODES
 
-# Data-pipeline masking modes in which attention MUST see the block cu_seqlens.
-MASKED_MODES = ("xlda", "document")
-_ALL_MODES = ("xlda", "document", "none")
+__all__ = ["XLDACoreAttention", "xlda_core_attention_spec", "MASKED_MODES"]
 
 
 def xlda_core_attention_spec(masking: str) -> ModuleSpec:
@@ -79,8 +77,8 @@ def xlda_core_attention_spec(masking: str) -> ModuleSpec:
 
     In the masked modes the module refuses to run without THD ``PackedSeqParams``.
     """
-    if masking not in _ALL_MODES:
-        raise ValueError(f"unknown masking mode {masking!r}; expected one of {_ALL_MODES}")
+    if masking not in MASKING_MODES:
+        raise ValueError(f"unknown masking mode {masking!r}; expected one of {MASKING_MODES}")
     return ModuleSpec(
         module=XLDACoreAttention,
         params={"require_packed_seq_params": masking in MASKED_MODES},

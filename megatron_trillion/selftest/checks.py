@@ -515,13 +515,14 @@ def time_layer(preset, seq: int, transformer_impl: str, iterations: int = 10,
     CPU with the local spec)."""
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_trillion.data.attention_blocks import MASKING_NONE
     from megatron_trillion.models.config import build_transformer_config
     from megatron_trillion.models.specs import get_layer_specs
     from megatron_trillion.platform.device import compute_device
 
     config = build_transformer_config(preset, None, bf16=True)
     spec = get_layer_specs(config, transformer_impl=transformer_impl,
-                           attention_masking="none")[0]
+                           attention_masking=MASKING_NONE)[0]
     device = compute_device()
     layer = build_module(spec, config=config, layer_number=1).to(device)
     hidden = torch.randn(seq, 1, preset.hidden_size, device=device, dtype=torch.bfloat16,

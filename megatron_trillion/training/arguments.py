@@ -25,6 +25,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from megatron_trillion.data.attention_blocks import (
+    BLOCK_SCOPES,
+    MASKING_MODES,
+    MASKING_XLDA,
+    SCOPE_PAIR,
+)
 from megatron_trillion.errors import UserError
 
 
@@ -330,12 +336,12 @@ class DataArgs:
     vocab_size: Optional[int] = flag(
         None, "vocabulary size: sets it for NullTokenizer/--mock-data, and must match a real "
         "tokenizer's size")
-    attention_masking: str = flag("xlda", "xlda: cross-lingual blocks; document: per document; "
-                                  "none: classic packing", choices=["xlda", "document", "none"])
+    attention_masking: str = flag(MASKING_XLDA, "xlda: cross-lingual blocks; document: per "
+                                  "document; none: classic packing", choices=list(MASKING_MODES))
     xlda_block_scope: str = flag(
-        "pair", "XLDA attention block of a cross-lingual sequence: pair (each anchor/partner "
+        SCOPE_PAIR, "XLDA attention block of a cross-lingual sequence: pair (each anchor/partner "
         "document pair) or sequence (every document sees all earlier ones); monolingual "
-        "sequences keep per-document blocks", choices=["pair", "sequence"])
+        "sequences keep per-document blocks", choices=list(BLOCK_SCOPES))
     xlda_mixing_prob: float = flag(0.5, "rho: probability a sequence mixes >= 2 languages")
     anchor_language: str = flag("en", "the language every cross-lingual sequence contains")
     lang_alpha: Optional[float] = flag(None, "alpha of eq. 2 (smoothing towards natural sizes)")

@@ -545,6 +545,7 @@ def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], 
     """
     import dataclasses
 
+    from megatron_trillion.data.attention_blocks import MASKING_NONE
     from megatron_trillion.models.config import build_model, build_transformer_config
     from megatron_trillion.platform.device import compute_device
 
@@ -556,7 +557,7 @@ def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], 
     preset = dataclasses.replace(preset_from_signature(signature), mtp_num_layers=0)
     config = build_transformer_config(preset, None, hidden_dropout=0.0, attention_dropout=0.0)
     divisible_by = common.get("config", {}).get("make_vocab_size_divisible_by") or 128
-    model = build_model(preset, config=config, attention_masking="none",
+    model = build_model(preset, config=config, attention_masking=MASKING_NONE,
                         make_vocab_size_divisible_by=divisible_by).to(compute_device())
     load_checkpoint_dir(path, [model], None, signature, load_optimizer=False, load_rng=False,
                         log=log, without_mtp=True)

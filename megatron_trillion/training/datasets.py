@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 
+from megatron_trillion.data.attention_blocks import MASKING_DOCUMENT, MASKING_XLDA
 from megatron_trillion.training.arguments import PretrainConfig
 from megatron_trillion.training.data import (
     DataSplits,
@@ -59,8 +60,8 @@ def effective_masking(config: PretrainConfig, languages) -> str:
     """--attention-masking, except that cross-lingual packing needs two languages to mix:
     with one, XLDA's blocks are the documents, so the run uses document masking."""
     masking = config.data.attention_masking
-    if masking == "xlda" and len(set(languages)) < 2:
-        return "document"
+    if masking == MASKING_XLDA and len(set(languages)) < 2:
+        return MASKING_DOCUMENT
     return masking
 
 
@@ -233,7 +234,8 @@ class DatasetBuilder:
             else:
                 dataset = self.build(entries, num_samples=samples, rho=0.0,
                                      anchor_language=language,
-                                     masking="document" if masking == "xlda" else masking)
+                                     masking=(MASKING_DOCUMENT if masking == MASKING_XLDA
+                                              else masking))
             batches[language] = StepBatches(dataset, micro, dp_rank, dp,
                                             context_parallel).for_step(0, samples)
         return batches

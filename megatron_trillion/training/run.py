@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from megatron_trillion.data.attention_blocks import MASKING_XLDA
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset, model_signature
 from megatron_trillion.models.vocab import padded_vocab_size
@@ -171,7 +172,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
     splits = data_sources(config, base_vocab, workdir)
     data = DatasetBuilder(config, shape, splits, eod, workdir, chat)
     languages = splits.languages()
-    if chat is None and config.data.attention_masking == "xlda" and len(languages) < 2:
+    if chat is None and config.data.attention_masking == MASKING_XLDA and len(languages) < 2:
         say(f" data has one language ({languages[0]}): cross-lingual packing has nothing to "
             "mix, so training uses document blocks (as --attention-masking document)")
     state = TrainState()

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_trillion.data.attention_blocks import MASKING_NONE, MASKING_XLDA, SCOPE_PAIR
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.platform.distributed import ParallelSizes, validate_parallel_sizes
@@ -201,9 +202,9 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
         errors.append(str(exc))
     if data.num_workers < 0:
         errors.append(f"--num-workers must be >= 0, got {data.num_workers}")
-    if data.xlda_block_scope != "pair" and data.attention_masking != "xlda":
+    if data.xlda_block_scope != SCOPE_PAIR and data.attention_masking != MASKING_XLDA:
         errors.append(f"--xlda-block-scope {data.xlda_block_scope} applies to "
-                      f"--attention-masking xlda only (got {data.attention_masking})")
+                      f"--attention-masking {MASKING_XLDA} only (got {data.attention_masking})")
     if not 0.0 <= data.xlda_mixing_prob <= 1.0:
         errors.append(f"--xlda-mixing-prob must be in [0, 1], got {data.xlda_mixing_prob}")
     if data.lang_alpha is not None and not 0.0 <= data.lang_alpha <= 1.0:
@@ -416,7 +417,7 @@ def _blend_errors(config: PretrainConfig, splits) -> list[str]:
             errors.append(f"--lang-beta values must be >= 0 and sum to 1, got {total:g}")
     # With one language there is nothing to mix: training uses document blocks (pretrain says
     # so); with several, cross-lingual sequences are built around the anchor.
-    if data.attention_masking == "xlda" and data.xlda_mixing_prob > 0 and \
+    if data.attention_masking == MASKING_XLDA and data.xlda_mixing_prob > 0 and \
             len(languages) > 1 and data.anchor_language not in languages:
         errors.append(f"--anchor-language {data.anchor_language} is not among the "
                       f"--data-path languages {languages} (needed for --xlda-mixing-prob > 0)")
@@ -504,7 +505,7 @@ def _sft_errors(config: PretrainConfig) -> list[str]:
         errors.append(f"--sft needs --tokenizer-type HuggingFaceTokenizer or GPT2BPETokenizer "
                       f"(chat templates are rendered to text and tokenized with character "
                       f"offsets), got {data.tokenizer_type}")
-    if data.attention_masking == "none":
+    if data.attention_masking == MASKING_NONE:
         errors.append("--sft packs conversations as separate attention blocks; "
                       "--attention-masking none would let them attend to each other")
     if config.anneal.anneal_data_path:
