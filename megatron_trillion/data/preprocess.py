@@ -51,6 +51,7 @@ import numpy as np
 
 from megatron_trillion.data.sentence_split import split_sentences
 from megatron_trillion.data.dataset_verify import DATASET_RECORD_SUFFIX, dataset_record
+from megatron_trillion.data.languages import NO_LANGUAGE, file_tag, report_key
 from megatron_trillion.data.tokenizers import (
     TokenizerConfig,
     build_tokenizer,
@@ -467,7 +468,7 @@ class _ShardStats:
     """Per (lang, key) document/token/byte counts of one shard, plus bad lines."""
 
     datasets: dict  # "lang|key" -> {"docs", "tokens", "text_bytes"}
-    langs: list  # languages in first-seen order ("" when no --lang-key)
+    langs: list  # languages in first-seen order (NO_LANGUAGE when no --lang-key)
     bad_lines: int
     bad_line_examples: list
 
@@ -493,7 +494,7 @@ class _ShardWriter:
             if lang not in self.scores:
                 self.scores[lang] = array("d")
                 self.langs.append(lang)
-            prefix = self.dir / f"{lang or '_'}__{key}"
+            prefix = self.dir / f"{file_tag(lang)}__{key}"
             self.builders[(lang, key)] = self._builder_cls(f"{prefix}.bin", dtype=self.dtype)
             self.counts[(lang, key)] = [0, 0, 0]
             self.doc_bytes[(lang, key)] = array("q")
@@ -502,7 +503,8 @@ class _ShardWriter:
     def add(self, result: _ChunkResult) -> int:
         """Writes a chunk's documents, in order within each dataset; returns tokens written."""
         written = 0
-        langs = np.asarray(result.langs if result.langs is not None else [""] * result.docs)
+        langs = np.asarray(result.langs if result.langs is not None
+                           else [NO_LANGUAGE] * result.docs)
         for key, kt in result.keys.items():
             token_ends = np.concatenate(([0], np.cumsum(kt.sequence_lengths)))[
                 np.cumsum(kt.sequences_per_doc)]
@@ -528,11 +530,11 @@ class _ShardWriter:
 
     def finish(self, bad_lines: int, bad_examples: list[str]) -> _ShardStats:
         for (lang, key), builder in self.builders.items():
-            builder.finalize(str(self.dir / f"{lang or '_'}__{key}.idx"))
-            np.save(self.dir / f"{lang or '_'}__{key}.bytes.npy",
+            builder.finalize(str(self.dir / f"{file_tag(lang)}__{key}.idx"))
+            np.save(self.dir / f"{file_tag(lang)}__{key}.bytes.npy",
                     np.frombuffer(self.doc_bytes[(lang, key)], np.int64))
         for lang, scores in self.scores.items():
-            np.save(self.dir / f"{lang or '_'}.scores.npy", np.frombuffer(scores, np.float64))
+            np.save(self.dir / f"{file_tag(lang)}.scores.npy", np.frombuffer(scores, np.float64))
         return _ShardStats(
             datasets={f"{lang}|{key}": dict(zip(("docs", "tokens", "text_bytes"), c))
                       for (lang, key), c in self.counts.items()},
@@ -706,14 +708,15 @@ def _merge_outputs(
         return IndexedDatasetBuilder(tmp_bin, dtype=dtype)
 
     for lang in langs:
-        lang_name = lang or None
+        lang_name = None if lang == NO_LANGUAGE else lang  # datasets named without one
         present = [(d, s) for d, s in zip(shard_dirs, shard_stats) if lang in s.langs]
         scores = None
         if config.quality_tiers:
-            scores = np.concatenate([np.load(d / f"{lang or '_'}.scores.npy") for d, _ in present])
-            cut_points[lang or "all"] = _quality_cut_points(scores, config.quality_tiers)
+            scores = np.concatenate([np.load(d / f"{file_tag(lang)}.scores.npy")
+                                     for d, _ in present])
+            cut_points[report_key(lang)] = _quality_cut_points(scores, config.quality_tiers)
         for key in config.json_keys:
-            shard_prefixes = [str(d / f"{lang or '_'}__{key}") for d, _ in present]
+            shard_prefixes = [str(d / f"{file_tag(lang)}__{key}") for d, _ in present]
             if not config.quality_tiers:
                 final = _dataset_name(config.output_prefix, key, config.level, lang_name, None)
                 builder = new_builder(final)
@@ -727,7 +730,7 @@ def _merge_outputs(
                         "text_bytes"]
                 summaries.append(DatasetSummary(final, key, lang_name, None, docs, tokens, nbytes))
                 continue
-            tiers = _tier_of(scores, cut_points[lang or "all"])
+            tiers = _tier_of(scores, cut_points[report_key(lang)])
             finals = [_dataset_name(config.output_prefix, key, config.level, lang_name, t)
                       for t in range(config.quality_tiers)]
             builders = [new_builder(f) for f in finals]
@@ -903,7 +906,8 @@ def _language_totals(shard_stats: list[_ShardStats], config: PreprocessConfig) -
     for stats in shard_stats:
         for name, c in stats.datasets.items():
             lang, key = name.split("|", 1)
-            entry = totals.setdefault(lang or "all", {"docs": 0, "tokens": 0, "text_bytes": 0})
+            entry = totals.setdefault(report_key(lang), {"docs": 0, "tokens": 0,
+                                                         "text_bytes": 0})
             if key == first_key:
                 entry["docs"] += c["docs"]
             entry["tokens"] += c["tokens"]

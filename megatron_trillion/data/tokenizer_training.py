@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from megatron_trillion.data.languages import ALL_LANGUAGES
+
 # Fixed ids of the special tokens; EOS is named <|endoftext|> so the GPT-2 files work as-is.
 SPECIAL_TOKENS = {
     "pad": "<|pad|>",
@@ -210,7 +212,7 @@ def _iter_documents(inputs: Sequence[str], text_key: str, lang_key: Optional[str
                     text = doc.get(text_key) if isinstance(doc, dict) else None
                     if not isinstance(text, str):
                         raise ValueError(f"{path}:{line_no}: no text under key {text_key!r}")
-                    lang = doc.get(lang_key) if lang_key else "all"
+                    lang = doc.get(lang_key) if lang_key else ALL_LANGUAGES
                     if not isinstance(lang, str) or not lang:
                         raise ValueError(f"{path}:{line_no}: no language under key {lang_key!r}")
                     yield lang, text
@@ -401,7 +403,7 @@ def _train_bpe(config: TokenizerTrainingConfig, out: Path) -> TrainingResult:
     else:
         total = config.vocab_size - NUM_SPECIAL_SLOTS - NUM_BYTES
         merges = _learn_merges(_training_texts(config, None), total, config.min_frequency)
-        contributed = {"all": len(merges)}
+        contributed = {ALL_LANGUAGES: len(merges)}
     natural = NUM_SPECIAL_SLOTS + NUM_BYTES + len({a + b for a, b in merges})
     tokenizer, padding = build_byte_level_bpe(merges, _padded_size(natural, config))
     _write_hf_files(tokenizer, merges, out)
@@ -452,7 +454,7 @@ def _train_sentencepiece(config: TokenizerTrainingConfig, out: Path) -> Training
     ids = {name: processor.piece_to_id(tok) for name, tok in SPECIAL_TOKENS.items()}
     return TrainingResult(
         output_dir=str(out), model_type="sentencepiece", vocab_size=processor.get_piece_size(),
-        special_token_ids=ids, merges_per_language={"all": processor.get_piece_size()},
+        special_token_ids=ids, merges_per_language={ALL_LANGUAGES: processor.get_piece_size()},
         learned_tokens=processor.get_piece_size(), padding_tokens=0,
         fertility=measure_fertility(lambda t: processor.encode(t, out_type=int), heldout),
     )

@@ -8,6 +8,7 @@ import os
 import re
 from typing import Mapping, Optional, Sequence
 
+from megatron_trillion.data.languages import ALL_LANGUAGES
 from megatron_trillion.errors import UserError
 from megatron_trillion.evaluation.consistency import metric_names
 
@@ -24,7 +25,7 @@ def last_validation_losses(log_text: str) -> dict[str, float]:
                          "and --valid-data-path)")
     losses = {}
     for _, language, value in _VALUE.findall(lines[-1]):
-        losses[language or "all"] = float(value)
+        losses[language or ALL_LANGUAGES] = float(value)  # no [lang]: the whole held-out set
     return losses
 
 
@@ -51,7 +52,7 @@ def format_ablation_table(runs: Sequence[Mapping]) -> str:
     """One row per run: validation loss (all, per language) and the consistency metrics."""
     if not runs:
         raise UserError("no runs")
-    languages = sorted({l for run in runs for l in run["losses"] if l != "all"})
+    languages = sorted({l for run in runs for l in run["losses"] if l != ALL_LANGUAGES})
     first = runs[0]["metrics"]
     names = metric_names(first["source_language"], first["target_language"])
     metric_keys = [names[k] for k in ("acc_source", "acc_target", "transfer", "target_wrong",
@@ -59,7 +60,7 @@ def format_ablation_table(runs: Sequence[Mapping]) -> str:
     header = (["run", "val loss"] + [f"val loss [{l}]" for l in languages] + metric_keys)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [run["name"], _number(run["losses"].get("all"))]
+        cells = [run["name"], _number(run["losses"].get(ALL_LANGUAGES))]
         cells += [_number(run["losses"].get(l)) for l in languages]
         cells += [_number(run["metrics"].get(k)) for k in metric_keys]
         lines.append("| " + " | ".join(cells) + " |")

@@ -20,12 +20,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_trillion.data.languages import UNNAMED_LANGUAGE
 from megatron_trillion.data.packed_batch import collate_packed
 from megatron_trillion.errors import UserError
 from megatron_trillion.platform.device import pin_batch
-
-UNNAMED_LANGUAGE = "und"
-"""The language of a prefix whose name tells none (ISO 639-2 "undetermined")."""
 
 _LANG_IN_NAME = re.compile(r"_([a-z]{2,3}(?:-[a-z]+)?)_[A-Za-z0-9]+_(?:document|sentence)$")
 
