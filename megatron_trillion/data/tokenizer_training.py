@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from megatron_trillion.data.languages import ALL_LANGUAGES
+from megatron_trillion.models.vocab import padded_vocab_size
 
 # Fixed ids of the special tokens; EOS is named <|endoftext|> so the GPT-2 files work as-is.
 SPECIAL_TOKENS = {
@@ -299,8 +299,9 @@ def _special_slot_tokens() -> list[str]:
 
 
 def _padded_size(natural: int, config: TokenizerTrainingConfig) -> int:
-    target = max(natural, config.vocab_size or 0)
-    return int(math.ceil(target / config.pad_multiple) * config.pad_multiple)
+    """Megatron-LM's padding of the larger of the learned and the requested size."""
+    return padded_vocab_size(max(natural, config.vocab_size or 0),
+                             config.make_vocab_size_divisible_by, config.tensor_model_parallel_size)
 
 
 def build_byte_level_bpe(merges: list[tuple[str, str]], vocab_size: int):

@@ -24,7 +24,12 @@ does not divide, and the masked form also keeps Megatron-LM's flag meaning and t
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+# torch is imported where the model is touched: the padding arithmetic also serves tokenizer
+# training, which has no other use for torch.
+if TYPE_CHECKING:
+    import torch
 
 VOCAB_PARALLEL_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 """Checkpoint keys (suffixes) of the tensors whose rows are vocabulary ids."""
@@ -65,6 +70,8 @@ def mask_padded_logits(model, vocab_size: int) -> None:
     result, so the main head, the MTP heads (which call the same module) and inference all see
     the masked logits.
     """
+    import torch
+
     padded = model.vocab_size
     if vocab_size > padded:
         raise ValueError(f"the tokenizer's vocabulary ({vocab_size}) exceeds the model's "
@@ -88,9 +95,9 @@ def mask_padded_logits(model, vocab_size: int) -> None:
     output_layer.register_forward_hook(hook)
 
 
-@torch.no_grad()
 def zero_padded_rows(model) -> None:
     """Zero the rows of padded ids in this rank's slice of the embedding and output layer."""
+    import torch
     from megatron.core import parallel_state
 
     vocab_size = unpadded_vocab_size(model)
@@ -101,4 +108,5 @@ def zero_padded_rows(model) -> None:
         first = tp_rank * param.size(0)
         start = max(0, vocab_size - first)
         if start < param.size(0):
-            param[start:].zero_()
+            with torch.no_grad():
+                param[start:].zero_()
