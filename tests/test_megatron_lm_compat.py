@@ -329,16 +329,17 @@ def test_plain_untagged_prefix_trains_a_flags_defined_model(tmp_path, capsys):
 
 
 def test_data_path_forms(tmp_path):
+    from megatron_trillion.data.data_path import DataSource
     from megatron_trillion.training.data import resolve_data_splits
 
     prefix = _write_untagged_corpus(tmp_path, num_docs=100)
     splits = resolve_data_splits(parse_args(["--data-path", prefix, "--split", "'98,1,1'"]).data)
-    assert splits.train == [(None, prefix, "und", (0, 98))]
-    assert splits.valid == [(None, prefix, "und", (98, 99))]
-    assert splits.test == [(None, prefix, "und", (99, 100))]
+    assert splits.train == [DataSource(prefix, "und", None, (0, 98))]
+    assert splits.valid == [DataSource(prefix, "und", None, (98, 99))]
+    assert splits.test == [DataSource(prefix, "und", None, (99, 100))]
     whole = resolve_data_splits(parse_args(["--train-data-path", prefix,
                                             "--valid-data-path", prefix]).data)
-    assert whole.train == whole.valid == [(None, prefix, "und")] and whole.test is None
+    assert whole.train == whole.valid == [DataSource(prefix, "und")] and whole.test is None
     for argv, expected in (
             (["--data-path", prefix, "--train-data-path", prefix], "--train-data-path replaces"),
             (["--data-path", prefix, "--split", "90,10,0", "--valid-data-path", prefix],

@@ -183,7 +183,7 @@ def test_weighted_files_blend_by_whole_samples(tokenizers, tmp_path):
     ko = _write_jsonl(tmp_path / "chat_ko.jsonl", iter_sample_conversations(30, 1,
                                                                             languages=("ko",)))
     entries = parse_sft_data_path(["0.75", en, "0.25", f"xx:{ko}"])
-    assert [(w, l) for w, _, l in entries] == [(0.75, "en"), (0.25, "xx")]
+    assert [(s.weight, s.language) for s in entries] == [(0.75, "en"), (0.25, "xx")]
     dataset = build_sft_dataset(entries, _chat(tokenizers["own"]), 256, 40)
     from_ko = [dataset.conversations(i)[0] for i in range(len(dataset))].count(1)
     assert from_ko == 10  # a quarter of the samples, each from one file only

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from megatron_trillion.data.data_path import DataSource
 from megatron_trillion.training.arguments import accepted_flags, parse_args, to_flat_dict
 from megatron_trillion.training.data import (
     infer_language,
@@ -93,12 +94,12 @@ def test_data_path_syntax(tmp_path):
     en = _fake_dataset(str(tmp_path / "web_en_text_document"))
     ko = _fake_dataset(str(tmp_path / "web_ko_text_document"))
     other = _fake_dataset(str(tmp_path / "books"))
-    assert parse_data_path([en, ko]) == [(None, en, "en"), (None, ko, "ko")]
+    assert parse_data_path([en, ko]) == [DataSource(en, "en"), DataSource(ko, "ko")]
     assert parse_data_path(["0.7", en, "0.3", f"ja:{other}"]) == [
-        (0.7, en, "en"), (0.3, other, "ja")]
+        DataSource(en, "en", 0.7), DataSource(other, "ja", 0.3)]
     assert infer_language("/x/corpus_ko_text_document") == "ko"
     # A name that tells no language: one unnamed language (Megatron-LM's plain PREFIX form).
-    assert parse_data_path([other]) == [(None, other, "und")]
+    assert parse_data_path([other]) == [DataSource(other, "und")]
     with pytest.raises(ValueError, match="does not exist"):
         parse_data_path([str(tmp_path / "missing_en_text_document")])
     with pytest.raises(ValueError, match="not followed by a dataset"):
@@ -129,17 +130,18 @@ def test_mock_data_cache_is_keyed_by_vocabulary_and_written_whole(tmp_path):
     large = write_mock_datasets(str(tmp_path), vocab_size=8000, seed=3)
     small = write_mock_datasets(str(tmp_path), vocab_size=300, seed=3)
     other_seed = write_mock_datasets(str(tmp_path), vocab_size=300, seed=4)
-    assert len({entry[1] for entry in large + small + other_seed}) == 9  # no shared files
-    for entries, vocab in ((large, 8000), (small, 300)):
-        assert [lang for _, _, lang in entries] == ["en", "ko", "ja"]
-        datasets = [IndexedDataset(prefix) for _, prefix, _ in entries]  # keep the mmaps open
+    assert len({source.path_prefix for source in large + small + other_seed}) == 9  # no sharing
+    for sources, vocab in ((large, 8000), (small, 300)):
+        assert [source.language for source in sources] == ["en", "ko", "ja"]
+        # keep the mmaps open
+        datasets = [IndexedDataset(source.path_prefix) for source in sources]
         top = max(int(np.max(dataset[i])) for dataset in datasets for i in range(50))
         assert top < vocab
     assert top > 150  # the small vocabulary is used, not only its bottom
     # Second call reuses the files; nothing staged is left behind.
-    before = os.path.getmtime(small[0][1] + ".bin")
+    before = os.path.getmtime(small[0].path_prefix + ".bin")
     assert write_mock_datasets(str(tmp_path), vocab_size=300, seed=3) == small
-    assert os.path.getmtime(small[0][1] + ".bin") == before
+    assert os.path.getmtime(small[0].path_prefix + ".bin") == before
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 

@@ -10,7 +10,8 @@ weights if given, else by their sizes.
 
 Public interface::
 
-    sources = parse_sources([(weight_or_None, path_prefix, language), ...])
+    sources = parse_sources([DataSource(path_prefix, language, weight=None), ...])
+                                   # (or the tuples (weight_or_None, path_prefix, language))
     mixture = LanguageMixture.from_sources(sources, alpha=None, beta=None)
     mixture.language_probabilities    # {language: P(l)}
     mixture.source_probabilities      # np.ndarray, one per source, sums to 1
@@ -41,6 +42,8 @@ from typing import Mapping, Optional, Sequence
 import numba
 import numpy as np
 
+from megatron_trillion.data.data_path import DataSource, as_data_source
+
 __all__ = [
     "DataSource",
     "parse_sources",
@@ -58,30 +61,18 @@ __all__ = [
 _SUM_TOLERANCE = 1e-6
 
 
-@dataclass(frozen=True)
-class DataSource:
-    """One Megatron indexed dataset (``path_prefix`` + ``.bin``/``.idx``) of one language."""
-
-    path_prefix: str
-    language: str
-    weight: Optional[float] = None  # relative weight; None = use the dataset's token size
-    documents: Optional[tuple[int, int]] = None
-    """Only documents [first, end) of the dataset (a --split share); None = all."""
-
-
-def parse_sources(entries: Sequence[tuple]) -> tuple[DataSource, ...]:
-    """``[(weight_or_None, path_prefix, language[, (first_doc, end_doc)]), ...]`` -> validated
-    ``DataSource`` tuple (the optional range restricts a source to a --split share)."""
+def parse_sources(entries: Sequence) -> tuple[DataSource, ...]:
+    """``DataSource``s, or tuples ``(weight_or_None, path_prefix, language[, (first_doc,
+    end_doc)])``, -> validated ``DataSource`` tuple (the optional range restricts a source to
+    a --split share)."""
     if not entries:
         raise ValueError("the data mixture is empty: give at least one "
                          "(weight, path_prefix, language) entry (--data-path)")
     sources = []
     for n, entry in enumerate(entries):
-        if len(entry) not in (3, 4):
-            raise ValueError(f"data source #{n} {entry!r}: expected (weight_or_None, "
-                             "path_prefix, language[, (first_doc, end_doc)])")
-        weight, prefix, language = entry[:3]
-        documents = tuple(int(d) for d in entry[3]) if len(entry) == 4 and entry[3] else None
+        source = as_data_source(entry, f"data source #{n}")
+        prefix, language, weight = source.path_prefix, source.language, source.weight
+        documents = (tuple(int(d) for d in source.documents) if source.documents else None)
         if documents is not None and not 0 <= documents[0] < documents[1]:
             raise ValueError(f"data source {prefix}: empty document range {documents}")
         if not isinstance(language, str) or not language:

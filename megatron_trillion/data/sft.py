@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from megatron_trillion.data.chat_template import ROLES, ChatFormat, ChatTemplateError
+from megatron_trillion.data.data_path import DataSource, as_data_source
 from megatron_trillion.errors import UserError
 
 OVERLONG_POLICIES = ("truncate", "error")
@@ -61,8 +62,8 @@ class SFTDataError(UserError):
 # --data-path for JSONL
 
 
-def parse_sft_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tuple]:
-    """``[W] [LANG:]FILE.jsonl ...`` -> ``[(weight or None, path, language), ...]``."""
+def parse_sft_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[DataSource]:
+    """``[W] [LANG:]FILE.jsonl ...`` -> one ``DataSource`` per file."""
     from megatron_trillion.data.data_path import split_data_path
 
     entries = []
@@ -74,8 +75,8 @@ def parse_sft_data_path(tokens: Sequence[str], flag: str = "--data-path") -> lis
             raise UserError(f"{flag}: --sft reads chat JSONL files (*.jsonl), got {path!r}")
         if not os.path.isfile(path):
             raise UserError(f"{flag}: {path} does not exist")
-        entries.append((weight, path, lang))
-    weighted = [w is not None for w, _, _ in entries]
+        entries.append(DataSource(path, lang, weight))
+    weighted = [source.weight is not None for source in entries]
     if any(weighted) and not all(weighted):
         raise UserError(f"{flag}: give a weight to every file or to none")
     return entries
@@ -441,16 +442,18 @@ def _tokenize_all(files: list[str], chat: ChatFormat, seq_length: int, overlong:
     return out
 
 
-def build_sft_dataset(sources: Sequence[tuple], chat: ChatFormat, seq_length: int,
+def build_sft_dataset(sources: Sequence[DataSource], chat: ChatFormat, seq_length: int,
                       num_samples: int, *, seed: int = 1234, overlong: str = "truncate",
                       cache_dir: Optional[str] = None,
                       log: Callable[[str], None] = lambda line: None) -> SFTPackedDataset:
-    """The SFT dataset over ``sources`` = ``[(weight or None, path, language), ...]``.
+    """The SFT dataset over ``sources`` (``path_prefix``: the JSONL file; or the tuples
+    ``(weight or None, path, language)``).
 
     Collective when torch.distributed is initialised: global rank 0 tokenizes (or reads the
     cache) first; a data error there is raised on every rank.
     """
-    files = [path for _, path, _ in sources]
+    sources = [as_data_source(source) for source in sources]
+    files = [source.path_prefix for source in sources]
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     failure = None
@@ -475,12 +478,14 @@ def build_sft_dataset(sources: Sequence[tuple], chat: ChatFormat, seq_length: in
         # Not rank 0: the cache is complete now (or, without a cache directory, tokenize here).
         tokenized = _tokenize_all(files, chat, seq_length, overlong, cache_dir)
     built = []
-    for (weight, path, language), data in zip(sources, tokenized):
+    for source, data in zip(sources, tokenized):
         ptr, items = pack_conversations(data.positions(seq_length), seq_length,
-                                        seed + zlib.crc32(path.encode()))
-        built.append(SFTSource(path, language, weight, data, ptr, items))
+                                        seed + zlib.crc32(source.path_prefix.encode()))
+        built.append(SFTSource(source.path_prefix, source.language, source.weight, data, ptr,
+                               items))
     fingerprint = hashlib.sha256(json.dumps(
-        [[w, os.path.abspath(p), l] for w, p, l in sources]).encode()).hexdigest()[:16]
+        [[s.weight, os.path.abspath(s.path_prefix), s.language] for s in sources]
+    ).encode()).hexdigest()[:16]
     pad = chat.tokenizer.pad if chat.tokenizer.pad is not None else chat.tokenizer.eod
     dataset = SFTPackedDataset(built, seq_length, int(num_samples), seed, pad, fingerprint)
     for line in dataset.describe():

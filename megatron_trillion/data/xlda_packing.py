@@ -3,7 +3,7 @@
 Public interface (what the training loop calls)::
 
     dataset = build_xlda_dataset(
-        sources=[(weight_or_None, path_prefix, language), ...],
+        sources=[DataSource(path_prefix, language, weight=None), ...],   # data_path.py
         seq_length=4096, num_samples=total_train_samples,
         masking="xlda",            # "xlda" | "document" | "none" (the ablation switch)
         xlda_block_scope="pair",   # "pair" | "sequence" (data/attention_blocks.py)
@@ -66,6 +66,7 @@ from megatron_trillion.data.attention_blocks import (
     SCOPE_PAIR,
     block_cu_seqlens,
 )
+from megatron_trillion.data.data_path import DataSource
 from megatron_trillion.data.mixture import (
     LanguageMixture,
     MixtureState,
@@ -276,13 +277,13 @@ def _sizes(path_prefix: str, documents: Optional[tuple[int, int]] = None) -> np.
     return sizes if documents is None else sizes[documents[0]:documents[1]]
 
 
-def default_cache_dir(sources: Sequence[tuple]) -> str:
+def default_cache_dir(sources: Sequence[DataSource]) -> str:
     """Next to the first data prefix, as megatron-core does without --data-cache-path."""
     first = parse_sources(sources)[0].path_prefix
     return os.path.join(os.path.dirname(os.path.abspath(first)), "xlda_index_cache")
 
 
-def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: int, *,
+def build_xlda_dataset(sources: Sequence[DataSource], seq_length: int, num_samples: int, *,
                        masking: str = MASKING_XLDA, rho: float = 0.5,
                        anchor_language: str = "en",
                        alpha: Optional[float] = None, beta: Optional[Mapping[str, float]] = None,
@@ -292,7 +293,7 @@ def build_xlda_dataset(sources: Sequence[tuple], seq_length: int, num_samples: i
                        chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
                        ready_sample: Optional[int] = None,
                        xlda_block_scope: str = SCOPE_PAIR) -> XLDAPackedDataset:
-    """The training dataset: ``sources`` = ``[(weight_or_None, path_prefix, language), ...]``.
+    """The training dataset over ``sources`` (or their tuple form, see ``parse_sources``).
 
     Samples ``[start_state.samples or 0, num_samples)``. The chunk holding ``ready_sample``
     (default: the first sample) and the ones before it are found in the cache or built (on

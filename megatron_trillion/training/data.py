@@ -12,6 +12,7 @@ the union over ranks is the same for any data-parallel size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_trillion.data.languages import UNNAMED_LANGUAGE
+from megatron_trillion.data.data_path import DataSource
 from megatron_trillion.data.packed_batch import collate_packed
 from megatron_trillion.errors import UserError
 from megatron_trillion.platform.device import pin_batch
@@ -33,8 +35,8 @@ def infer_language(prefix: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def parse_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tuple]:
-    """``[W] [LANG:]PREFIX ...`` -> ``[(weight or None, prefix, language), ...]``."""
+def parse_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[DataSource]:
+    """``[W] [LANG:]PREFIX ...`` -> one ``DataSource`` per prefix."""
     from megatron_trillion.data.data_path import split_data_path
 
     entries = []
@@ -42,7 +44,8 @@ def parse_data_path(tokens: Sequence[str], flag: str = "--data-path") -> list[tu
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise UserError(f"{flag}: {prefix + ext} does not exist")
-        entries.append((weight, prefix, lang or infer_language(prefix) or UNNAMED_LANGUAGE))
+        entries.append(DataSource(prefix, lang or infer_language(prefix) or UNNAMED_LANGUAGE,
+                                  weight))
     return entries
 
 
@@ -86,15 +89,15 @@ def split_document_ranges(num_documents: int, split: Sequence[float]) -> list[tu
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Sources of the train / valid / test datasets (None: no such dataset). A source is
-    ``(weight, prefix, language)`` or, for a --split share, with ``(first_doc, end_doc)``."""
+    """Sources of the train / valid / test datasets (None: no such dataset); a --split share
+    is a source with its ``documents`` range."""
 
-    train: Optional[list]
-    valid: Optional[list]
-    test: Optional[list]
+    train: Optional[list[DataSource]]
+    valid: Optional[list[DataSource]]
+    test: Optional[list[DataSource]]
 
     def languages(self) -> list[str]:
-        return sorted({entry[2] for entry in self.train or []})
+        return sorted({source.language for source in self.train or []})
 
 
 def _path_parser(data):
@@ -139,13 +142,13 @@ def resolve_data_splits(data) -> DataSplits:
     if not data.split:
         return DataSplits(entries, valid, test)
     fractions = parse_split(data.split)
-    shares: list[list] = [[], [], []]
-    for weight, prefix, language in entries:
+    shares: list[list[DataSource]] = [[], [], []]
+    for source in entries:
         # Sequences are the stream's documents (one per document from preprocess_data).
-        documents = len(IndexedDataset(prefix, mmap=False).sequence_lengths)
+        documents = len(IndexedDataset(source.path_prefix, mmap=False).sequence_lengths)
         for k, (first, end) in enumerate(split_document_ranges(documents, fractions)):
             if end > first:
-                shares[k].append((weight, prefix, language, (first, end)))
+                shares[k].append(dataclasses.replace(source, documents=(first, end)))
     for k, name in ((1, "--valid-data-path"), (2, "--test-data-path")):
         given = valid if k == 1 else test
         if shares[k] and given:
@@ -174,10 +177,9 @@ def parse_lang_beta(items: Optional[Sequence[str]]) -> Optional[dict]:
 MOCK_FORMAT_VERSION = 1
 """Bump when the generator below changes: old caches are then left alone, not reused."""
 
-
 def write_mock_datasets(root: str, vocab_size: int, seed: int,
                         languages: Sequence[str] = ("en", "ko", "ja"),
-                        docs_per_language: int = 400) -> list[tuple]:
+                        docs_per_language: int = 400) -> list[DataSource]:
     """Random-token documents per language (``--mock-data``): distinct token ranges per
     language and a repeating structure so a model can learn something.
 
@@ -200,7 +202,7 @@ def write_mock_datasets(root: str, vocab_size: int, seed: int,
            + "-".join(languages))
     directory = os.path.join(root, key)
     prefixes = [os.path.join(directory, f"mock_{lang}_text_document") for lang in languages]
-    entries = [(None, prefix, lang) for prefix, lang in zip(prefixes, languages)]
+    entries = [DataSource(prefix, lang) for prefix, lang in zip(prefixes, languages)]
     if os.path.isdir(directory):
         return entries
 
@@ -328,7 +330,8 @@ def check_data_files(config, tokenizer_fingerprint: Optional[dict], vocab_size: 
                               ("--anneal-data-path", config.anneal.anneal_data_path)):
         # --sft reads chat JSONL, validated line by line when its dataset is built
         if tokens and not config.data.mock_data and not config.data.sft:
-            prefixes += [(flag_name, entry[1]) for entry in parse_data_path(tokens, flag_name)]
+            prefixes += [(flag_name, source.path_prefix)
+                         for source in parse_data_path(tokens, flag_name)]
     if not prefixes:
         return
     progress_factory = None

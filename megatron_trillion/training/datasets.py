@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional
 import torch
 
 from megatron_trillion.data.attention_blocks import MASKING_DOCUMENT, MASKING_XLDA
+from megatron_trillion.data.data_path import DataSource
 from megatron_trillion.training.arguments import PretrainConfig
 from megatron_trillion.training.data import (
     DataSplits,
@@ -119,11 +120,11 @@ class DatasetBuilder:
     chat: Optional[ChatFormat] = None
 
     @property
-    def valid_sources(self) -> list:
+    def valid_sources(self) -> list[DataSource]:
         """The held-out sources: --valid-data-path / the --split share, else the test ones."""
         return self.splits.valid or self.splits.test or []
 
-    def anneal_sources(self) -> list:
+    def anneal_sources(self) -> list[DataSource]:
         return parse_data_path(self.config.anneal.anneal_data_path, "--anneal-data-path")
 
     def anneal_switch_sample(self) -> Optional[int]:
@@ -142,10 +143,10 @@ class DatasetBuilder:
 
     # XLDA-packed datasets -----------------------------------------------------------------
 
-    def dataset_kwargs(self, sources: list) -> dict:
+    def dataset_kwargs(self, sources: list[DataSource]) -> dict:
         """``build_xlda_dataset``'s arguments for ``sources`` from the flags."""
         config, data = self.config, self.config.data
-        languages = sorted({entry[2] for entry in sources})
+        languages = sorted({source.language for source in sources})
         masking = effective_masking(config, languages)
         single = len(languages) < 2
         return dict(sources=sources, seq_length=self.shape.seq_length,
@@ -160,7 +161,7 @@ class DatasetBuilder:
                                                        if data.mock_data else None),
                     eod_token=self.eod, mmap_bin_files=data.mmap_bin_files)
 
-    def build(self, sources: list, **changes):
+    def build(self, sources: list[DataSource], **changes):
         """The XLDA-packed dataset over ``sources``; ``changes`` override the flags' values."""
         from megatron_trillion.data.xlda_packing import build_xlda_dataset
 
@@ -168,7 +169,7 @@ class DatasetBuilder:
         kwargs.update(changes)
         return build_xlda_dataset(**kwargs)
 
-    def _sft_dataset(self, sources: list, num_samples: int, log: Log):
+    def _sft_dataset(self, sources: list[DataSource], num_samples: int, log: Log):
         from megatron_trillion.data.sft import build_sft_dataset
 
         config = self.config
@@ -220,8 +221,8 @@ class DatasetBuilder:
         if config.eval.eval_interval is None or config.eval.eval_iters == 0:
             return {}
         by_language: dict = {}
-        for entry in self.valid_sources:
-            by_language.setdefault(entry[2], []).append(entry)
+        for source in self.valid_sources:
+            by_language.setdefault(source.language, []).append(source)
         micro, dp = config.batch.micro_batch_size, shape.data_parallel_size
         samples = config.eval.eval_iters * micro * dp
         batches = {}

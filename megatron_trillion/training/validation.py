@@ -383,6 +383,7 @@ def _blend_errors(config: PretrainConfig, splits) -> list[str]:
     """The language mixture must refer to languages that the data has."""
     import inspect
 
+    from megatron_trillion.data.data_path import DataSource
     from megatron_trillion.training.data import parse_lang_beta, write_mock_datasets
 
     data = config.data
@@ -393,13 +394,13 @@ def _blend_errors(config: PretrainConfig, splits) -> list[str]:
         return errors  # already reported by validate()
     if data.mock_data:  # the languages --mock-data writes
         mock = inspect.signature(write_mock_datasets).parameters["languages"].default
-        entries = [(None, "mock", lang) for lang in mock]
+        entries = [DataSource("mock", lang) for lang in mock]
     elif splits is not None:
         entries = splits.train
     else:
         return errors
-    languages = sorted({entry[2] for entry in entries})
-    weights = [entry[0] for entry in entries]
+    languages = sorted({source.language for source in entries})
+    weights = [source.weight for source in entries]
     if any(w is not None and w <= 0 for w in weights):
         errors.append("--data-path weights must be > 0, got "
                       + " ".join(str(w) for w in weights if w is not None))
