@@ -94,6 +94,18 @@ def test_overrides_replace_fields_and_reject_unknown_ones():
     assert "num_layers" in str(err.value)
 
 
+def test_preset_errors_name_fields_as_the_caller_spells_them():
+    broken = dataclasses.replace(get_preset("tiny-trinity"), moe_router_topk=9,
+                                 moe_router_bias_update_momentum=1.0)
+    assert broken.errors() == [
+        "moe_router_topk 9 must be in 1..num_experts (8)",
+        "moe_router_bias_update_momentum must be in [0, 1), got 1.0"]
+    flags = {"moe_router_topk": "--moe-router-topk", "num_experts": "--num-experts"}
+    assert broken.errors(lambda field: flags.get(field, field))[0] == (
+        "--moe-router-topk 9 must be in 1..--num-experts (8)")
+    assert get_preset("tiny-trinity").errors() == []
+
+
 def test_invalid_override_names_the_field():
     with pytest.raises(ValueError, match="num_query_groups"):
         resolve_preset("tiny-tri-21b", {"num_query_groups": 3})

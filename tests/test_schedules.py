@@ -10,8 +10,12 @@ from megatron_trillion.training.schedules import (
     BatchSizeRampup,
     LRScheduleConfig,
     ParamScheduler,
+    StepBatchSizeSchedule,
     anneal_config_for,
+    iterations_for_samples,
     lr_at,
+    rampup_phase,
+    samples_for_iterations,
 )
 
 
@@ -235,3 +239,46 @@ def test_rampup_rejects_sizes_invalid_for_data_parallel():
         BatchSizeRampup.from_flag([8, 16], 32, 1, 8)
     with pytest.raises(ValueError, match="--global-batch-size \\(30\\) is not a multiple"):
         BatchSizeRampup.from_flag(None, 30, 2, 4)
+
+
+def test_unchecked_configs_list_every_problem_instead_of_raising():
+    lr = LRScheduleConfig(max_lr=1e-4, min_lr=1e-3, total_steps=10, warmup_steps=20,
+                          style="cosine", init_lr=1.0, check=False)
+    assert lr.errors() == ["need 0 <= --min-lr (0.001) <= --lr (0.0001)",
+                           "need 0 <= --lr-warmup-init (1.0) <= --lr (0.0001)",
+                           "warmup (20 steps) must be shorter than the schedule (10 steps)"]
+    with pytest.raises(ValueError, match="invalid learning-rate schedule") as info:
+        LRScheduleConfig(max_lr=1e-4, min_lr=1e-3, total_steps=10, warmup_steps=20,
+                         style="cosine", init_lr=1.0)
+    assert all(problem in str(info.value) for problem in lr.errors())
+    assert LRScheduleConfig(max_lr=1e-3, min_lr=1e-4, total_steps=1000,
+                            warmup_steps=10).errors() == []
+    ramp = BatchSizeRampup.from_flag([3, 2, 20], 8, 1, 1, check=False)
+    assert ramp.errors() == ["--rampup-batch-size: --global-batch-size (8) minus the start (3) "
+                             "= 5 is not a multiple of the increment (2)"]
+    step = StepBatchSizeSchedule.from_flag("1K:3 500:4", 100, 2, 1, check=False)
+    assert step.errors() == [
+        "--step-batch-size-schedule must start at threshold 0 (e.g. 0:16)",
+        "--step-batch-size-schedule thresholds must increase",
+        "--step-batch-size-schedule batch sizes [3] are not positive multiples of "
+        "--micro-batch-size x data-parallel size (2)"]
+    with pytest.raises(ValueError, match="thresholds must increase"):
+        StepBatchSizeSchedule.from_flag("1K:3 500:4", 100, 2, 1)
+
+
+def test_run_length_and_rampup_phase_under_a_batch_schedule():
+    ramp = BatchSizeRampup.from_flag([8, 4, 1000], global_batch_size=32,
+                                     micro_batch_size=1, data_parallel_size=4)
+    # 8 until 1000/6 samples, then 12, ... (megatron-core's arithmetic): simulate by hand.
+    consumed, sizes = 0, []
+    while consumed <= 1000:
+        sizes.append(ramp.global_batch_size_at(consumed))
+        consumed += sizes[-1]
+    below = [size for size in sizes if size < 32]
+    assert sizes[0] == 8 and below == sizes[:len(below)]
+    assert rampup_phase(ramp) == (len(below), sum(below))
+    assert samples_for_iterations(ramp, len(below) + 2) == sum(below) + 64
+    assert iterations_for_samples(ramp, sum(below) + 1) == len(below) + 1
+    assert rampup_phase(BatchSizeRampup.from_flag(None, 32, 1, 4)) == (0, 0)
+    step = StepBatchSizeSchedule.from_flag("0:2 1K:4", 100, 1, 1)  # 2 until 10 samples
+    assert rampup_phase(step) == (5, 10)

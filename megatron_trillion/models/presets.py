@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -180,51 +180,61 @@ class ModelPreset:
         return dict(num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
                     num_query_groups=self.query_groups, num_moe_experts=self.num_experts)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the field for an inconsistent preset."""
+    def errors(self, name_of: Callable[[str], str] = str) -> list[str]:
+        """Every inconsistency of the preset, one message each.
+
+        ``name_of(field)`` is how a message names a field. The default keeps the field names
+        (a preset from the registry, a checkpoint or an HF config has no flags); the training
+        validation passes its table of the flags that set preset fields, so the same checks
+        read as flag problems there. The preset does not know the flags itself: they belong
+        to the command line, which lower layers do not import."""
+        n = name_of
         errors = []
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            errors.append(f"hidden_size {self.hidden_size} is not divisible by "
-                          f"num_attention_heads {self.num_attention_heads}; set kv_channels")
+            errors.append(f"{n('hidden_size')} {self.hidden_size} is not divisible by "
+                          f"{n('num_attention_heads')} {self.num_attention_heads}; set "
+                          f"{n('kv_channels')}")
         if self.num_attention_heads % self.query_groups:
-            errors.append(f"num_attention_heads {self.num_attention_heads} is not divisible by "
-                          f"num_query_groups {self.query_groups}")
+            errors.append(f"{n('num_attention_heads')} {self.num_attention_heads} is not "
+                          f"divisible by {n('num_query_groups')} {self.query_groups}")
         if self.is_moe:
             if not 0 < self.moe_router_topk <= self.num_experts:
-                errors.append(f"moe_router_topk {self.moe_router_topk} must be in "
-                              f"1..num_experts ({self.num_experts})")
+                errors.append(f"{n('moe_router_topk')} {self.moe_router_topk} must be in "
+                              f"1..{n('num_experts')} ({self.num_experts})")
             if self.moe_ffn_hidden_size is None:
-                errors.append("MoE presets need moe_ffn_hidden_size")
+                errors.append(f"MoE presets need {n('moe_ffn_hidden_size')}")
             if not 0 <= self.num_dense_layers < self.num_layers:
-                errors.append(f"num_dense_layers {self.num_dense_layers} must be in "
-                              f"0..num_layers-1 ({self.num_layers - 1})")
+                errors.append(f"{n('num_dense_layers')} {self.num_dense_layers} must be in "
+                              f"0..{n('num_layers')}-1 ({self.num_layers - 1})")
             if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
-                errors.append("moe_router_enable_expert_bias needs "
-                              "moe_router_score_function='sigmoid'")
-            try:
-                self.expert_bias_update().validate()
-            except ValueError as err:
-                errors.append(str(err))
+                errors.append(f"{n('moe_router_enable_expert_bias')} needs "
+                              f"{n('moe_router_score_function')}='sigmoid'")
+            errors += self.expert_bias_update().errors(name_of)
             if (self.moe_router_bias_update_style != "sign"
                     and not self.moe_router_enable_expert_bias):
-                errors.append(f"moe_router_bias_update_style="
+                errors.append(f"{n('moe_router_bias_update_style')}="
                               f"{self.moe_router_bias_update_style!r} needs "
-                              "moe_router_enable_expert_bias")
+                              f"{n('moe_router_enable_expert_bias')}")
         if not self.is_moe and self.moe_router_bias_update_style != "sign":
-            errors.append(f"moe_router_bias_update_style="
+            errors.append(f"{n('moe_router_bias_update_style')}="
                           f"{self.moe_router_bias_update_style!r} needs an MoE preset")
         if self.sandwich_post_norm_init not in ("one", "inverse_depth", "inverse_sqrt_depth"):
-            errors.append(f"sandwich_post_norm_init must be 'one', 'inverse_depth' or "
+            errors.append(f"{n('sandwich_post_norm_init')} must be 'one', 'inverse_depth' or "
                           f"'inverse_sqrt_depth', got {self.sandwich_post_norm_init!r}")
         elif self.sandwich_post_norm_init != "one" and not self.sandwich_norm:
-            errors.append("sandwich_post_norm_init needs sandwich_norm")
+            errors.append(f"{n('sandwich_post_norm_init')} needs {n('sandwich_norm')}")
         if self.global_attn_every_n_layers is not None and self.sliding_window is None:
-            errors.append("global_attn_every_n_layers needs sliding_window")
+            errors.append(f"{n('global_attn_every_n_layers')} needs {n('sliding_window')}")
         if not self.rope_on_global_layers and self.sliding_window is None:
-            errors.append("rope_on_global_layers=False needs sliding_window (which layers are "
-                          "global is defined by the local/global pattern)")
+            errors.append(f"{n('rope_on_global_layers')}=False needs {n('sliding_window')} "
+                          "(which layers are global is defined by the local/global pattern)")
         if self.mtp_num_layers < 0:
-            errors.append(f"mtp_num_layers must be >= 0, got {self.mtp_num_layers}")
+            errors.append(f"{n('mtp_num_layers')} must be >= 0, got {self.mtp_num_layers}")
+        return errors
+
+    def validate(self) -> None:
+        """Raise ValueError naming the fields of every inconsistency."""
+        errors = self.errors()
         if errors:
             raise ValueError(f"invalid model preset {self.name!r}:\n  - " + "\n  - ".join(errors))
 

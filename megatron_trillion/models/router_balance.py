@@ -33,7 +33,7 @@ Interface::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -53,19 +53,26 @@ class ExpertBiasUpdate:
     clamp_scale: float = 2.0
     """smebu only: kappa in tanh(kappa * violation)."""
 
-    def validate(self, where: str = "expert bias update") -> None:
+    def errors(self, name_of: Callable[[str], str] = str) -> list[str]:
+        """Every problem, naming each value by ``name_of(preset field)`` (see
+        ``ModelPreset.errors``)."""
+        n = name_of
         errors = []
         if self.style not in BIAS_UPDATE_STYLES:
-            errors.append(f"moe_router_bias_update_style must be one of {BIAS_UPDATE_STYLES}, "
-                          f"got {self.style!r}")
+            errors.append(f"{n('moe_router_bias_update_style')} must be one of "
+                          f"{BIAS_UPDATE_STYLES}, got {self.style!r}")
         if not self.rate >= 0:
-            errors.append(f"moe_router_bias_update_rate must be >= 0, got {self.rate}")
+            errors.append(f"{n('moe_router_bias_update_rate')} must be >= 0, got {self.rate}")
         if not 0 <= self.momentum < 1:
-            errors.append(f"moe_router_bias_update_momentum must be in [0, 1), "
+            errors.append(f"{n('moe_router_bias_update_momentum')} must be in [0, 1), "
                           f"got {self.momentum}")
         if not self.clamp_scale > 0:
-            errors.append(f"moe_router_bias_update_clamp_scale must be > 0, "
+            errors.append(f"{n('moe_router_bias_update_clamp_scale')} must be > 0, "
                           f"got {self.clamp_scale}")
+        return errors
+
+    def validate(self, where: str = "expert bias update") -> None:
+        errors = self.errors()
         if errors:
             raise ValueError(f"{where}: " + "; ".join(errors))
 

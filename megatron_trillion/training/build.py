@@ -225,8 +225,10 @@ def build_optimizer(config: PretrainConfig, model_chunks: list) -> MegatronOptim
     return get_megatron_optimizer(optimizer_config, model_chunks)
 
 
-def lr_schedule_config(config: PretrainConfig, shape: RunShape) -> LRScheduleConfig:
-    """The learning-rate schedule in samples (its WSD decay start is the anneal boundary)."""
+def lr_schedule_config(config: PretrainConfig, shape: RunShape,
+                       check: bool = True) -> LRScheduleConfig:
+    """The learning-rate schedule in samples (its WSD decay start is the anneal boundary).
+    ``check=False``: unchecked, for validation to list its ``errors()``."""
     from megatron_trillion.training.schedules import LRScheduleConfig
 
     return LRScheduleConfig(
@@ -236,6 +238,7 @@ def lr_schedule_config(config: PretrainConfig, shape: RunShape) -> LRScheduleCon
         style=config.schedule.lr_decay_style.lower(),
         wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
         wsd_decay_style=config.schedule.lr_wsd_decay_style,
+        check=check,
     )
 
 

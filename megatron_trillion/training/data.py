@@ -177,8 +177,12 @@ def parse_lang_beta(items: Optional[Sequence[str]]) -> Optional[dict]:
 MOCK_FORMAT_VERSION = 1
 """Bump when the generator below changes: old caches are then left alone, not reused."""
 
+MOCK_LANGUAGES = ("en", "ko", "ja")
+"""The languages of --mock-data (validation checks --lang-beta etc. against them)."""
+
+
 def write_mock_datasets(root: str, vocab_size: int, seed: int,
-                        languages: Sequence[str] = ("en", "ko", "ja"),
+                        languages: Sequence[str] = MOCK_LANGUAGES,
                         docs_per_language: int = 400) -> list[DataSource]:
     """Random-token documents per language (``--mock-data``): distinct token ranges per
     language and a repeating structure so a model can learn something.

@@ -17,9 +17,20 @@ from typing import Optional
 
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset, get_preset, preset_names
-from megatron_trillion.training.arguments import ModelArgs
+from megatron_trillion.training.arguments import ModelArgs, flag_name
 
 FROM_FLAGS = "model-from-flags"
+
+# The flag that sets each preset field: a ModelArgs field named like a ModelPreset field
+# overrides it (``ModelArgs.preset_overrides``, ``_from_flags``). Preset problems are phrased
+# through this table so they read as flag problems; fields no flag sets keep their names.
+PRESET_FIELD_FLAGS = {f.name: flag_name(f) for f in dataclasses.fields(ModelArgs)
+                      if f.name in {p.name for p in dataclasses.fields(ModelPreset)}}
+
+
+def preset_field_flag(field_name: str) -> str:
+    """How a preset problem names ``field_name``: its flag, or the field without one."""
+    return PRESET_FIELD_FLAGS.get(field_name, field_name)
 
 # What every model here is; without --preset each must be stated (Megatron-LM's defaults differ).
 _ARCHITECTURE = "this project builds bias-free SwiGLU / RMSNorm / RoPE decoders (Llama family)"
@@ -57,11 +68,7 @@ def resolve_model(model: ModelArgs, vocab_size: Optional[int] = None,
         overrides["vocab_size"] = vocab_size
     preset = dataclasses.replace(base, **overrides)
     if check:
-        errors = model_flag_errors(model, preset)
-        try:
-            preset.validate()
-        except ValueError as exc:
-            errors += [line.strip(" -") for line in str(exc).splitlines()[1:]]
+        errors = model_flag_errors(model, preset) + preset.errors(preset_field_flag)
         if errors:
             raise UserError("invalid model flags:\n  - " + "\n  - ".join(errors))
     return preset

@@ -8,7 +8,8 @@ Public interface (the training loop calls these)::
 
     LRScheduleConfig(max_lr, min_lr, total_steps, warmup_steps=2000, init_lr=0.0,
                      style="wsd", wsd_decay_fraction=0.1,
-                     wsd_decay_style="inverse-proportional")
+                     wsd_decay_style="inverse-proportional", check=True)
+        .errors() -> list[str]                 # every problem (check=False: build, then ask)
         .decay_start -> int                    # first step of the decay stage (anneal boundary)
         .in_samples(global_batch_size) -> LRScheduleConfig   # iteration counts -> samples
     lr_at(config, step, max_lr=None, min_lr=None) -> float
@@ -24,8 +25,13 @@ Public interface (the training loop calls these)::
                     start_global_batch_size=None, batch_size_increment=None, rampup_samples=0)
     BatchSizeRampup.from_flag(rampup_batch_size: Sequence[int] | None, global_batch_size,
                               micro_batch_size, data_parallel_size)   # --rampup-batch-size
+        .errors() -> list[str]      # as LRScheduleConfig (also StepBatchSizeSchedule)
+        .rampup_samples             # consumed samples after which the global batch is final
         .global_batch_size_at(consumed_samples) -> int
         .num_microbatches_at(consumed_samples) -> int
+
+    samples_for_iterations(batch_schedule, iterations) / iterations_for_samples(...)
+    rampup_phase(batch_schedule) -> (iterations, samples) below the final global batch
 
     ParamScheduler(optimizer, lr_config, anneal=None)   # drop-in for OptimizerParamScheduler
         .step(increment)            # advance (Megatron-LM passes the iteration's global batch)
@@ -63,7 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 LR_STYLES = ("wsd", "cosine", "linear", "constant")
@@ -103,7 +109,17 @@ class LRScheduleConfig:
     wsd_decay_style: str = "inverse-proportional"
     """Shape of the WSD decay stage, one of WSD_DECAY_STYLES (--lr-wsd-decay-style)."""
 
-    def __post_init__(self) -> None:
+    check: InitVar[bool] = True
+    """False: build without raising, to list every problem with :meth:`errors` (validation
+    reports them together with all other flag problems)."""
+
+    def __post_init__(self, check: bool) -> None:
+        errors = self.errors() if check else []
+        if errors:
+            raise ValueError("invalid learning-rate schedule:\n  - " + "\n  - ".join(errors))
+
+    def errors(self) -> list[str]:
+        """Every problem of the schedule, each naming the flags involved."""
         errors = []
         if self.style not in LR_STYLES:
             errors.append(f"--lr-decay-style must be one of {LR_STYLES}, got {self.style!r}")
@@ -134,8 +150,7 @@ class LRScheduleConfig:
         elif self.warmup_steps >= self.total_steps and self.style != "constant":
             errors.append(f"warmup ({self.warmup_steps} steps) must be shorter than the "
                           f"schedule ({self.total_steps} steps)")
-        if errors:
-            raise ValueError("invalid learning-rate schedule:\n  - " + "\n  - ".join(errors))
+        return errors
 
     @property
     def decay_steps(self) -> int:
@@ -347,61 +362,69 @@ class BatchSizeRampup:
     batch_size_increment: Optional[int] = None
     rampup_samples: int = 0
     _increments: int = field(init=False, repr=False, compare=False, default=0)
+    check: InitVar[bool] = True
+    """False: build without raising, to list the problem with :meth:`errors`."""
 
-    def __post_init__(self) -> None:
-        errors = []
-        for flag, value in (("--global-batch-size", self.global_batch_size),
-                            ("--micro-batch-size", self.micro_batch_size),
-                            ("data parallel size", self.data_parallel_size)):
-            if value <= 0:
-                errors.append(f"{flag} must be positive, got {value}")
+    def __post_init__(self, check: bool) -> None:
+        errors = self.errors()
+        if errors and check:
+            raise ValueError(errors[0] if len(errors) == 1 else
+                             "invalid batch size:\n  - " + "\n  - ".join(errors))
+        if self.start_global_batch_size is not None and not errors:
+            object.__setattr__(self, "_increments", (
+                self.global_batch_size - self.start_global_batch_size) // self.batch_size_increment)
+
+    def errors(self) -> list[str]:
+        """What is wrong with the sizes (the first problem found: each check needs the ones
+        before it to hold), naming the flags involved."""
+        errors = [f"{flag} must be positive, got {value}"
+                  for flag, value in (("--global-batch-size", self.global_batch_size),
+                                      ("--micro-batch-size", self.micro_batch_size),
+                                      ("data parallel size", self.data_parallel_size))
+                  if value <= 0]
         if errors:
-            raise ValueError("invalid batch size:\n  - " + "\n  - ".join(errors))
+            return errors
         unit = self.micro_batch_size * self.data_parallel_size
         where = (f"--micro-batch-size ({self.micro_batch_size}) x data parallel size "
                  f"({self.data_parallel_size}) = {unit}")
         if self.start_global_batch_size is None:
             if self.global_batch_size % unit:
-                raise ValueError(f"--global-batch-size ({self.global_batch_size}) is not a "
-                                 f"multiple of {where}")
-            return
+                return [f"--global-batch-size ({self.global_batch_size}) is not a multiple of "
+                        f"{where}"]
+            return []
         start, inc = self.start_global_batch_size, self.batch_size_increment
         if start <= 0 or inc is None or inc <= 0 or self.rampup_samples < 0:
-            raise ValueError(
-                f"--rampup-batch-size needs <start> > 0, <increment> > 0 and <ramp samples> >= 0, "
-                f"got {start} {inc} {self.rampup_samples}"
-            )
+            return [f"--rampup-batch-size needs <start> > 0, <increment> > 0 and <ramp samples> "
+                    f">= 0, got {start} {inc} {self.rampup_samples}"]
         if start > self.global_batch_size:
-            raise ValueError(f"--rampup-batch-size start ({start}) exceeds --global-batch-size "
-                             f"({self.global_batch_size})")
+            return [f"--rampup-batch-size start ({start}) exceeds --global-batch-size "
+                    f"({self.global_batch_size})"]
         if (self.global_batch_size - start) % inc:
-            raise ValueError(
-                f"--rampup-batch-size: --global-batch-size ({self.global_batch_size}) minus the "
-                f"start ({start}) = {self.global_batch_size - start} is not a multiple of the "
-                f"increment ({inc})"
-            )
+            return [f"--rampup-batch-size: --global-batch-size ({self.global_batch_size}) minus "
+                    f"the start ({start}) = {self.global_batch_size - start} is not a multiple "
+                    f"of the increment ({inc})"]
         bad = [size for size in range(start, self.global_batch_size + 1, inc) if size % unit]
         if bad:
             shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-            raise ValueError(
-                f"--rampup-batch-size {start} {inc} {self.rampup_samples} with "
-                f"--global-batch-size {self.global_batch_size}: global batch sizes {shown} are "
-                f"not multiples of {where}; pick a start and increment that are multiples of "
-                f"{unit}"
-            )
-        object.__setattr__(self, "_increments", (self.global_batch_size - start) // inc)
+            return [f"--rampup-batch-size {start} {inc} {self.rampup_samples} with "
+                    f"--global-batch-size {self.global_batch_size}: global batch sizes {shown} "
+                    f"are not multiples of {where}; pick a start and increment that are "
+                    f"multiples of {unit}"]
+        return []
 
     @classmethod
     def from_flag(cls, rampup_batch_size: Optional[Sequence[int]], global_batch_size: int,
-                  micro_batch_size: int, data_parallel_size: int) -> "BatchSizeRampup":
+                  micro_batch_size: int, data_parallel_size: int,
+                  check: bool = True) -> "BatchSizeRampup":
         """Build from the three values of ``--rampup-batch-size`` (or None for no ramp)."""
         if rampup_batch_size is None:
-            return cls(global_batch_size, micro_batch_size, data_parallel_size)
+            return cls(global_batch_size, micro_batch_size, data_parallel_size, check=check)
         if len(rampup_batch_size) != 3:
             raise ValueError("--rampup-batch-size takes three values: <start batch size> "
                              f"<batch size increment> <ramp-up samples>, got {rampup_batch_size}")
         start, inc, samples = (int(v) for v in rampup_batch_size)
-        return cls(global_batch_size, micro_batch_size, data_parallel_size, start, inc, samples)
+        return cls(global_batch_size, micro_batch_size, data_parallel_size, start, inc, samples,
+                   check=check)
 
     def global_batch_size_at(self, consumed_samples: int) -> int:
         """Global batch size of the iteration that starts after ``consumed_samples``."""
@@ -549,10 +572,32 @@ class StepBatchSizeSchedule:
     sizes: tuple
     micro_batch_size: int
     data_parallel_size: int
+    check: InitVar[bool] = True
+    """False: build without raising, to list every problem with :meth:`errors`."""
+
+    def __post_init__(self, check: bool) -> None:
+        errors = self.errors() if check else []
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def errors(self) -> list[str]:
+        """Every problem of the schedule, naming the flags involved."""
+        errors = []
+        if not self.thresholds or self.thresholds[0] != 0:
+            errors.append("--step-batch-size-schedule must start at threshold 0 (e.g. 0:16)")
+        if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
+            errors.append("--step-batch-size-schedule thresholds must increase")
+        unit = self.micro_batch_size * self.data_parallel_size
+        bad = [s for s in self.sizes if s <= 0 or s % unit]
+        if bad:
+            errors.append(f"--step-batch-size-schedule batch sizes {bad} are not positive "
+                          f"multiples of --micro-batch-size x data-parallel size ({unit})")
+        return errors
 
     @classmethod
     def from_flag(cls, text: str, seq_length: int, micro_batch_size: int,
-                  data_parallel_size: int) -> "StepBatchSizeSchedule":
+                  data_parallel_size: int, check: bool = True) -> "StepBatchSizeSchedule":
+        """Parse the flag's text (a ValueError names an item that is not THRESHOLD:BS)."""
         thresholds, sizes = [], []
         for item in text.split():
             threshold, sep, size = item.partition(":")
@@ -566,16 +611,8 @@ class StepBatchSizeSchedule:
             if not sep:
                 raise ValueError(f"--step-batch-size-schedule: {item!r} is not THRESHOLD:BS")
             thresholds.append(math.ceil(tokens / seq_length))
-        if not thresholds or thresholds[0] != 0:
-            raise ValueError("--step-batch-size-schedule must start at threshold 0 (e.g. 0:16)")
-        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-            raise ValueError("--step-batch-size-schedule thresholds must increase")
-        unit = micro_batch_size * data_parallel_size
-        bad = [s for s in sizes if s <= 0 or s % unit]
-        if bad:
-            raise ValueError(f"--step-batch-size-schedule batch sizes {bad} are not positive "
-                             f"multiples of --micro-batch-size x data-parallel size ({unit})")
-        return cls(tuple(thresholds), tuple(sizes), micro_batch_size, data_parallel_size)
+        return cls(tuple(thresholds), tuple(sizes), micro_batch_size, data_parallel_size,
+                   check=check)
 
     @property
     def global_batch_size(self) -> int:
@@ -593,7 +630,50 @@ class StepBatchSizeSchedule:
         return self.global_batch_size_at(consumed_samples) // (
             self.micro_batch_size * self.data_parallel_size)
 
+    @property
+    def rampup_samples(self) -> int:
+        """Consumed samples after which the batch size is the final one (as
+        ``BatchSizeRampup.rampup_samples``)."""
+        return self.thresholds[-1]
+
 
 BatchSizeSchedule = Union[BatchSizeRampup, StepBatchSizeSchedule]
 """The global batch size of each iteration (--rampup-batch-size or --step-batch-size-schedule;
 one interface)."""
+
+
+# --------------------------------------------------------------------------------------------
+# run lengths under a batch schedule
+
+
+def samples_for_iterations(batch_schedule: BatchSizeSchedule, iterations: int) -> int:
+    """Samples consumed by the first ``iterations`` iterations."""
+    consumed = 0
+    for _ in range(iterations):
+        consumed += batch_schedule.global_batch_size_at(consumed)
+    return consumed
+
+
+def iterations_for_samples(batch_schedule: BatchSizeSchedule, samples: int) -> int:
+    """Iterations until at least ``samples`` samples are consumed."""
+    consumed, iterations = 0, 0
+    while consumed < samples:
+        consumed += batch_schedule.global_batch_size_at(consumed)
+        iterations += 1
+    return iterations
+
+
+def rampup_phase(batch_schedule: BatchSizeSchedule) -> tuple[int, int]:
+    """(iterations, samples) that run below the final global batch size, counted from the
+    start of the run: (0, 0) without a ramp."""
+    final = batch_schedule.global_batch_size
+    consumed = iterations = 0
+    ramp = (0, 0)
+    # After ``rampup_samples`` every iteration has the final size: nothing further to count.
+    while consumed <= batch_schedule.rampup_samples:
+        size = batch_schedule.global_batch_size_at(consumed)
+        consumed += size
+        iterations += 1
+        if size != final:
+            ramp = (iterations, consumed)
+    return ramp

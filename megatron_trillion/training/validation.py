@@ -7,15 +7,25 @@ fixes a configuration in one round instead of one crash per conflict on a 256-GP
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Optional
 
 from megatron_trillion.data.attention_blocks import MASKING_NONE, MASKING_XLDA, SCOPE_PAIR
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.platform.distributed import ParallelSizes, validate_parallel_sizes
-from megatron_trillion.training.arguments import PretrainConfig
+from megatron_trillion.training.arguments import BatchArgs, PretrainConfig
+from megatron_trillion.training.model_flags import model_flag_errors, preset_field_flag
+from megatron_trillion.training.schedules import (
+    BatchSizeRampup,
+    BatchSizeSchedule,
+    StepBatchSizeSchedule,
+    iterations_for_samples,
+    samples_for_iterations,
+)
+
+if TYPE_CHECKING:
+    from megatron_trillion.training.data import DataSplits
 
 
 class ConfigError(UserError):
@@ -39,223 +49,213 @@ class RunShape:
     """Length of the learning-rate schedule in samples (--lr-decay-iters/-samples, else the
     run's length)."""
     lr_warmup_samples: int
-    batch_schedule: Any = None
-    """BatchSizeRampup or StepBatchSizeSchedule: the global batch size of each iteration."""
+    batch_schedule: Optional[BatchSizeSchedule] = None
+    """The global batch size of each iteration (``global_batch_size`` is the final one)."""
+
+
+# --------------------------------------------------------------------------------------------
+# sizes: each computed here once (the planner takes them through RunShape)
+
+
+def virtual_pipeline_stages(num_layers: int, pipeline: int,
+                            layers_per_virtual_stage: Optional[int]) -> Optional[int]:
+    """Model chunks per pipeline stage under --num-layers-per-virtual-pipeline-stage (None
+    without the flag)."""
+    if not layers_per_virtual_stage:
+        return None
+    per_stage = num_layers // max(pipeline, 1)
+    return max(1, per_stage // layers_per_virtual_stage)
 
 
 def parallel_sizes(config: PretrainConfig, num_layers: int) -> ParallelSizes:
     p = config.parallel
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage:
-        per_stage = num_layers // max(p.pipeline_model_parallel_size, 1)
-        vpp = max(1, per_stage // p.num_layers_per_virtual_pipeline_stage)
     return ParallelSizes(
         tensor=p.tensor_model_parallel_size, pipeline=p.pipeline_model_parallel_size,
-        virtual_pipeline=vpp, expert=p.expert_model_parallel_size,
-        context=p.context_parallel_size, expert_tensor=p.expert_tensor_parallel_size,
+        virtual_pipeline=virtual_pipeline_stages(num_layers, p.pipeline_model_parallel_size,
+                                                 p.num_layers_per_virtual_pipeline_stage),
+        expert=p.expert_model_parallel_size, context=p.context_parallel_size,
+        expert_tensor=p.expert_tensor_parallel_size,
     )
+
+
+def data_parallel_size(sizes: ParallelSizes, world_size: int) -> int:
+    """What the world size leaves to data parallelism (1 for a layout that does not divide
+    it, which the layout checks report)."""
+    mp = sizes.model_parallel()
+    return sizes.data_parallel(world_size) if mp > 0 and world_size % mp == 0 else 1
+
+
+def default_global_batch_size(batch: BatchArgs, data_parallel_size: int) -> int:
+    """--global-batch-size, else Megatron-LM's default: one micro-batch per data-parallel
+    rank."""
+    return batch.global_batch_size or batch.micro_batch_size * data_parallel_size
+
+
+# --------------------------------------------------------------------------------------------
+# the checks, by group
 
 
 def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
              transformer_engine_available: bool) -> RunShape:
     """Return the run's derived sizes or raise :class:`ConfigError` listing every problem."""
-    from megatron_trillion.training.schedules import BatchSizeRampup, LRScheduleConfig
+    te = transformer_engine_available
+    shape, errors = _run_shape(config, preset, world_size)
+    splits, source_errors = _data_sources(config)
+    errors += (_model_errors(config, preset)
+               + _parallel_flag_errors(config, preset, te)
+               + _precision_errors(config, te)
+               + _lr_schedule_errors(config, shape)
+               + source_errors
+               + _data_flag_errors(config)
+               + (_sft_errors(config) if config.data.sft else _blend_errors(config, splits))
+               + kernel_errors(config, te)
+               + _interval_errors(config)
+               + _checkpoint_errors(config)
+               + _eval_errors(config, splits))
+    if errors:
+        raise ConfigError(errors)
+    return shape
 
-    errors: list[str] = []
-    par, batch, train = config.parallel, config.batch, config.training
-    errors += _model_errors(config, preset)
-    from megatron_trillion.training.model_flags import model_flag_errors
 
-    errors += model_flag_errors(config.model, preset)
+def run_shape(config: PretrainConfig, preset: ModelPreset, world_size: int) -> RunShape:
+    """The sizes of :func:`validate` alone (what the planner needs, for a run on any machine):
+    raises :class:`ConfigError` listing the problems of the parallel layout, the batch sizes
+    and the run and schedule lengths; data, kernels and the other flags are not checked."""
+    shape, errors = _run_shape(config, preset, world_size)
+    if errors:
+        raise ConfigError(errors)
+    return shape
+
+
+def _run_shape(config: PretrainConfig, preset: ModelPreset,
+               world_size: int) -> tuple[RunShape, list[str]]:
+    """The sizes, and what is wrong with them (they mean nothing while that is not empty)."""
     sizes = parallel_sizes(config, preset.num_layers)
-    errors += validate_parallel_sizes(
-        sizes, world_size, num_layers=preset.num_layers,
-        num_attention_heads=preset.num_attention_heads, num_query_groups=preset.query_groups,
-        num_moe_experts=preset.num_experts,
-    )
-    if par.num_layers_per_virtual_pipeline_stage:
-        per_stage = preset.num_layers // max(par.pipeline_model_parallel_size, 1)
-        if per_stage % par.num_layers_per_virtual_pipeline_stage:
+    dp = data_parallel_size(sizes, world_size)
+    seq_length = config.model.seq_length or preset.seq_length
+    schedule, batch_errors = _batch_schedule(config, dp, seq_length)
+    global_batch = (schedule.global_batch_size if schedule is not None
+                    else default_global_batch_size(config.batch, dp))
+    train_samples, train_iters, length_errors = _run_length(config, schedule, global_batch)
+    decay_samples, warmup_samples, lr_length_errors = _lr_schedule_samples(
+        config, global_batch, train_samples)
+    errors = (_parallel_size_errors(config, preset, sizes, world_size, seq_length)
+              + batch_errors + _interleaving_errors(config, sizes, schedule)
+              + length_errors + lr_length_errors)
+    shape = RunShape(parallel=sizes, data_parallel_size=dp, global_batch_size=global_batch,
+                     train_samples=train_samples, train_iters=train_iters,
+                     seq_length=seq_length, lr_decay_samples=decay_samples,
+                     lr_warmup_samples=warmup_samples, batch_schedule=schedule)
+    return shape, errors
+
+
+def _parallel_size_errors(config: PretrainConfig, preset: ModelPreset, sizes: ParallelSizes,
+                          world_size: int, seq_length: int) -> list[str]:
+    """The layout against the world size, the model and the sequence length."""
+    par = config.parallel
+    pp, tp, cp = (par.pipeline_model_parallel_size, par.tensor_model_parallel_size,
+                  par.context_parallel_size)
+    errors = validate_parallel_sizes(sizes, world_size, **preset.layout_dims())
+    per_virtual_stage = par.num_layers_per_virtual_pipeline_stage
+    if per_virtual_stage:
+        per_stage = preset.num_layers // max(pp, 1)
+        if per_stage % per_virtual_stage:
             errors.append(
                 f"--num-layers ({preset.num_layers}) / --pipeline-model-parallel-size "
-                f"({par.pipeline_model_parallel_size}) = {per_stage} layers per stage is not "
-                f"divisible by --num-layers-per-virtual-pipeline-stage "
-                f"({par.num_layers_per_virtual_pipeline_stage})")
-        if par.pipeline_model_parallel_size < 2:
+                f"({pp}) = {per_stage} layers per stage is not divisible by "
+                f"--num-layers-per-virtual-pipeline-stage ({per_virtual_stage})")
+        if pp < 2:
             errors.append("--num-layers-per-virtual-pipeline-stage needs "
                           "--pipeline-model-parallel-size >= 2")
-    if par.sequence_parallel and par.tensor_model_parallel_size < 2:
+    if par.sequence_parallel and tp < 2:
         errors.append("--sequence-parallel needs --tensor-model-parallel-size >= 2")
-    errors += context_parallel_errors(config, preset, transformer_engine_available)
-    if par.overlap_param_gather and not par.use_distributed_optimizer:
-        errors.append("--overlap-param-gather needs --use-distributed-optimizer")
-    if config.optimizer.optimizer == "muon" and par.overlap_param_gather:
-        errors.append("--overlap-param-gather is not supported with --optimizer muon")
+    if seq_length < 2:
+        errors.append(f"--seq-length must be >= 2, got {seq_length}")
+    if par.sequence_parallel and seq_length % tp:
+        errors.append(f"--seq-length ({seq_length}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp}) with --sequence-parallel")
+    if cp > 1 and seq_length % (2 * cp):
+        errors.append(f"--seq-length ({seq_length}) must be divisible by 2 x "
+                      f"--context-parallel-size ({2 * cp}) (load-balanced CP chunks)")
+    return errors
 
-    mp = sizes.model_parallel()
-    dp = world_size // mp if mp > 0 and world_size % mp == 0 else 1
-    seq_length = config.model.seq_length or preset.seq_length
+
+def _batch_schedule(config: PretrainConfig, data_parallel: int,
+                    seq_length: int) -> tuple[Optional[BatchSizeSchedule], list[str]]:
+    """The global batch size of each iteration (None when its flags are wrong) and what is
+    wrong with them."""
+    batch = config.batch
+    errors = []
     if batch.micro_batch_size < 1:
         errors.append(f"--micro-batch-size must be >= 1, got {batch.micro_batch_size}")
-    global_batch = batch.global_batch_size or batch.micro_batch_size * dp
-    rampup = None
+    micro = max(batch.micro_batch_size, 1)
+    if batch.step_batch_size_schedule:
+        errors += [f"--step-batch-size-schedule sets the global batch size: drop {flag_text}"
+                   for flag_text, value in (("--global-batch-size", batch.global_batch_size),
+                                            ("--rampup-batch-size", batch.rampup_batch_size))
+                   if value is not None]
     try:
         if batch.step_batch_size_schedule:
-            from megatron_trillion.training.schedules import StepBatchSizeSchedule
-
-            for flag_text, value in (("--global-batch-size", batch.global_batch_size),
-                                     ("--rampup-batch-size", batch.rampup_batch_size)):
-                if value is not None:
-                    errors.append(f"--step-batch-size-schedule sets the global batch size: drop "
-                                  f"{flag_text}")
-            rampup = StepBatchSizeSchedule.from_flag(
-                batch.step_batch_size_schedule, max(seq_length, 1),
-                max(batch.micro_batch_size, 1), dp)
-            global_batch = rampup.global_batch_size
+            schedule = StepBatchSizeSchedule.from_flag(
+                batch.step_batch_size_schedule, max(seq_length, 1), micro, data_parallel,
+                check=False)
         else:
-            rampup = BatchSizeRampup.from_flag(batch.rampup_batch_size, global_batch,
-                                               max(batch.micro_batch_size, 1), dp)
-    except ValueError as exc:
-        errors.append(str(exc).replace("\n", " "))
-    if sizes.virtual_pipeline and sizes.virtual_pipeline > 1 and rampup is not None:
-        smallest = rampup.num_microbatches_at(0)
-        if smallest % par.pipeline_model_parallel_size:
-            errors.append(
-                f"interleaved pipelining needs the number of micro-batches per step "
-                f"({smallest} at the start) to be a multiple of "
-                f"--pipeline-model-parallel-size ({par.pipeline_model_parallel_size})")
+            schedule = BatchSizeRampup.from_flag(
+                batch.rampup_batch_size, default_global_batch_size(batch, data_parallel),
+                micro, data_parallel, check=False)
+    except ValueError as exc:  # the flag's values do not parse (one message naming it)
+        return None, errors + [str(exc)]
+    problems = schedule.errors()
+    return (None if problems else schedule), errors + problems
 
+
+def _interleaving_errors(config: PretrainConfig, sizes: ParallelSizes,
+                         schedule: Optional[BatchSizeSchedule]) -> list[str]:
+    """Interleaved pipelining runs the micro-batches of a step in groups of the pipeline size."""
+    pp = config.parallel.pipeline_model_parallel_size
+    if not (sizes.virtual_pipeline and sizes.virtual_pipeline > 1) or schedule is None:
+        return []
+    smallest = schedule.num_microbatches_at(0)
+    if smallest % pp:
+        return [f"interleaved pipelining needs the number of micro-batches per step "
+                f"({smallest} at the start) to be a multiple of "
+                f"--pipeline-model-parallel-size ({pp})"]
+    return []
+
+
+def _run_length(config: PretrainConfig, schedule: Optional[BatchSizeSchedule],
+                global_batch: int) -> tuple[int, int, list[str]]:
+    """(samples, iterations) of the run, from --train-iters or --train-samples."""
+    train, batch = config.training, config.batch
     if (train.train_iters is None) == (train.train_samples is None):
-        errors.append("give exactly one of --train-iters and --train-samples")
-        train_samples = train_iters = 0
-    elif train.train_iters is not None:
+        return 0, 0, ["give exactly one of --train-iters and --train-samples"]
+    errors = []
+    if train.train_iters is not None:
         if batch.rampup_batch_size:
             errors.append("--rampup-batch-size counts samples: use --train-samples, "
                           "not --train-iters")
-        train_iters = train.train_iters
-        train_samples = (_samples_for_iters(rampup, train_iters)
-                         if batch.step_batch_size_schedule and rampup else
-                         train_iters * global_batch)
+        iters = train.train_iters
+        samples = (samples_for_iterations(schedule, iters)
+                   if batch.step_batch_size_schedule and schedule else iters * global_batch)
+        given = iters
     else:
-        train_samples = train.train_samples
-        train_iters = _iters_for_samples(rampup, train_samples) if rampup else 0
-    if train_samples is not None and train_samples <= 0 and not errors:
+        samples = given = train.train_samples
+        iters = iterations_for_samples(schedule, samples) if schedule else 0
+    if given <= 0:
         errors.append("--train-iters / --train-samples must be positive")
-    decay_samples, warmup_samples = _schedule_samples(config, global_batch, train_samples, errors)
-
-    if seq_length < 2:
-        errors.append(f"--seq-length must be >= 2, got {seq_length}")
-    if par.sequence_parallel and seq_length % par.tensor_model_parallel_size:
-        errors.append(f"--seq-length ({seq_length}) must be divisible by "
-                      f"--tensor-model-parallel-size ({par.tensor_model_parallel_size}) with "
-                      "--sequence-parallel")
-
-    prec = train
-    if prec.fp8_format and not transformer_engine_available:
-        errors.append("--fp8-format needs Transformer Engine (GPU image); it is not installed")
-    if config.model.transformer_impl == "transformer_engine" and not transformer_engine_available:
-        errors.append("--transformer-impl transformer_engine: Transformer Engine is not installed")
-    if prec.fp8_format and not prec.bf16:
-        errors.append("--fp8-format needs --bf16")
-
-    if decay_samples > 0:
-        try:
-            LRScheduleConfig(
-                max_lr=config.optimizer.lr, min_lr=config.optimizer.min_lr,
-                total_steps=decay_samples, warmup_steps=warmup_samples,
-                init_lr=config.schedule.lr_warmup_init,
-                style=config.schedule.lr_decay_style.lower(),
-                wsd_decay_fraction=config.schedule.lr_wsd_decay_fraction,
-                wsd_decay_style=config.schedule.lr_wsd_decay_style,
-            )
-        except ValueError as exc:
-            errors += [e.strip(" -") for e in str(exc).splitlines()[1:]] or [str(exc)]
-    if config.schedule.override_opt_param_scheduler and \
-            config.schedule.use_checkpoint_opt_param_scheduler:
-        errors.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
-                      "are mutually exclusive")
-
-    data = config.data
-    splits = None
-    blend_given = data.data_path or data.data_args_path or data.train_data_path
-    if data.mock_data:
-        if blend_given:
-            errors.append("--mock-data replaces --data-path/--data-args-path/"
-                          "--train-data-path: give one")
-    else:
-        from megatron_trillion.training.data import resolve_data_splits
-
-        try:
-            splits = resolve_data_splits(data)
-        except ValueError as exc:
-            errors.append(str(exc))
-    from megatron_trillion.training.data import parse_data_path, parse_lang_beta
-
-    if config.anneal.anneal_data_path:
-        try:
-            parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
-        except ValueError as exc:
-            errors.append(str(exc))
-    try:
-        parse_lang_beta(data.lang_beta)
-    except ValueError as exc:
-        errors.append(str(exc))
-    if data.num_workers < 0:
-        errors.append(f"--num-workers must be >= 0, got {data.num_workers}")
-    if data.xlda_block_scope != SCOPE_PAIR and data.attention_masking != MASKING_XLDA:
-        errors.append(f"--xlda-block-scope {data.xlda_block_scope} applies to "
-                      f"--attention-masking {MASKING_XLDA} only (got {data.attention_masking})")
-    if not 0.0 <= data.xlda_mixing_prob <= 1.0:
-        errors.append(f"--xlda-mixing-prob must be in [0, 1], got {data.xlda_mixing_prob}")
-    if data.lang_alpha is not None and not 0.0 <= data.lang_alpha <= 1.0:
-        errors.append(f"--lang-alpha must be in [0, 1], got {data.lang_alpha}")
-    if not data.mock_data and data.tokenizer_type != "NullTokenizer" and not (
-            data.tokenizer_model or data.vocab_file):
-        errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
-                      "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
-
-    errors += _sft_errors(config) if data.sft else _blend_errors(config, splits)
-    errors += kernel_errors(config, transformer_engine_available)
-    errors += _interval_errors(config)
-
-    ckpt = config.checkpoint
-    for flag_name, value in (("--save-interval", ckpt.save_interval),
-                             ("--async-save", ckpt.async_save),
-                             ("--ckpt-keep-last", ckpt.ckpt_keep_last)):
-        if value and not ckpt.save:
-            errors.append(f"{flag_name} needs --save")
-    if ckpt.ckpt_keep_last is not None and ckpt.ckpt_keep_last < 1:
-        errors.append(f"--ckpt-keep-last must be >= 1, got {ckpt.ckpt_keep_last}")
-    for flag_name, value in (("--ckpt-step", ckpt.ckpt_step is not None),
-                             ("--no-load-optim", ckpt.no_load_optim),
-                             ("--no-load-rng", ckpt.no_load_rng),
-                             ("--finetune", ckpt.finetune)):
-        if value and not ckpt.load:
-            errors.append(f"{flag_name} needs --load")
-    if not data.sft and (data.chat_template
-                         or data.sft_overlong_conversations != "truncate"):
-        errors.append("--chat-template / --sft-overlong-conversations need --sft")
-    if config.eval.eval_interval and config.eval.eval_iters and not data.mock_data and \
-            splits is not None and not (splits.valid or splits.test):
-        errors.append("--eval-interval needs held-out data: --valid-data-path, or a validation "
-                      "share of --data-path with --split (e.g. 949,50,1); --eval-iters 0 "
-                      "turns evaluation off")
-    if errors:
-        raise ConfigError(errors)
-    return RunShape(parallel=sizes, data_parallel_size=dp, global_batch_size=global_batch,
-                    train_samples=train_samples, train_iters=train_iters, seq_length=seq_length,
-                    lr_decay_samples=decay_samples, lr_warmup_samples=warmup_samples,
-                    batch_schedule=rampup)
+    return samples, iters, errors
 
 
-def _schedule_samples(config: PretrainConfig, global_batch: int, train_samples: int,
-                      errors: list) -> tuple[int, int]:
-    """(schedule length, warmup length) in samples, as Megatron-LM computes them: the schedule
-    spans --lr-decay-samples, or --lr-decay-iters x the global batch, or the whole run; the
-    warmup is --lr-warmup-fraction of that, or --lr-warmup-samples, or --lr-warmup-iters x the
-    global batch. (Megatron-LM only pairs *-iters with --train-iters; either unit works here.)
-    An explicit schedule length is what lets a run be extended unchanged."""
+def _lr_schedule_samples(config: PretrainConfig, global_batch: int,
+                         train_samples: int) -> tuple[int, int, list[str]]:
+    """(schedule length, warmup length) in samples, as Megatron-LM computes them, and the
+    problems of their flags: the schedule spans --lr-decay-samples, or --lr-decay-iters x the
+    global batch, or the whole run; the warmup is --lr-warmup-fraction of that, or
+    --lr-warmup-samples, or --lr-warmup-iters x the global batch. (Megatron-LM only pairs
+    *-iters with --train-iters; either unit works here.) An explicit schedule length is what
+    lets a run be extended unchanged."""
     sched = config.schedule
+    errors = []
     for kind, iters, samples in (("decay", sched.lr_decay_iters, sched.lr_decay_samples),
                                  ("warmup", sched.lr_warmup_iters or None,
                                   sched.lr_warmup_samples or None)):
@@ -283,70 +283,126 @@ def _schedule_samples(config: PretrainConfig, global_batch: int, train_samples: 
             errors.append(f"--lr-warmup-fraction must be in [0, 1], got "
                           f"{sched.lr_warmup_fraction}")
         warmup = int(sched.lr_warmup_fraction * (decay or 0))
-    return max(decay or 0, 0), max(warmup, 0)
+    return max(decay or 0, 0), max(warmup, 0), errors
 
 
-def _samples_for_iters(batch_schedule, iterations: int) -> int:
-    consumed = 0
-    for _ in range(iterations):
-        consumed += batch_schedule.global_batch_size_at(consumed)
-    return consumed
+def _lr_schedule_errors(config: PretrainConfig, shape: RunShape) -> list[str]:
+    """The learning-rate schedule the run will build (its lengths: ``_lr_schedule_samples``)."""
+    from megatron_trillion.training.build import lr_schedule_config
 
-
-# Preset fields -> the flags that set them, so preset problems read like flag problems.
-_PRESET_FLAGS = {
-    "moe_router_topk": "--moe-router-topk", "num_experts": "--num-experts",
-    "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
-    "hidden_size": "--hidden-size", "num_layers": "--num-layers",
-    "mtp_num_layers": "--mtp-num-layers",
-}
+    sched = config.schedule
+    errors = []
+    if shape.lr_decay_samples > 0:
+        errors += lr_schedule_config(config, shape, check=False).errors()
+    if sched.override_opt_param_scheduler and sched.use_checkpoint_opt_param_scheduler:
+        errors.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                      "are mutually exclusive")
+    return errors
 
 
 def _model_errors(config: PretrainConfig, preset: ModelPreset) -> list[str]:
-    """Vocabulary padding, sequence length vs RoPE/positions, MoE sizes and the preset's own
-    consistency (``pretrain`` resolves the preset unchecked so these join the other errors)."""
-    errors: list[str] = []
-    model, tp = config.model, config.parallel.tensor_model_parallel_size
-    try:
-        preset.validate()
-    except ValueError as exc:
-        for line in str(exc).splitlines()[1:]:
-            line = line.strip(" -")
-            for field_name, flag_text in _PRESET_FLAGS.items():
-                line = re.sub(rf"\b{field_name}\b", flag_text, line)
-            errors.append(f"--preset {preset.name}: {line}")
-
+    """The preset's own consistency (``pretrain`` resolves the preset unchecked so these join
+    the other errors), the architecture flags, vocabulary padding, RoPE and MoE sizes."""
+    model = config.model
+    errors = [f"--preset {preset.name}: {problem}"
+              for problem in preset.errors(preset_field_flag)]
+    errors += model_flag_errors(model, preset)
     # vocabulary padding: the padded vocabulary is split over TP ranks
     if model.make_vocab_size_divisible_by < 1:
         errors.append(f"--make-vocab-size-divisible-by must be >= 1, got "
                       f"{model.make_vocab_size_divisible_by}")
     if config.data.vocab_size is not None and config.data.vocab_size < 1:
         errors.append(f"--vocab-size must be >= 1, got {config.data.vocab_size}")
-
-    # sequence length vs RoPE / positions
-    seq_length = model.seq_length or preset.seq_length
+    # RoPE. --seq-length also sets the preset's seq_length, which is GPTModel's
+    # max_sequence_length (the positions RoPE is built for), so the two cannot disagree.
     if preset.num_attention_heads > 0 and preset.head_dim % 2:
         errors.append(f"RoPE rotates pairs of channels: the head dimension ({preset.head_dim} "
                       f"= --hidden-size {preset.hidden_size} / --num-attention-heads "
                       f"{preset.num_attention_heads}) must be even")
     if preset.rotary_base <= 0:
         errors.append(f"--rotary-base must be > 0, got {preset.rotary_base}")
-    # --seq-length also sets the preset's seq_length, which is GPTModel's max_sequence_length
-    # (the positions RoPE is built for), so the two cannot disagree.
-    cp = config.parallel.context_parallel_size
-    if cp > 1 and seq_length % (2 * cp):
-        errors.append(f"--seq-length ({seq_length}) must be divisible by 2 x "
-                      f"--context-parallel-size ({2 * cp}) (load-balanced CP chunks)")
-
-    # MoE sizes
+    # MoE sizes (topk <= experts: the preset's own check; EP | experts: the layout's)
     if preset.num_experts is None:
         if model.moe_router_topk is not None:
             errors.append(f"--moe-router-topk is set but --preset {preset.name} is dense "
                           "(give --num-experts or a MoE preset)")
-    else:
-        if preset.num_experts < 1:
-            errors.append(f"--num-experts must be >= 1, got {preset.num_experts}")
-        # topk <= experts is a preset error above; EP | experts: validate_parallel_sizes
+    elif preset.num_experts < 1:
+        errors.append(f"--num-experts must be >= 1, got {preset.num_experts}")
+    return errors
+
+
+def _parallel_flag_errors(config: PretrainConfig, preset: ModelPreset,
+                          te_available: bool) -> list[str]:
+    """Parallelism flags beyond the sizes: overlap and what context parallelism can run."""
+    par = config.parallel
+    errors = context_parallel_errors(config, preset, te_available)
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        errors.append("--overlap-param-gather needs --use-distributed-optimizer")
+    if config.optimizer.optimizer == "muon" and par.overlap_param_gather:
+        errors.append("--overlap-param-gather is not supported with --optimizer muon")
+    return errors
+
+
+def _precision_errors(config: PretrainConfig, te_available: bool) -> list[str]:
+    train = config.training
+    errors = []
+    if train.fp8_format and not te_available:
+        errors.append("--fp8-format needs Transformer Engine (GPU image); it is not installed")
+    if config.model.transformer_impl == "transformer_engine" and not te_available:
+        errors.append("--transformer-impl transformer_engine: Transformer Engine is not installed")
+    if train.fp8_format and not train.bf16:
+        errors.append("--fp8-format needs --bf16")
+    return errors
+
+
+def _data_sources(config: PretrainConfig) -> tuple[Optional[DataSplits], list[str]]:
+    """The train/valid/test sources (None for --mock-data or when they are wrong) and the
+    problems."""
+    from megatron_trillion.training.data import resolve_data_splits
+
+    data = config.data
+    if data.mock_data:
+        if data.data_path or data.data_args_path or data.train_data_path:
+            return None, ["--mock-data replaces --data-path/--data-args-path/"
+                          "--train-data-path: give one"]
+        return None, []
+    try:
+        return resolve_data_splits(data), []
+    except ValueError as exc:  # a UserError naming the flag and the file
+        return None, [str(exc)]
+
+
+def _data_flag_errors(config: PretrainConfig) -> list[str]:
+    """The data flags one by one (the sources they name: ``_data_sources``)."""
+    from megatron_trillion.training.data import parse_data_path, parse_lang_beta
+
+    data = config.data
+    errors = []
+    if config.anneal.anneal_data_path:
+        try:
+            parse_data_path(config.anneal.anneal_data_path, "--anneal-data-path")
+        except ValueError as exc:  # one message naming the flag and the file
+            errors.append(str(exc))
+    try:
+        parse_lang_beta(data.lang_beta)
+    except ValueError as exc:  # one message naming the flag
+        errors.append(str(exc))
+    if data.num_workers < 0:
+        errors.append(f"--num-workers must be >= 0, got {data.num_workers}")
+    if data.xlda_block_scope != SCOPE_PAIR and data.attention_masking != MASKING_XLDA:
+        errors.append(f"--xlda-block-scope {data.xlda_block_scope} applies to "
+                      f"--attention-masking {MASKING_XLDA} only (got {data.attention_masking})")
+    if not 0.0 <= data.xlda_mixing_prob <= 1.0:
+        errors.append(f"--xlda-mixing-prob must be in [0, 1], got {data.xlda_mixing_prob}")
+    if data.lang_alpha is not None and not 0.0 <= data.lang_alpha <= 1.0:
+        errors.append(f"--lang-alpha must be in [0, 1], got {data.lang_alpha}")
+    if not data.mock_data and data.tokenizer_type != "NullTokenizer" and not (
+            data.tokenizer_model or data.vocab_file):
+        errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
+                      "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
+    if not data.sft and (data.chat_template
+                         or data.sft_overlong_conversations != "truncate"):
+        errors.append("--chat-template / --sft-overlong-conversations need --sft")
     return errors
 
 
@@ -379,28 +435,24 @@ def context_parallel_errors(config: PretrainConfig, preset: ModelPreset,
     return errors
 
 
-def _blend_errors(config: PretrainConfig, splits) -> list[str]:
+def _blend_errors(config: PretrainConfig, splits: Optional[DataSplits]) -> list[str]:
     """The language mixture must refer to languages that the data has."""
-    import inspect
-
-    from megatron_trillion.data.data_path import DataSource
-    from megatron_trillion.training.data import parse_lang_beta, write_mock_datasets
+    from megatron_trillion.training.data import MOCK_LANGUAGES, parse_lang_beta
 
     data = config.data
     errors: list[str] = []
     try:
         beta = parse_lang_beta(data.lang_beta)
     except ValueError:
-        return errors  # already reported by validate()
-    if data.mock_data:  # the languages --mock-data writes
-        mock = inspect.signature(write_mock_datasets).parameters["languages"].default
-        entries = [DataSource("mock", lang) for lang in mock]
+        return errors  # reported by _data_flag_errors
+    if data.mock_data:
+        languages = sorted(MOCK_LANGUAGES)
+        weights = []
     elif splits is not None:
-        entries = splits.train
+        languages = sorted({source.language for source in splits.train})
+        weights = [source.weight for source in splits.train]
     else:
         return errors
-    languages = sorted({source.language for source in entries})
-    weights = [source.weight for source in entries]
     if any(w is not None and w <= 0 for w in weights):
         errors.append("--data-path weights must be > 0, got "
                       + " ".join(str(w) for w in weights if w is not None))
@@ -535,17 +587,36 @@ def _interval_errors(config: PretrainConfig) -> list[str]:
     return errors
 
 
-def _iters_for_samples(rampup, train_samples: int) -> int:
-    consumed, iters = 0, 0
-    while consumed < train_samples:
-        consumed += rampup.global_batch_size_at(consumed)
-        iters += 1
-    return iters
+def _checkpoint_errors(config: PretrainConfig) -> list[str]:
+    ckpt = config.checkpoint
+    errors = [f"{flag_text} needs --save"
+              for flag_text, value in (("--save-interval", ckpt.save_interval),
+                                       ("--async-save", ckpt.async_save),
+                                       ("--ckpt-keep-last", ckpt.ckpt_keep_last))
+              if value and not ckpt.save]
+    if ckpt.ckpt_keep_last is not None and ckpt.ckpt_keep_last < 1:
+        errors.append(f"--ckpt-keep-last must be >= 1, got {ckpt.ckpt_keep_last}")
+    errors += [f"{flag_text} needs --load"
+               for flag_text, value in (("--ckpt-step", ckpt.ckpt_step is not None),
+                                        ("--no-load-optim", ckpt.no_load_optim),
+                                        ("--no-load-rng", ckpt.no_load_rng),
+                                        ("--finetune", ckpt.finetune))
+               if value and not ckpt.load]
+    return errors
+
+
+def _eval_errors(config: PretrainConfig, splits: Optional[DataSplits]) -> list[str]:
+    """Evaluation needs held-out data (``splits``: None for --mock-data, which evaluates on
+    its own)."""
+    if config.eval.eval_interval and config.eval.eval_iters and \
+            splits is not None and not (splits.valid or splits.test):
+        return ["--eval-interval needs held-out data: --valid-data-path, or a validation "
+                "share of --data-path with --split (e.g. 949,50,1); --eval-iters 0 "
+                "turns evaluation off"]
+    return []
 
 
 def world_size_from_env() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -555,5 +626,7 @@ def transformer_engine_available() -> bool:
     return available()
 
 
-__all__ = ["ConfigError", "RunShape", "validate", "parallel_sizes", "world_size_from_env",
-           "transformer_engine_available", "kernel_errors", "platform_notes"]
+__all__ = ["ConfigError", "RunShape", "validate", "run_shape",
+           "parallel_sizes", "virtual_pipeline_stages", "data_parallel_size",
+           "default_global_batch_size", "world_size_from_env", "transformer_engine_available",
+           "kernel_errors", "platform_notes", "context_parallel_errors"]
