@@ -1,7 +1,9 @@
 """Per-GPU memory and step throughput of a run, computed from its flags before any GPU is used.
 
-``plan_run(config, world_size, hardware) -> RunPlan`` takes the same :class:`PretrainConfig`
-the pretraining entry point parses and returns, per pipeline stage, the bytes one GPU holds:
+``plan_run(config, world_size, hardware, shape=None) -> RunPlan`` takes the same
+:class:`PretrainConfig` the pretraining entry point parses, and the sizes its validation
+derives from it (``validation.RunShape``: layout, sequence length, global batch and its
+ramp-up), and returns, per pipeline stage, the bytes one GPU holds at the full global batch:
 
 * **weights** -- the parameters of the stage's layers on this TP/EP rank (embedding on the
   first stage, output layer and MTP on the last), 2 bytes each under ``--bf16``, else 4;
@@ -37,10 +39,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.training.arguments import PretrainConfig
+
+if TYPE_CHECKING:
+    from megatron_trillion.training.validation import RunShape
 
 GIB = 1024 ** 3
 
@@ -75,23 +80,15 @@ class Layout:
     sequence_parallel: bool
 
     @classmethod
-    def from_config(cls, config: PretrainConfig, world_size: int,
-                    virtual_pipeline: int = 1) -> "Layout":
-        par = config.parallel
-        t, p, c = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                   par.context_parallel_size)
-        if world_size % (t * p * c):
-            raise ValueError(f"world size {world_size} is not divisible by TP x PP x CP "
-                             f"({t} x {p} x {c})")
-        etp = par.expert_tensor_parallel_size or t
-        ep = par.expert_model_parallel_size
-        if world_size % (etp * ep * p):
-            raise ValueError(f"world size {world_size} is not divisible by "
-                             f"--expert-model-parallel-size x expert TP x PP ({ep} x {etp} x {p})")
-        return cls(tensor=t, pipeline=p, virtual_pipeline=virtual_pipeline, context=c, expert=ep,
-                   expert_tensor=etp, data=world_size // (t * p * c),
-                   expert_data=world_size // (etp * ep * p),
-                   sequence_parallel=par.sequence_parallel)
+    def of(cls, config: PretrainConfig, shape: RunShape, world_size: int) -> "Layout":
+        """The layout of a validated run (``validation.run_shape``: the sizes divide)."""
+        sizes = shape.parallel
+        etp = sizes.expert_tensor or sizes.tensor
+        return cls(tensor=sizes.tensor, pipeline=sizes.pipeline,
+                   virtual_pipeline=sizes.virtual_pipeline or 1, context=sizes.context,
+                   expert=sizes.expert, expert_tensor=etp, data=shape.data_parallel_size,
+                   expert_data=world_size // (etp * sizes.expert * sizes.pipeline),
+                   sequence_parallel=config.parallel.sequence_parallel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,12 +307,30 @@ class RunPlan:
     layout: Layout
     world_size: int
     hardware: Hardware
-    seq_length: int
+    shape: RunShape
+    """The run's sizes (``validation.validate``): sequence length, global batch, ramp-up."""
     micro_batch_size: int
-    global_batch_size: int
     microbatches_per_step: int
+    """At the full global batch."""
     stages: list
     throughput: Throughput
+
+    @property
+    def seq_length(self) -> int:
+        return self.shape.seq_length
+
+    @property
+    def global_batch_size(self) -> int:
+        """The full (final) global batch size: the one planned for."""
+        return self.shape.global_batch_size
+
+    @property
+    def rampup(self) -> tuple[int, int]:
+        """(iterations, samples) at the start of the run below the full global batch."""
+        from megatron_trillion.training.schedules import rampup_phase
+
+        schedule = self.shape.batch_schedule
+        return rampup_phase(schedule) if schedule is not None else (0, 0)
 
     @property
     def peak(self) -> StageMemory:
@@ -331,13 +346,6 @@ def _bytes_per_param(config: PretrainConfig) -> tuple[int, int, int, int]:
     bf16 = config.training.bf16
     master = 4 if bf16 else 0
     return (2 if bf16 else 4), 4, master + 8, master + 4
-
-
-def _virtual_stages(config: PretrainConfig, p: ModelPreset, pp: int) -> int:
-    per_chunk = config.parallel.num_layers_per_virtual_pipeline_stage
-    if not per_chunk:
-        return 1
-    return max(1, p.num_layers // pp // per_chunk)
 
 
 def _in_flight(stage: int, pp: int, vpp: int, microbatches: int) -> float:
@@ -395,14 +403,13 @@ def _optimizer_bytes(config, tensors, params, lay, adam_b, muon_b) -> float:
             + (max(layer_wise_shards(experts, expert_ranks, state_bytes)) if experts else 0.0))
 
 
-def plan_memory(config: PretrainConfig, p: ModelPreset, lay: Layout, microbatches: int,
-                hardware: Hardware) -> list[StageMemory]:
+def plan_memory(config: PretrainConfig, p: ModelPreset, lay: Layout, seq_length: int,
+                microbatches: int, hardware: Hardware) -> list[StageMemory]:
     pp, vpp = lay.pipeline, lay.virtual_pipeline
     vocab = padded_vocab(p, config, lay.tensor)
     pattern = p.moe_layer_pattern()
     per_chunk = p.num_layers // (pp * vpp)
-    seq = config.model.seq_length or p.seq_length
-    tokens = config.batch.micro_batch_size * seq / lay.context
+    tokens = config.batch.micro_batch_size * seq_length / lay.context
     w_b, g_b, adam_b, muon_b = _bytes_per_param(config)
     stages = []
     for stage in range(pp):
@@ -423,8 +430,9 @@ def plan_memory(config: PretrainConfig, p: ModelPreset, lay: Layout, microbatche
     return stages
 
 
-def plan_throughput(config: PretrainConfig, p: ModelPreset, world_size: int, seq: int,
-                    global_batch: int, hardware: Hardware, mfu: float) -> Throughput:
+def plan_throughput(config: PretrainConfig, p: ModelPreset, lay: Layout, world_size: int,
+                    seq: int, global_batch: int, microbatches: int, hardware: Hardware,
+                    mfu: float) -> Throughput:
     from megatron_trillion.training.flops import causal_pairs, training_flops
 
     per_sequence = training_flops(p, [[seq]])
@@ -446,27 +454,25 @@ def plan_throughput(config: PretrainConfig, p: ModelPreset, world_size: int, seq
 
     tokens = global_batch * seq
     cluster = mfu * hardware.peak_tflops * 1e12 * world_size
-    lay_pp = config.parallel.pipeline_model_parallel_size
-    micro = config.batch.micro_batch_size
-    data = world_size // (lay_pp * config.parallel.tensor_model_parallel_size
-                          * config.parallel.context_parallel_size)
-    microbatches = max(global_batch // (micro * data), 1)
-    vpp = _virtual_stages(config, p, lay_pp)
     tps = cluster / flops_per_token
     return Throughput(
         flops_per_token=flops_per_token, hardware_flops_per_token=flops_per_token + recompute,
         tokens_per_step=tokens, step_flops=per_sequence * global_batch, mfu=mfu,
         tokens_per_second=tps, tokens_per_second_per_gpu=tps / world_size,
         step_seconds=tokens / tps, six_n_flops_per_token=6.0 * count_parameters(p).active,
-        pipeline_bubble=(lay_pp - 1) / (vpp * microbatches))
+        pipeline_bubble=(lay.pipeline - 1) / (lay.virtual_pipeline * max(microbatches, 1)))
 
 
 def plan_run(config: PretrainConfig, world_size: int, hardware: Hardware = Hardware(),
-             mfu: float = 0.4, preset: Optional[ModelPreset] = None) -> RunPlan:
-    """The memory and throughput plan of ``config`` on ``world_size`` GPUs of ``hardware``.
+             mfu: float = 0.4, preset: Optional[ModelPreset] = None,
+             shape: Optional[RunShape] = None) -> RunPlan:
+    """The memory and throughput plan of ``config`` on ``world_size`` GPUs of ``hardware``,
+    for the full global batch (the steps of a batch ramp-up hold fewer micro-batches).
 
-    Raises ValueError for layouts that do not divide (use ``validation.validate`` for the full
-    list of flag conflicts)."""
+    ``shape``: the run's sizes as ``validation.validate`` returns them; without it they come
+    from ``validation.run_shape``, which raises ConfigError (a ValueError) listing what does
+    not fit together. The data, kernel and other flag checks of ``validate`` are not made here:
+    a plan is for a run on another machine."""
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     if preset is None:
@@ -475,29 +481,23 @@ def plan_run(config: PretrainConfig, world_size: int, hardware: Hardware = Hardw
         # Without --preset the flags define the model; its vocabulary is --vocab-size.
         preset = resolve_model(config.model, vocab_size=None if config.model.preset
                                else config.data.vocab_size)
-    from megatron_trillion.training.validation import context_parallel_errors
+    from megatron_trillion.training.validation import context_parallel_errors, run_shape
 
+    if shape is None:
+        shape = run_shape(config, preset, world_size)
     # Planned runs are GPU runs: context parallelism there is TE's (THD: p2p ring only).
     unsupported = context_parallel_errors(config, preset, transformer_engine_available=True)
     if unsupported:
         raise ValueError("; ".join(unsupported))
-    vpp = _virtual_stages(config, preset, config.parallel.pipeline_model_parallel_size)
-    lay = Layout.from_config(config, world_size, vpp)
-    if preset.num_layers % (lay.pipeline * vpp):
-        raise ValueError(f"--num-layers ({preset.num_layers}) is not divisible by PP x VPP "
-                         f"({lay.pipeline} x {vpp})")
-    seq = config.model.seq_length or preset.seq_length
+    lay = Layout.of(config, shape, world_size)
     micro = config.batch.micro_batch_size
-    global_batch = config.batch.global_batch_size or micro * lay.data
-    if global_batch % (micro * lay.data):
-        raise ValueError(f"--global-batch-size ({global_batch}) is not a multiple of "
-                         f"--micro-batch-size x DP ({micro} x {lay.data})")
-    microbatches = global_batch // (micro * lay.data)
-    stages = plan_memory(config, preset, lay, microbatches, hardware)
-    throughput = plan_throughput(config, preset, world_size, seq, global_batch, hardware, mfu)
+    microbatches = shape.global_batch_size // (micro * lay.data)
+    stages = plan_memory(config, preset, lay, shape.seq_length, microbatches, hardware)
+    throughput = plan_throughput(config, preset, lay, world_size, shape.seq_length,
+                                 shape.global_batch_size, microbatches, hardware, mfu)
     return RunPlan(preset=preset, layout=lay, world_size=world_size, hardware=hardware,
-                   seq_length=seq, micro_batch_size=micro, global_batch_size=global_batch,
-                   microbatches_per_step=microbatches, stages=stages, throughput=throughput)
+                   shape=shape, micro_batch_size=micro, microbatches_per_step=microbatches,
+                   stages=stages, throughput=throughput)
 
 
 class DoesNotFitError(ValueError):
@@ -536,6 +536,7 @@ def format_plan(plan: RunPlan, train_tokens: Optional[float] = None) -> str:
         f"seq {plan.seq_length}, micro-batch {plan.micro_batch_size}, global batch "
         f"{plan.global_batch_size} ({plan.global_batch_size * plan.seq_length / 1e6:.2f}M "
         f"tokens), {plan.microbatches_per_step} micro-batches per step per DP rank",
+        *_rampup_lines(plan),
         "",
         "per-GPU memory (GiB)",
         f"{'stage':>5} {'layers':>6} {'params':>9} {'weights':>8} {'grads':>7} "
@@ -565,11 +566,27 @@ def format_plan(plan: RunPlan, train_tokens: Optional[float] = None) -> str:
                      f"on every GPU; the busy time must run at "
                      f"{t.mfu / (1 - t.pipeline_bubble):.1%} MFU to average {t.mfu:.1%}")
     if train_tokens:
-        amount = (f"{train_tokens / 1e12:.2f}T" if train_tokens >= 1e11
-                  else f"{train_tokens / 1e9:.3g}B")
-        lines.append(f"{amount} tokens: {t.gpu_hours(train_tokens) / 1e3:.1f}K "
+        lines.append(f"{_tokens(train_tokens)} tokens: {t.gpu_hours(train_tokens) / 1e3:.1f}K "
                      f"GPU hours, {t.gpu_hours(train_tokens) / plan.world_size / 24:.1f} days")
     return "\n".join(lines)
+
+
+def _rampup_lines(plan: RunPlan) -> list[str]:
+    """What a batch ramp-up (--rampup-batch-size, --step-batch-size-schedule) does."""
+    iterations, samples = plan.rampup
+    if not iterations:
+        return []
+    start = plan.shape.batch_schedule.global_batch_size_at(0)
+    share = (f", {samples / plan.shape.train_samples:.2%} of the run"
+             if plan.shape.train_samples > 0 else "")
+    return [f"batch ramp-up: the global batch grows from {start} to {plan.global_batch_size} "
+            f"over the first {iterations:,} iterations ({samples:,} samples, "
+            f"{_tokens(samples * plan.seq_length)} tokens{share}); memory and step time "
+            "here are for the full batch (ramp-up steps hold fewer micro-batches)"]
+
+
+def _tokens(tokens: float) -> str:
+    return f"{tokens / 1e12:.2f}T" if tokens >= 1e11 else f"{tokens / 1e9:.3g}B"
 
 
 def required_mfu(flops_per_token: float, tokens: float, gpu_hours: float,

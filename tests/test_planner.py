@@ -187,6 +187,17 @@ def test_throughput_follows_the_flop_count():
     assert t.step_seconds == pytest.approx(t.step_flops / (0.425 * 989e12 * 256))
 
 
+def _plan_tool():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plan_tool", Path(__file__).resolve().parents[1] / "tools" / "plan.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def test_configs_over_80_gib_are_refused(tmp_path):
     from megatron_trillion.planning import DoesNotFitError, check_fits
 
@@ -195,14 +206,40 @@ def test_configs_over_80_gib_are_refused(tmp_path):
     assert not plan.fits
     with pytest.raises(DoesNotFitError, match="--use-distributed-optimizer"):
         check_fits(plan)
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "plan_tool", Path(__file__).resolve().parents[1] / "tools" / "plan.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _plan_tool()
     assert tool.main(["--world-size", "256", "--preset", "tri-21b", "--bf16", "--mock-data",
                       "--train-iters", "10"]) == 1
     assert tool.main(["--world-size", "256", "--preset", "tiny-tri-7b", "--mock-data",
                       "--train-iters", "10"]) == 0
+
+
+def test_plan_is_for_the_full_batch_and_says_what_the_rampup_does(capsys):
+    from megatron_trillion.planning import format_plan, plan_run
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.model_flags import resolve_model
+    from megatron_trillion.training.validation import validate
+
+    run = ["--preset", "tri-7b", "--seq-length", "4096", "--bf16", "--mock-data",
+           "--use-distributed-optimizer", "--global-batch-size", "512"]
+    flags = run + ["--rampup-batch-size", "256", "256", "1000000",
+                   "--train-samples", "488281250"]
+    config = parse_args(flags)
+    shape = validate(config, resolve_model(config.model), 256, transformer_engine_available=True)
+    plan = plan_run(config, 256, shape=shape)
+    assert plan.shape is shape and plan.global_batch_size == 512
+    assert plan.microbatches_per_step == 2  # the full batch: 512 / (1 x DP 256)
+    full = plan_run(parse_args(run + ["--train-samples", "488281250"]), 256)
+    assert [s.total for s in plan.stages] == [s.total for s in full.stages]
+    assert plan.throughput == full.throughput
+    # 256 sequences per step until 1,000,000 samples are consumed: 3,907 steps.
+    assert plan.rampup == (3907, 3907 * 256) and full.rampup == (0, 0)
+    assert ("batch ramp-up: the global batch grows from 256 to 512 over the first 3,907 "
+            "iterations (1,000,192 samples, 4.1B tokens, 0.20% of the run)") in format_plan(plan)
+    assert "ramp-up" not in format_plan(full)
+
+    tool = _plan_tool()
+    assert tool.main(["--world-size", "256"] + flags) == 0
+    assert "grows from 256 to 512" in capsys.readouterr().out
+    # As in pretrain: the ramp counts samples, so --train-iters is refused.
+    assert tool.main(["--world-size", "256"] + flags[:-2] + ["--train-iters", "10"]) == 2
+    assert "--rampup-batch-size counts samples" in capsys.readouterr().err

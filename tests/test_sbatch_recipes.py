@@ -100,7 +100,7 @@ def _checked_config(recipe: str, tmp_path: Path):
     config = parse_args(flags)
     preset = resolve_model_preset(config)
     shape = validate(config, preset, world, transformer_engine_available=True)
-    plan = plan_run(config, world, mfu=0.4)
+    plan = plan_run(config, world, mfu=0.4, shape=shape)
     check_fits(plan)
     return config, preset, shape, plan, flags
 

@@ -4,7 +4,10 @@
         --use-distributed-optimizer --micro-batch-size 1 --global-batch-size 512 --mfu 0.425
 
 Every ``megatron_trillion.pretrain`` flag is accepted (data paths need not exist here); the
-planner's own flags are below. Exits 1 when a pipeline stage does not fit in GPU memory.
+planner's own flags are below. The plan is for the full global batch; with
+``--rampup-batch-size`` (or ``--step-batch-size-schedule``) it also says how many iterations,
+samples and tokens run below it. Exits 1 when a pipeline stage does not fit in GPU memory,
+2 for flags that do not fit together (the sizes pretrain's validation checks).
 """
 
 from __future__ import annotations
@@ -49,24 +52,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         required_mfu,
     )
     from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.model_flags import resolve_model
+    from megatron_trillion.training.validation import run_shape
 
+    world = own.world_size or own.num_nodes * own.gpus_per_node
     try:
         config = parse_args(rest)
+        # Without --preset the flags define the model; its vocabulary is --vocab-size.
+        preset = resolve_model(config.model, vocab_size=None if config.model.preset
+                               else config.data.vocab_size)
+        # The sizes pretrain's validation derives (batch ramp-up included); the data and
+        # this machine's kernels are not checked: the plan is for a run elsewhere.
+        shape = run_shape(config, preset, world)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    world = own.world_size or own.num_nodes * own.gpus_per_node
     hardware = Hardware(memory_gib=own.gpu_memory_gib,
                         peak_tflops=config.logging.device_peak_tflops or Hardware.peak_tflops,
                         runtime_reserve_gib=own.runtime_reserve_gib)
     try:
-        plan = plan_run(config, world, hardware, mfu=own.mfu)
+        plan = plan_run(config, world, hardware, mfu=own.mfu, preset=preset, shape=shape)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train = config.training
-    samples = train.train_samples or (train.train_iters or 0) * plan.global_batch_size
-    tokens = samples * plan.seq_length
+    tokens = shape.train_samples * shape.seq_length
     print(format_plan(plan, train_tokens=tokens or None))
     if own.gpu_hours_budget and tokens:
         need = required_mfu(plan.throughput.flops_per_token, tokens, own.gpu_hours_budget,
