@@ -8,19 +8,20 @@ import torch
 
 from megatron_trillion.convert import afmoe, llama
 from megatron_trillion.convert.layout import GetTensor
+from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset
 
 ARCHITECTURES = {llama.MODEL_TYPE: llama, afmoe.MODEL_TYPE: afmoe}
 
 
 def architecture_for(p: ModelPreset) -> ModuleType:
-    """``llama`` for dense presets, ``afmoe`` for MoE presets; ValueError names the preset
+    """``llama`` for dense presets, ``afmoe`` for MoE presets; a UserError names the preset
     fields the chosen architecture cannot represent."""
     module = afmoe if p.is_moe else llama
     problems = module.unsupported_features(p)
     if problems:
-        raise ValueError(f"preset {p.name!r} cannot be expressed as {module.ARCHITECTURE}: "
-                         + "; ".join(problems))
+        raise UserError(f"preset {p.name!r} cannot be expressed as {module.ARCHITECTURE}: "
+                        + "; ".join(problems))
     return module
 
 

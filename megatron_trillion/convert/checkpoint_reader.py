@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from megatron_trillion.errors import UserError
+
 _LAYER = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
 _EXPERT = re.compile(r"^(?P<prefix>mlp\.experts\.)local_experts\.(?P<expert>\d+)\.(?P<rest>.+)$")
 # canonical (local spec) suffix -> the name megatron-core writes into checkpoints
@@ -39,7 +41,7 @@ _CHECKPOINT_ALIASES = {
 }
 
 
-class MissingTensorError(ValueError):
+class MissingTensorError(UserError):
     """The checkpoint lacks a tensor the architecture needs (the message names it)."""
 
 

@@ -29,6 +29,7 @@ from megatron_trillion.convert.hf_files import (
     write_json,
 )
 from megatron_trillion.data.chat_template import write_chat_template
+from megatron_trillion.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -80,7 +81,7 @@ def _tokenizer_config(config: ExportConfig, run_config: dict) -> dict:
 def check_vocab(model_vocab: int, tokenizer, where: str, field: str, advice: str) -> None:
     """A tokenizer with more ids than the embedding has rows would index past it."""
     if tokenizer is not None and tokenizer.vocab_size > model_vocab:
-        raise ValueError(
+        raise UserError(
             f"vocab_size mismatch: the tokenizer {where} has {tokenizer.vocab_size} tokens but "
             f"the model's {field} is {model_vocab}; {advice}")
 
@@ -91,7 +92,7 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
     from megatron_trillion.convert.checkpoint_reader import CheckpointReader
 
     if config.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     dtype = DTYPES[config.dtype]
     reader = CheckpointReader(config.load, config.iteration)
     preset = dataclasses.replace(reader.preset, mtp_num_layers=0)
@@ -108,8 +109,8 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
                 "export with the tokenizer the model was trained with (--tokenizer-model)")
     rows = reader.shape("embedding.word_embeddings.weight")[0]
     if rows < preset.vocab_size:
-        raise ValueError(f"embedding.word_embeddings.weight has {rows} rows but the "
-                         f"checkpoint's model signature says vocab_size {preset.vocab_size}")
+        raise UserError(f"embedding.word_embeddings.weight has {rows} rows but the "
+                        f"checkpoint's model signature says vocab_size {preset.vocab_size}")
 
     def get(key: str) -> torch.Tensor:
         # The rows padded for TP are not tokens: HF configs (and vLLM, transformers) must see
@@ -118,7 +119,7 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
         return tensor[: preset.vocab_size].clone() if is_vocab_parallel_key(key) else tensor
 
     if os.path.exists(config.save) and os.listdir(config.save):
-        raise ValueError(f"--save {config.save} exists and is not empty; choose a new directory")
+        raise UserError(f"--save {config.save} exists and is not empty; choose a new directory")
     os.makedirs(config.save, exist_ok=True)
     writer = ShardedSafetensorsWriter(config.save, config.max_shard_bytes)
     result = ExportResult(architecture=arch.ARCHITECTURE, iteration=reader.iteration)

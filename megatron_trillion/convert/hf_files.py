@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from megatron_trillion.convert.checkpoint_reader import MissingTensorError
+from megatron_trillion.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -25,7 +26,7 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, directory: str, max_shard_bytes: int) -> None:
         if max_shard_bytes <= 0:
-            raise ValueError(f"--max-shard-size must be positive, got {max_shard_bytes}")
+            raise UserError(f"--max-shard-size must be positive, got {max_shard_bytes}")
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
@@ -129,8 +130,8 @@ class HFCheckpointReader:
     def __init__(self, directory: str) -> None:
         config_path = os.path.join(directory, "config.json")
         if not os.path.isfile(config_path):
-            raise ValueError(f"--load {directory}: no config.json (not a Hugging Face model "
-                             "directory)")
+            raise UserError(f"--load {directory}: no config.json (not a Hugging Face model "
+                            "directory)")
         with open(config_path, encoding="utf-8") as f:
             self.config = json.load(f)
         self.directory = directory
@@ -144,8 +145,8 @@ class HFCheckpointReader:
             with safe_open(os.path.join(directory, SINGLE), framework="pt") as f:
                 self.weight_map = {name: SINGLE for name in f.keys()}
         else:
-            raise ValueError(f"--load {directory}: no {INDEX} or {SINGLE} (only safetensors "
-                             "checkpoints are read)")
+            raise UserError(f"--load {directory}: no {INDEX} or {SINGLE} (only safetensors "
+                            "checkpoints are read)")
         self._open: dict = {}
 
     def get(self, name: str) -> torch.Tensor:

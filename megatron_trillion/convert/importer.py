@@ -28,6 +28,7 @@ from megatron_trillion.convert.architectures import architecture_for
 from megatron_trillion.convert.export import check_vocab
 from megatron_trillion.convert.hf_files import HFCheckpointReader
 from megatron_trillion.data.attention_blocks import MASKING_NONE
+from megatron_trillion.errors import UserError
 from megatron_trillion.models.vocab import is_vocab_parallel_key
 
 # config.json keys that are not architecture (or are compared separately)
@@ -81,11 +82,11 @@ def resolve_import_preset(config: ImportConfig, hf_config: dict):
     arch = architecture_for(base)
     model_type = hf_config.get("model_type")
     if model_type != arch.MODEL_TYPE:
-        raise ValueError(f"{config.load}/config.json: model_type {model_type!r}, but preset "
-                         f"{base.name!r} (--preset) is a {arch.MODEL_TYPE!r} model")
+        raise UserError(f"{config.load}/config.json: model_type {model_type!r}, but preset "
+                        f"{base.name!r} (--preset) is a {arch.MODEL_TYPE!r} model")
     for key in ("vocab_size", "max_position_embeddings"):
         if key not in hf_config:
-            raise ValueError(f"{config.load}/config.json has no {key!r}")
+            raise UserError(f"{config.load}/config.json has no {key!r}")
     preset = dataclasses.replace(base, vocab_size=hf_config["vocab_size"],
                                  seq_length=hf_config["max_position_embeddings"])
     preset.validate()
@@ -97,8 +98,8 @@ def resolve_import_preset(config: ImportConfig, hf_config: dict):
     if theta is not None and float(theta) != float(preset.rotary_base):
         mismatched.append(f"rope_theta={theta!r} (preset has {preset.rotary_base!r})")
     if mismatched:
-        raise ValueError(f"{config.load}/config.json does not describe preset {base.name!r} "
-                         "(--preset): " + "; ".join(mismatched))
+        raise UserError(f"{config.load}/config.json does not describe preset {base.name!r} "
+                        "(--preset): " + "; ".join(mismatched))
     return preset, arch
 
 
@@ -113,8 +114,8 @@ def check_layout(config: ImportConfig, preset) -> None:
         errors.append(f"--make-vocab-size-divisible-by must be >= 1, got "
                       f"{config.make_vocab_size_divisible_by}")
     if errors:
-        raise ValueError("the requested layout does not fit the model:\n  - "
-                         + "\n  - ".join(errors))
+        raise UserError("the requested layout does not fit the model:\n  - "
+                        + "\n  - ".join(errors))
 
 
 def import_checkpoint(config: ImportConfig, progress: bool = True,
@@ -137,8 +138,8 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
                     "the tokenizer.json does not belong to these weights")
     rows = hf.get("model.embed_tokens.weight").shape[0]
     if rows != preset.vocab_size:
-        raise ValueError(f"{config.load}: model.embed_tokens.weight has {rows} rows but "
-                         f"config.json vocab_size is {preset.vocab_size}")
+        raise UserError(f"{config.load}: model.embed_tokens.weight has {rows} rows but "
+                        f"config.json vocab_size is {preset.vocab_size}")
 
     model = build_model(preset, pre_process=True, post_process=True, attention_masking=MASKING_NONE,
                         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by)
@@ -162,9 +163,9 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
             if is_vocab_parallel_key(name):
                 target = target[: preset.vocab_size]  # the rest is padding (zeros)
             if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"{config.load}: the tensor for {name} has shape "
-                                 f"{tuple(tensor.shape)}, the {preset.name!r} model expects "
-                                 f"{tuple(target.shape)}")
+                raise UserError(f"{config.load}: the tensor for {name} has shape "
+                                f"{tuple(tensor.shape)}, the {preset.name!r} model expects "
+                                f"{tuple(target.shape)}")
             target.copy_(tensor)
             done.add(name)
             if bar is not None:
@@ -228,8 +229,8 @@ def save_weights_only(root: str, model, common: dict) -> str:
     final = checkpoint_dir(root, 0)
     partial = final + PARTIAL
     if os.path.exists(final) or os.path.exists(partial):
-        raise ValueError(f"--save {root} already holds a checkpoint at iteration 0; choose a new "
-                         "directory")
+        raise UserError(f"--save {root} already holds a checkpoint at iteration 0; choose a new "
+                        "directory")
     os.makedirs(partial)
     state = {"model": unwrap(model).sharded_state_dict(
         metadata=ensure_metadata_has_dp_cp_group(None)), "common": common}

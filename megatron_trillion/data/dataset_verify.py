@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_trillion.errors import UserError
+
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron-core's DType codes (indexed_dataset.DType)
 _DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
@@ -165,8 +167,11 @@ def verify_outputs(output_prefix: str, vocab_size: Optional[int] = None,
     if tokenizer_fingerprint is not None and vocab_size is None:
         vocab_size = tokenizer_fingerprint["vocab_size"]
     if os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
+        try:
+            with open(summary_path, encoding="utf-8") as f:
+                summary = json.load(f)
+        except ValueError as exc:
+            raise UserError(f"{summary_path}: unreadable summary ({exc})") from exc
         vocab = vocab_size if vocab_size is not None else summary.get("vocab_size")
         checks = [verify_dataset(d["path_prefix"], vocab, d["docs"], d["tokens"])
                   for d in summary["datasets"]]
@@ -174,8 +179,8 @@ def verify_outputs(output_prefix: str, vocab_size: Optional[int] = None,
         prefixes = sorted(p[: -len(".idx")]
                           for p in glob.glob(glob.escape(output_prefix) + "_*.idx"))
         if not prefixes:
-            raise ValueError(f"--output-prefix {output_prefix}: no {output_prefix}_summary.json "
-                             f"and no {output_prefix}_*.idx to verify")
+            raise UserError(f"--output-prefix {output_prefix}: no {output_prefix}_summary.json "
+                            f"and no {output_prefix}_*.idx to verify")
         checks = [verify_dataset(p, vocab_size) for p in prefixes]
     for check in checks:
         if check.sequences:  # the index parsed: compare its record too
@@ -210,9 +215,9 @@ def read_dataset_record(path_prefix: str) -> Optional[dict]:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable dataset record ({exc})")
+        raise UserError(f"{path}: unreadable dataset record ({exc})")
     if not isinstance(record, dict) or record.get("format") != DATASET_RECORD_FORMAT:
-        raise ValueError(f"{path}: not a {DATASET_RECORD_FORMAT} record")
+        raise UserError(f"{path}: not a {DATASET_RECORD_FORMAT} record")
     return record
 
 
@@ -290,7 +295,7 @@ def _record_problems(path_prefix: str, tokens_in_index: int,
 
     try:
         record = read_dataset_record(path_prefix)
-    except ValueError as exc:
+    except UserError as exc:
         return False, [f"{exc}; remove it to accept the data unchecked, or re-preprocess"]
     if record is None:
         return False, []

@@ -57,13 +57,14 @@ from megatron_trillion.data.tokenizers import (
     build_tokenizer,
     tokenizer_fingerprint,
 )
+from megatron_trillion.errors import UserError
 
 SUMMARY_FORMAT = "megatron-trillion-preprocess/1"
 _LANG_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 _MAX_BAD_LINE_EXAMPLES = 20
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """A user-actionable problem with the input or the options (names file/line or flag)."""
 
 

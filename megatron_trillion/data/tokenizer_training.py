@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from megatron_trillion.data.languages import ALL_LANGUAGES
+from megatron_trillion.errors import UserError
 from megatron_trillion.models.vocab import padded_vocab_size
 
 # Fixed ids of the special tokens; EOS is named <|endoftext|> so the GPT-2 files work as-is.
@@ -92,27 +93,27 @@ class TokenizerTrainingConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"--model {self.model_type!r}: choose one of {MODEL_TYPES}")
+            raise UserError(f"--model {self.model_type!r}: choose one of {MODEL_TYPES}")
         if not self.inputs:
-            raise ValueError("--input: no input files")
+            raise UserError("--input: no input files")
         if self.budgets and self.model_type != "bpe":
-            raise ValueError("--budget works with --model bpe only (SentencePiece trains one "
-                             "vocabulary over all text)")
+            raise UserError("--budget works with --model bpe only (SentencePiece trains one "
+                            "vocabulary over all text)")
         if self.budgets and not self.lang_key:
-            raise ValueError("--budget needs --lang-key to tell the documents' languages apart")
+            raise UserError("--budget needs --lang-key to tell the documents' languages apart")
         for lang, budget in self.budgets.items():
             if not isinstance(budget, int) or budget < 1:
-                raise ValueError(f"--budget {lang}={budget}: must be a positive integer")
+                raise UserError(f"--budget {lang}={budget}: must be a positive integer")
         if not self.budgets and not self.vocab_size:
-            raise ValueError("give --vocab-size (or per-language --budget)")
+            raise UserError("give --vocab-size (or per-language --budget)")
         if self.vocab_size is not None and self.vocab_size <= NUM_SPECIAL_SLOTS + NUM_BYTES:
-            raise ValueError(f"--vocab-size {self.vocab_size}: must exceed "
-                             f"{NUM_SPECIAL_SLOTS + NUM_BYTES} (special slots + 256 bytes)")
+            raise UserError(f"--vocab-size {self.vocab_size}: must exceed "
+                            f"{NUM_SPECIAL_SLOTS + NUM_BYTES} (special slots + 256 bytes)")
         if self.make_vocab_size_divisible_by < 1 or self.tensor_model_parallel_size < 1:
-            raise ValueError("--make-vocab-size-divisible-by and --tensor-model-parallel-size "
-                             "must be >= 1")
+            raise UserError("--make-vocab-size-divisible-by and --tensor-model-parallel-size "
+                            "must be >= 1")
         if self.heldout_docs < 0:
-            raise ValueError(f"--heldout-docs must be >= 0, got {self.heldout_docs}")
+            raise UserError(f"--heldout-docs must be >= 0, got {self.heldout_docs}")
 
     @property
     def pad_multiple(self) -> int:
@@ -167,9 +168,9 @@ def parse_budgets(items: Sequence[str]) -> dict:
     for item in items:
         lang, sep, value = item.partition("=")
         if not sep or not lang or not value.strip().isdigit():
-            raise ValueError(f"--budget {item!r}: expected LANG=TOKENS, e.g. ko=24552")
+            raise UserError(f"--budget {item!r}: expected LANG=TOKENS, e.g. ko=24552")
         if lang in budgets:
-            raise ValueError(f"--budget {lang} is given twice")
+            raise UserError(f"--budget {lang} is given twice")
         budgets[lang] = int(value)
     return budgets
 
@@ -192,13 +193,13 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _iter_documents(inputs: Sequence[str], text_key: str, lang_key: Optional[str]
                     ) -> Iterator[tuple[str, str]]:
-    """Yields (lang, text) per JSONL line; ValueError names file and line of a bad line."""
+    """Yields (lang, text) per JSONL line; a UserError names file and line of a bad line."""
     for path in inputs:
         opener = gzip.open if path.endswith(".gz") else open
         try:
             f = opener(path, "rt", encoding="utf-8")
         except OSError as exc:
-            raise ValueError(f"--input {path}: cannot open ({exc.strerror})") from exc
+            raise UserError(f"--input {path}: cannot open ({exc.strerror})") from exc
         with f:
             line_no = 0
             try:
@@ -208,16 +209,16 @@ def _iter_documents(inputs: Sequence[str], text_key: str, lang_key: Optional[str
                     try:
                         doc = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
+                        raise UserError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
                     text = doc.get(text_key) if isinstance(doc, dict) else None
                     if not isinstance(text, str):
-                        raise ValueError(f"{path}:{line_no}: no text under key {text_key!r}")
+                        raise UserError(f"{path}:{line_no}: no text under key {text_key!r}")
                     lang = doc.get(lang_key) if lang_key else ALL_LANGUAGES
                     if not isinstance(lang, str) or not lang:
-                        raise ValueError(f"{path}:{line_no}: no language under key {lang_key!r}")
+                        raise UserError(f"{path}:{line_no}: no language under key {lang_key!r}")
                     yield lang, text
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{line_no + 1}: invalid UTF-8") from exc
+                raise UserError(f"{path}:{line_no + 1}: invalid UTF-8") from exc
 
 
 def _split_corpus(config: TokenizerTrainingConfig, langs: Optional[Sequence[str]] = None):
@@ -369,31 +370,31 @@ def _budgets_for(config: TokenizerTrainingConfig, langs: list[str]) -> dict:
     """Budget per language present in the corpus; languages without one share the rest."""
     unknown = [lang for lang in config.budgets if lang not in langs]
     if unknown:
-        raise ValueError(f"--budget names languages {unknown} that have no documents under "
-                         f"--lang-key {config.lang_key!r} (found {langs})")
+        raise UserError(f"--budget names languages {unknown} that have no documents under "
+                        f"--lang-key {config.lang_key!r} (found {langs})")
     budgets = dict(config.budgets)
     rest = [lang for lang in langs if lang not in budgets]
     if rest:
         if not config.vocab_size:
-            raise ValueError(f"languages {rest} have no --budget; give them one or give "
-                             f"--vocab-size so they share what the budgets leave")
+            raise UserError(f"languages {rest} have no --budget; give them one or give "
+                            f"--vocab-size so they share what the budgets leave")
         left = config.vocab_size - NUM_SPECIAL_SLOTS - NUM_BYTES - sum(budgets.values())
         if left < len(rest):
-            raise ValueError(f"--vocab-size {config.vocab_size} leaves {left} tokens for {rest} "
-                             f"after the budgets; raise it or lower the budgets")
+            raise UserError(f"--vocab-size {config.vocab_size} leaves {left} tokens for {rest} "
+                            f"after the budgets; raise it or lower the budgets")
         for i, lang in enumerate(rest):
             budgets[lang] = left // len(rest) + (1 if i < left % len(rest) else 0)
     learned = sum(budgets.values())
     if config.vocab_size and NUM_SPECIAL_SLOTS + NUM_BYTES + learned > config.vocab_size:
-        raise ValueError(f"budgets sum to {learned} learned tokens, more than --vocab-size "
-                         f"{config.vocab_size} minus {NUM_SPECIAL_SLOTS + NUM_BYTES} fixed ones")
+        raise UserError(f"budgets sum to {learned} learned tokens, more than --vocab-size "
+                        f"{config.vocab_size} minus {NUM_SPECIAL_SLOTS + NUM_BYTES} fixed ones")
     return budgets
 
 
 def _train_bpe(config: TokenizerTrainingConfig, out: Path) -> TrainingResult:
     langs, heldout = _split_corpus(config)
     if not langs:
-        raise ValueError(f"--input {list(config.inputs)}: no documents")
+        raise UserError(f"--input {list(config.inputs)}: no documents")
     if config.budgets:
         budgets = _budgets_for(config, langs)
         per_language = {
@@ -430,7 +431,7 @@ def _train_sentencepiece(config: TokenizerTrainingConfig, out: Path) -> Training
 
     langs, heldout = _split_corpus(config)
     if not langs:
-        raise ValueError(f"--input {list(config.inputs)}: no documents")
+        raise UserError(f"--input {list(config.inputs)}: no documents")
     vocab_size = _padded_size(config.vocab_size, config)
     chat = [SPECIAL_TOKENS["chat_start"], SPECIAL_TOKENS["chat_end"]]
     try:
@@ -449,8 +450,8 @@ def _train_sentencepiece(config: TokenizerTrainingConfig, out: Path) -> Training
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise ValueError(f"SentencePiece training failed for --vocab-size {vocab_size}: {exc} "
-                         f"(a small corpus supports only a small vocabulary)") from exc
+        raise UserError(f"SentencePiece training failed for --vocab-size {vocab_size}: {exc} "
+                        f"(a small corpus supports only a small vocabulary)") from exc
     processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     ids = {name: processor.piece_to_id(tok) for name, tok in SPECIAL_TOKENS.items()}
     return TrainingResult(
@@ -465,7 +466,7 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingResult:
     """Trains and writes the tokenizer; returns what was produced (see the module docstring)."""
     for path in config.inputs:
         if not os.path.isfile(path):
-            raise ValueError(f"--input {path}: no such file")
+            raise UserError(f"--input {path}: no such file")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.model_type == "bpe":

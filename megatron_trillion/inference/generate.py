@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_trillion.errors import UserError
+
 
 def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, log=print):
     """(model, tokenizer, run_config) from ``--save`` directory ``checkpoint_root``;
@@ -59,7 +61,7 @@ def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
     from megatron_trillion.models.vocab import unpadded_vocab_size
 
     if not token_ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise UserError("the prompt encodes to no tokens")
     from megatron_trillion.platform.device import compute_device
 
     device = compute_device()
