@@ -32,13 +32,13 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-trillion-pretrain=megatron_trillion.pretrain:main",
-            "megatron-trillion-preprocess=megatron_trillion.tools_entry:preprocess_data",
-            "megatron-trillion-train-tokenizer=megatron_trillion.tools_entry:train_tokenizer",
-            "megatron-trillion-convert=megatron_trillion.tools_entry:convert_checkpoint",
-            "megatron-trillion-plan=megatron_trillion.tools_entry:plan",
-            "megatron-trillion-build-data-index=megatron_trillion.tools_entry:build_data_index",
+            "megatron-trillion-preprocess=megatron_trillion.cli.preprocess_data:main",
+            "megatron-trillion-train-tokenizer=megatron_trillion.cli.train_tokenizer:main",
+            "megatron-trillion-convert=megatron_trillion.cli.convert_checkpoint:main",
+            "megatron-trillion-plan=megatron_trillion.cli.plan:main",
+            "megatron-trillion-build-data-index=megatron_trillion.cli.build_data_index:main",
             "megatron-trillion-selftest=megatron_trillion.selftest:main",
-            "megatron-trillion-merge=megatron_trillion.tools_entry:merge_checkpoints",
+            "megatron-trillion-merge=megatron_trillion.cli.merge_checkpoints:main",
         ]
     },
 )

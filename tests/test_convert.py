@@ -287,17 +287,13 @@ def export_import_all(workdir: str) -> dict:
 def _cli_checks(workdir: str) -> dict:
     """tools/convert_checkpoint.py: a bf16 export, and a user error as one line + exit 2."""
     import contextlib
-    import importlib.util
     import io
     import socket
 
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint_tool", os.path.join(os.path.dirname(__file__), os.pardir, "tools",
-                                                "convert_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from megatron_trillion.cli import convert_checkpoint as tool
+
     root = os.path.join(workdir, "tiny-trinity")
     bf16 = os.path.join(root, "hf_bf16")
     out = {"export_status": tool.main(["export", "--load", os.path.join(root, "trained"),

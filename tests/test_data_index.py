@@ -159,8 +159,6 @@ def _index_files(cache) -> dict:
 
 @pytest.mark.slow
 def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
-    import importlib.util
-
     cache = tmp_path / "cache"
     data = {lang: write_language_dataset(str(tmp_path), lang, 200, seed=n, max_len=120)
             for n, lang in enumerate(("en", "ko", "ja"))}
@@ -171,12 +169,9 @@ def test_build_tool_then_two_process_training_builds_nothing(tmp_path):
             "2e-4", "--lr-warmup-iters", "1", "--lr-wsd-decay-fraction", "0.5", "--seed", "7",
             "--no-progress-bar", "--anneal-data-path", "0.5", f"en:{data['en']}", "0.5",
             f"ko:{data['ko']}"]
-    spec = importlib.util.spec_from_file_location(
-        "build_data_index", os.path.join(os.path.dirname(__file__), os.pardir, "tools",
-                                         "build_data_index.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(argv) == 0
+    from megatron_trillion.cli.build_data_index import main as build_data_index
+
+    assert build_data_index(argv) == 0
     built = _index_files(cache)
     assert len([f for f in built if f.endswith("samples-000000.npy")]) == 2  # main + anneal
 

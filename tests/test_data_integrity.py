@@ -14,7 +14,7 @@ import pytest
 
 from megatron_trillion.data.sample_corpus import iter_sample_documents, write_sample_corpus
 from multiprocess import run_distributed
-from tools.preprocess_data import main as preprocess_main
+from megatron_trillion.cli.preprocess_data import main as preprocess_main
 
 LANGS = ("en", "ko")
 

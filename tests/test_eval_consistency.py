@@ -12,7 +12,7 @@ import os
 import pytest
 
 from megatron_trillion.errors import UserError
-from tools.eval_consistency import main as eval_main
+from megatron_trillion.cli.eval_consistency import main as eval_main
 
 SAMPLES = os.path.join(os.path.dirname(__file__), "data", "lm_eval_samples")
 EN_SAMPLES = os.path.join(SAMPLES, "samples_global_mmlu_en_stem_2025-06-01T12-00-00.123456.jsonl")

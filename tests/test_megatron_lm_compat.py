@@ -243,11 +243,20 @@ def test_config_file_values_get_command_line_types(tmp_path):
 
 
 def _tool_mains():
-    for path in sorted((REPO / "tools").glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"help_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield path.name, module.main
+    """The main of every megatron_trillion.cli module, which tools/<name>.py runs as it is."""
+    import pkgutil
+
+    import megatron_trillion.cli
+
+    names = sorted(m.name for m in pkgutil.iter_modules(megatron_trillion.cli.__path__))
+    assert names == sorted(path.stem for path in (REPO / "tools").glob("*.py"))
+    for name in names:
+        spec = importlib.util.spec_from_file_location(f"help_{name}", REPO / "tools" / f"{name}.py")
+        wrapper = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(wrapper)
+        main = importlib.import_module(f"megatron_trillion.cli.{name}").main
+        assert wrapper.main is main, name
+        yield f"tools/{name}.py", main
 
 
 def test_help_of_every_entry_point(capsys):

@@ -187,17 +187,6 @@ def test_throughput_follows_the_flop_count():
     assert t.step_seconds == pytest.approx(t.step_flops / (0.425 * 989e12 * 256))
 
 
-def _plan_tool():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "plan_tool", Path(__file__).resolve().parents[1] / "tools" / "plan.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_configs_over_80_gib_are_refused(tmp_path):
     from megatron_trillion.planning import DoesNotFitError, check_fits
 
@@ -206,10 +195,11 @@ def test_configs_over_80_gib_are_refused(tmp_path):
     assert not plan.fits
     with pytest.raises(DoesNotFitError, match="--use-distributed-optimizer"):
         check_fits(plan)
-    tool = _plan_tool()
-    assert tool.main(["--world-size", "256", "--preset", "tri-21b", "--bf16", "--mock-data",
+    from megatron_trillion.cli.plan import main as plan_main
+
+    assert plan_main(["--world-size", "256", "--preset", "tri-21b", "--bf16", "--mock-data",
                       "--train-iters", "10"]) == 1
-    assert tool.main(["--world-size", "256", "--preset", "tiny-tri-7b", "--mock-data",
+    assert plan_main(["--world-size", "256", "--preset", "tiny-tri-7b", "--mock-data",
                       "--train-iters", "10"]) == 0
 
 
@@ -237,9 +227,10 @@ def test_plan_is_for_the_full_batch_and_says_what_the_rampup_does(capsys):
             "iterations (1,000,192 samples, 4.1B tokens, 0.20% of the run)") in format_plan(plan)
     assert "ramp-up" not in format_plan(full)
 
-    tool = _plan_tool()
-    assert tool.main(["--world-size", "256"] + flags) == 0
+    from megatron_trillion.cli.plan import main as plan_main
+
+    assert plan_main(["--world-size", "256"] + flags) == 0
     assert "grows from 256 to 512" in capsys.readouterr().out
     # As in pretrain: the ramp counts samples, so --train-iters is refused.
-    assert tool.main(["--world-size", "256"] + flags[:-2] + ["--train-iters", "10"]) == 2
+    assert plan_main(["--world-size", "256"] + flags[:-2] + ["--train-iters", "10"]) == 2
     assert "--rampup-batch-size counts samples" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from megatron_trillion.data.preprocess import PreprocessConfig, preprocess
 from megatron_trillion.data.sample_corpus import iter_sample_documents, write_sample_corpus
 from megatron_trillion.data.sentence_split import split_sentences
 from megatron_trillion.data.tokenizers import HuggingFaceTokenizer, TokenizerConfig
-from tools.preprocess_data import main as preprocess_main
+from megatron_trillion.cli.preprocess_data import main as preprocess_main
 
 
 @pytest.fixture(scope="module")
@@ -392,20 +392,9 @@ def test_memory_stays_bounded_on_inputs_larger_than_the_limit(tmp_path):
     assert growth_mb < limit_mb, f"peak memory grew {growth_mb:.0f} MB for a ~51 MB input"
 
 
-def test_console_script_entry_points_reach_the_tool_mains(monkeypatch, capsys):
-    from megatron_trillion import tools_entry
-
-    for entry in (tools_entry.preprocess_data, tools_entry.train_tokenizer):
-        monkeypatch.setattr("sys.argv", ["prog", "--help"])
-        with pytest.raises(SystemExit) as exit_info:
-            entry()
-        assert exit_info.value.code == 0
-        assert "--input" in capsys.readouterr().out
-
-
 def test_accepted_flags_are_pinned():
     """Megatron-LM's preprocess_data.py flags are all accepted; changes here are on purpose."""
-    from tools.preprocess_data import build_parser
+    from megatron_trillion.cli.preprocess_data import build_parser
 
     flags = {s for a in build_parser()._actions for s in a.option_strings}
     megatron_lm = {"--input", "--json-keys", "--split-sentences", "--keep-newlines", "--lang",

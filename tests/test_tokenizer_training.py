@@ -16,7 +16,7 @@ from megatron_trillion.data.tokenizer_training import (
     train_tokenizer,
 )
 from megatron_trillion.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer
-from tools.train_tokenizer import main as train_main
+from megatron_trillion.cli.train_tokenizer import main as train_main
 
 
 @pytest.fixture(scope="module")

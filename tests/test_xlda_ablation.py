@@ -21,9 +21,9 @@ def _prepare_data(directory: str) -> dict:
     """The script's own data steps (sample corpus, tokenizer, indexed datasets), run in this
     process to spare two interpreter start-ups; the script then takes them the way it takes a
     user's data at scale (ABLATION_DATA_PATH, ...)."""
-    from tools.make_sample_corpus import main as corpus_main
-    from tools.preprocess_data import main as preprocess_main
-    from tools.train_tokenizer import main as tokenizer_main
+    from megatron_trillion.cli.make_sample_corpus import main as corpus_main
+    from megatron_trillion.cli.preprocess_data import main as preprocess_main
+    from megatron_trillion.cli.train_tokenizer import main as tokenizer_main
 
     for split, docs, seed in (("train", 24, 1), ("valid", 4, 2)):
         assert corpus_main(["--output", f"{directory}/{split}.jsonl", "--docs-per-lang",

@@ -1,44 +1,7 @@
-"""Average the model weights of checkpoints of one model (model merging), in one CPU process.
-
-    python tools/merge_checkpoints.py --load sft_seed1/ sft_seed2/ sft_seed3/ --save merged/
-    python tools/merge_checkpoints.py --load a/ b/ --weights 0.75 0.25 --save merged/
-
-The inputs may have been saved at any TP/PP/EP/DP layout; each contributes the newest
-checkpoint of its directory. The output is an ordinary (weights-only, iteration 0) checkpoint:
-``pretrain --load merged/ --finetune``, ``tools/generate.py --load merged/`` and
-``tools/convert_checkpoint.py export --load merged/`` read it. Weights default to equal; weights
-that do not sum to 1 are normalised (and the log says so).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
+"""`python tools/merge_checkpoints.py`: runs megatron_trillion.cli.merge_checkpoints (its --help says what it does)."""
 import sys
-from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="merge_checkpoints.py",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--load", nargs="+", required=True,
-                        help="checkpoint directories (--save of runs) to merge")
-    parser.add_argument("--save", required=True, help="new checkpoint directory")
-    parser.add_argument("--weights", nargs="+", type=float, default=None,
-                        help="one weight per --load (default: equal; normalised to sum to 1)")
-    args = parser.parse_args(argv)
-
-    from megatron_trillion.platform.single_process import run_single_process
-
-    def merge() -> None:
-        from megatron_trillion.convert.merge import merge_checkpoints
-
-        merge_checkpoints(args.load, args.save, args.weights)
-
-    return run_single_process(merge)
-
+from megatron_trillion.cli.merge_checkpoints import main
 
 if __name__ == "__main__":
     sys.exit(main())

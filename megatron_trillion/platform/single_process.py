@@ -1,31 +1,36 @@
-"""The bootstrap of the one-process command-line tools (convert, merge, generate)."""
+"""The bootstrap every command-line tool (``megatron_trillion.cli``) runs its work through."""
 from __future__ import annotations
 
 import sys
 from typing import Callable, Optional
 
+from megatron_trillion.errors import UserError
 
-def run_single_process(body: Callable[[], Optional[int]]) -> int:
-    """Run ``body`` in a one-rank gloo process group, as a tool's ``main``; returns its exit status.
 
-    megatron-core's checkpoint reader and writer need a process group even in one process.
-    Known warnings are quieted before ``body`` imports megatron-core. A ``ValueError`` (a
-    ``UserError``, ``CheckpointError``, a converter's bad-input error) prints one line and
-    exits 2; any other exception keeps its traceback. The group is torn down either way.
+def run_tool(body: Callable[[], Optional[int]], *, process_group: bool = False,
+             user_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a tool's work, ``body``, in this process; returns its exit status (None counts as 0).
+
+    Known warnings are quieted before ``body`` imports megatron-core. ``process_group``: ``body``
+    runs in a one-rank gloo group, torn down either way (megatron-core's checkpoint reader and
+    writer need a group even in one process). A ``UserError``, or one of ``user_errors`` (classes
+    a tool knows to be its user's, e.g. a ``--load`` that holds no readable checkpoint), prints
+    one ``error:`` line and returns 2; any other exception keeps its traceback.
     """
     from megatron_trillion.platform.warnings import quiet_known_warnings
 
     quiet_known_warnings()
-    from megatron_trillion.platform.distributed import (
-        destroy_distributed,
-        initialize_single_process,
-    )
+    if process_group:
+        from megatron_trillion.platform.distributed import initialize_single_process
 
-    initialize_single_process()
+        initialize_single_process()
     try:
         return body() or 0
-    except ValueError as exc:
+    except (UserError, *user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        destroy_distributed()
+        if process_group:
+            from megatron_trillion.platform.distributed import destroy_distributed
+
+            destroy_distributed()
