@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.training.arguments import PretrainConfig
 
@@ -470,11 +471,11 @@ def plan_run(config: PretrainConfig, world_size: int, hardware: Hardware = Hardw
     for the full global batch (the steps of a batch ramp-up hold fewer micro-batches).
 
     ``shape``: the run's sizes as ``validation.validate`` returns them; without it they come
-    from ``validation.run_shape``, which raises ConfigError (a ValueError) listing what does
+    from ``validation.run_shape``, which raises ConfigError (a UserError) listing what does
     not fit together. The data, kernel and other flag checks of ``validate`` are not made here:
     a plan is for a run on another machine."""
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
     if preset is None:
         from megatron_trillion.training.model_flags import resolve_model
 
@@ -488,7 +489,7 @@ def plan_run(config: PretrainConfig, world_size: int, hardware: Hardware = Hardw
     # Planned runs are GPU runs: context parallelism there is TE's (THD: p2p ring only).
     unsupported = context_parallel_errors(config, preset, transformer_engine_available=True)
     if unsupported:
-        raise ValueError("; ".join(unsupported))
+        raise UserError("; ".join(unsupported))
     lay = Layout.of(config, shape, world_size)
     micro = config.batch.micro_batch_size
     microbatches = shape.global_batch_size // (micro * lay.data)

@@ -16,7 +16,6 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_trillion.errors import UserError
 from megatron_trillion.platform.single_process import run_tool
 
 
@@ -70,10 +69,7 @@ def print_plan(own: argparse.Namespace, pretrain_argv: Sequence[str]) -> int:
     hardware = Hardware(memory_gib=own.gpu_memory_gib,
                         peak_tflops=config.logging.device_peak_tflops or Hardware.peak_tflops,
                         runtime_reserve_gib=own.runtime_reserve_gib)
-    try:
-        plan = plan_run(config, world, hardware, mfu=own.mfu, preset=preset, shape=shape)
-    except ValueError as exc:  # plan_run's refusals of the flags (--mfu, context parallelism)
-        raise UserError(str(exc)) from exc
+    plan = plan_run(config, world, hardware, mfu=own.mfu, preset=preset, shape=shape)
     tokens = shape.train_samples * shape.seq_length
     print(format_plan(plan, train_tokens=tokens or None))
     if own.gpu_hours_budget and tokens:
