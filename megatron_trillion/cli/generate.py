@@ -14,12 +14,21 @@ from megatron_trillion.errors import UserError
 from megatron_trillion.platform.single_process import run_tool
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--load", required=True, help="checkpoint directory (--save of a run)")
+def prompt_parser(prog: str, doc: str, model_flag: str, model_help: str,
+                  max_new_tokens: int) -> argparse.ArgumentParser:
+    """The flags both generation tools share: where the model is, the prompts, the length."""
+    summary = " ".join(doc.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = argparse.ArgumentParser(prog=prog, description=summary)
+    parser.add_argument(model_flag, required=True, help=model_help)
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text (repeat for several prompts)")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = prompt_parser("generate.py", __doc__, "--load",
+                           "checkpoint directory (--save of a run)", max_new_tokens=20)
     parser.add_argument("--chat", action="store_true",
                         help="send each prompt as a user turn through the model's chat template "
                         "(the one its --sft run trained with) and stop at the end of the turn")

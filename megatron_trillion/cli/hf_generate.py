@@ -6,21 +6,18 @@ tools/convert_checkpoint.py): the check that the export serves outside megatron.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
+from megatron_trillion.cli.generate import prompt_parser
 from megatron_trillion.errors import UserError
 from megatron_trillion.platform.single_process import run_tool
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf_generate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt text (repeat for several prompts)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser = prompt_parser("hf_generate.py", __doc__, "--model", "Hugging Face model directory",
+                           max_new_tokens=16)
     args = parser.parse_args(argv)
     return run_tool(lambda: generate(args))
 

@@ -137,6 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_tool(lambda: _verify(args) if args.verify else _preprocess(args))
 
 
+_SAME_NAME_FLAGS = ("output_prefix", "split_sentences", "keep_newlines", "append_eod", "workers",
+                    "lang_key", "quality_key", "quality_tiers", "skip_bad_lines", "keep_work_dir")
+
+
 def _preprocess(args) -> int:
     for flag, value in (("--input", args.input), ("--tokenizer-type", args.tokenizer_type)):
         if not value:
@@ -145,18 +149,10 @@ def _preprocess(args) -> int:
         raise PreprocessError(f"--partitions must be >= 1, got {args.partitions}")
     config = PreprocessConfig(
         inputs=tuple(resolve_inputs(args.input)),
-        output_prefix=args.output_prefix,
         tokenizer=_tokenizer_config(args),
         json_keys=tuple(args.json_keys),
-        split_sentences=args.split_sentences,
-        keep_newlines=args.keep_newlines,
-        append_eod=args.append_eod,
-        workers=args.workers,
-        lang_key=args.lang_key,
-        quality_key=args.quality_key,
-        quality_tiers=args.quality_tiers,
-        skip_bad_lines=args.skip_bad_lines,
-        keep_work_dir=args.keep_work_dir,
+        # The other fields are named after their flags (PreprocessConfig's docstring).
+        **{name: getattr(args, name) for name in _SAME_NAME_FLAGS},
     )
     bar, update = _progress_bar(args.no_progress, max(1, args.log_interval))
     try:

@@ -61,12 +61,20 @@ def _parallel_sizes_from_state() -> dict[str, Any]:
     return sizes
 
 
+# Preset fields that are TransformerConfig fields of the same name and meaning, copied as they
+# are (Megatron-LM's core_transformer_config_from_args copies same-named fields the same way).
+_SAME_NAME_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "init_method_std", "qk_layernorm", "attention_output_gate",
+                     "mtp_loss_scaling_factor")
+_SAME_NAME_MOE_FIELDS = ("moe_router_topk", "moe_ffn_hidden_size",
+                         "moe_shared_expert_intermediate_size", "moe_router_score_function",
+                         "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
+                         "moe_router_topk_scaling_factor", "moe_aux_loss_coeff")
+
+
 def _preset_to_config_kwargs(p: ModelPreset) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(
-        num_layers=p.num_layers,
-        hidden_size=p.hidden_size,
-        ffn_hidden_size=p.ffn_hidden_size,
-        num_attention_heads=p.num_attention_heads,
+    kwargs: dict[str, Any] = {name: getattr(p, name) for name in _SAME_NAME_FIELDS}
+    kwargs.update(
         num_query_groups=p.query_groups,
         kv_channels=p.head_dim,
         normalization="RMSNorm",
@@ -77,13 +85,9 @@ def _preset_to_config_kwargs(p: ModelPreset) -> dict[str, Any]:
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=p.init_method_std,
-        qk_layernorm=p.qk_layernorm,
-        attention_output_gate=p.attention_output_gate,
         # Fused kernels stay off (megatron-core's defaults; they need CUDA/TE): on GPU pass e.g.
         # apply_rope_fusion=True, bias_dropout_fusion=True, gradient_accumulation_fusion=True.
         mtp_num_layers=p.mtp_num_layers or None,
-        mtp_loss_scaling_factor=p.mtp_loss_scaling_factor,
     )
     if p.sliding_window is not None:
         # transformers' sliding_window W = the query and W-1 keys before it; megatron/TE
@@ -96,18 +100,11 @@ def _preset_to_config_kwargs(p: ModelPreset) -> dict[str, Any]:
             # List form (1 = skip RoPE) on exactly the global layers.
             kwargs["no_rope_freq"] = [1 - local for local in p.local_layer_pattern()]
     if p.is_moe:
+        kwargs.update({name: getattr(p, name) for name in _SAME_NAME_MOE_FIELDS})
         kwargs.update(
             num_moe_experts=p.num_experts,
-            moe_router_topk=p.moe_router_topk,
-            moe_ffn_hidden_size=p.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=p.moe_shared_expert_intermediate_size,
             moe_layer_freq=p.moe_layer_pattern(),
-            moe_router_score_function=p.moe_router_score_function,
-            moe_router_enable_expert_bias=p.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=p.moe_router_bias_update_rate,
-            moe_router_topk_scaling_factor=p.moe_router_topk_scaling_factor,
             moe_router_load_balancing_type="none" if not p.moe_aux_loss_coeff else "aux_loss",
-            moe_aux_loss_coeff=p.moe_aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             # Router logits in fp32 as AFMoE computes them.
