@@ -24,19 +24,18 @@ ARCHITECTURE = "AfmoeForCausalLM"
 MODEL_TYPE = "afmoe"
 
 
+# Preset fields whose value AFMoE has fixed.
+FIXED_FIELDS = {
+    "qk_layernorm": True, "attention_output_gate": True, "sandwich_norm": True,
+    "rope_on_global_layers": False, "moe_router_score_function": "sigmoid",
+    "moe_router_enable_expert_bias": True,
+}
+
+
 def unsupported_features(p: ModelPreset) -> list[str]:
     """Preset fields AFMoE cannot express (empty: exportable)."""
-    problems = []
-    for field, value, wanted in (
-        ("qk_layernorm", p.qk_layernorm, True),
-        ("attention_output_gate", p.attention_output_gate, True),
-        ("sandwich_norm", p.sandwich_norm, True),
-        ("rope_on_global_layers", p.rope_on_global_layers, False),
-        ("moe_router_score_function", p.moe_router_score_function, "sigmoid"),
-        ("moe_router_enable_expert_bias", p.moe_router_enable_expert_bias, True),
-    ):
-        if value != wanted:
-            problems.append(f"{field}={value!r} (AFMoE has {wanted!r})")
+    problems = [f"{field}={value!r} (AFMoE has {fixed!r})"
+                for field, value, fixed in layout.differing_fields(p, FIXED_FIELDS)]
     if not p.is_moe:
         problems.append("num_experts=None (AFMoE is a mixture of experts)")
     if p.sliding_window is None or p.global_attn_every_n_layers is None:

@@ -64,6 +64,13 @@ def join_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # what every decoder architecture shares: config.json fields, embedding and head
 
 
+def differing_fields(p: ModelPreset, fixed: dict[str, object]) -> list[tuple[str, object, object]]:
+    """``(field, preset's value, architecture's value)`` of each preset field whose value
+    differs from the one the architecture has fixed (``fixed``: field name -> that value)."""
+    return [(name, getattr(p, name), value) for name, value in fixed.items()
+            if getattr(p, name) != value]
+
+
 def decoder_hf_config(p: ModelPreset, architecture: str, model_type: str) -> dict:
     """The config.json fields every exported decoder has (the architecture adds its own)."""
     return {

@@ -15,17 +15,16 @@ from megatron_trillion.models.presets import ModelPreset
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
 
+# Preset fields whose value Llama has fixed: the features of a plain dense decoder.
+FIXED_FIELDS = {
+    "num_experts": None, "qk_layernorm": False, "attention_output_gate": False,
+    "sliding_window": None, "sandwich_norm": False,
+}
+
+
 def unsupported_features(p: ModelPreset) -> list[str]:
     """Preset fields Llama cannot express (empty: exportable)."""
-    problems = []
-    for field, value, plain in (
-        ("num_experts", p.num_experts, None), ("qk_layernorm", p.qk_layernorm, False),
-        ("attention_output_gate", p.attention_output_gate, False),
-        ("sliding_window", p.sliding_window, None), ("sandwich_norm", p.sandwich_norm, False),
-    ):
-        if value != plain:
-            problems.append(f"{field}={value!r}")
-    return problems
+    return [f"{field}={value!r}" for field, value, _ in layout.differing_fields(p, FIXED_FIELDS)]
 
 
 def hf_config(p: ModelPreset) -> dict:
