@@ -30,13 +30,13 @@ SentencePiece ``tokenizer.model`` (``SentencePieceTokenizer``).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from megatron_trillion.data.jsonl import read_jsonl
 from megatron_trillion.data.languages import ALL_LANGUAGES
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.vocab import padded_vocab_size
@@ -195,30 +195,14 @@ def _iter_documents(inputs: Sequence[str], text_key: str, lang_key: Optional[str
                     ) -> Iterator[tuple[str, str]]:
     """Yields (lang, text) per JSONL line; a UserError names file and line of a bad line."""
     for path in inputs:
-        opener = gzip.open if path.endswith(".gz") else open
-        try:
-            f = opener(path, "rt", encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"--input {path}: cannot open ({exc.strerror})") from exc
-        with f:
-            line_no = 0
-            try:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        doc = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
-                    text = doc.get(text_key) if isinstance(doc, dict) else None
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}:{line_no}: no text under key {text_key!r}")
-                    lang = doc.get(lang_key) if lang_key else ALL_LANGUAGES
-                    if not isinstance(lang, str) or not lang:
-                        raise UserError(f"{path}:{line_no}: no language under key {lang_key!r}")
-                    yield lang, text
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{path}:{line_no + 1}: invalid UTF-8") from exc
+        for where, doc in read_jsonl(path):
+            text = doc.get(text_key) if isinstance(doc, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{where}: no text under key {text_key!r}")
+            lang = doc.get(lang_key) if lang_key else ALL_LANGUAGES
+            if not isinstance(lang, str) or not lang:
+                raise UserError(f"{where}: no language under key {lang_key!r}")
+            yield lang, text
 
 
 def _split_corpus(config: TokenizerTrainingConfig, langs: Optional[Sequence[str]] = None):

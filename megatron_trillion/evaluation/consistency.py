@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
+from megatron_trillion.data.jsonl import read_jsonl
 from megatron_trillion.errors import UserError
 
 __all__ = [
@@ -82,7 +83,7 @@ def load_parallel_items(path: str, languages: Sequence[str]) -> list[ParallelIte
         raise UserError(f"--data {path}: no such file")
     items: list[ParallelItem] = []
     seen: dict[str, str] = {}
-    for where, record in _jsonl_records(path):
+    for where, record in read_jsonl(path):
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object per line")
         if "id" not in record:
@@ -102,20 +103,6 @@ def load_parallel_items(path: str, languages: Sequence[str]) -> list[ParallelIte
     if not items:
         raise UserError(f"--data {path}: no items")
     return items
-
-
-def _jsonl_records(path: str, expected: str = ""):
-    """(``file:line``, parsed value) of each non-blank line; bad JSON is a ``UserError`` there."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg}){expected}") from exc
-            yield where, record
 
 
 def _question(raw, where: str) -> Question:
@@ -359,7 +346,7 @@ def read_lm_eval_samples(path: str, metric: str = "acc",
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     samples: dict = {}
-    for where, record in _jsonl_records(path, "; expected lm-eval --log_samples output"):
+    for where, record in read_jsonl(path, "; expected lm-eval --log_samples output"):
         if not isinstance(record, dict) or "doc_id" not in record:
             raise UserError(f"{where}: no \"doc_id\"; expected lm-eval --log_samples "
                              "output (samples_<task>_<date>.jsonl)")
