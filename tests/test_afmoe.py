@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from afmoe_experts import fuse_experts
 from multiprocess import run_distributed
 
 SEQ, BATCH = 32, 2
@@ -175,25 +176,10 @@ def _afmoe_checks() -> dict:
 def megatron_to_afmoe_hf(model, p) -> dict:
     """State dict of transformers' AfmoeForCausalLM module from a TP1 megatron model (no MTP),
     through the exporter's mapping (megatron_trillion.convert.afmoe). The exporter writes the
-    on-disk per-expert layout; the module holds experts fused as transformers loads them
-    (gate_up_proj [E, 2F, H] = per-expert [gate; up], down_proj [E, H, F])."""
-    import re
-
+    on-disk per-expert layout; the module holds experts fused as transformers loads them."""
     from megatron_trillion.convert.architectures import hf_state_dict
 
-    state = hf_state_dict(p, model.state_dict().__getitem__)
-    per_expert = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
-    experts: dict = {}
-    for name in list(state):
-        match = per_expert.match(name)
-        if match:
-            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = state.pop(name)
-    for prefix, parts in experts.items():
-        n = len(parts) // 3
-        state[prefix + ".gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(n)])
-        state[prefix + ".down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
-    return state
+    return fuse_experts(hf_state_dict(p, model.state_dict().__getitem__))
 
 
 def _hf_logits(model, p, tokens):

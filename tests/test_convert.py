@@ -208,9 +208,7 @@ def _error_cases(workdir: str) -> dict:
 def _import_other_layouts(root: str) -> dict:
     """Import what transformers' save_pretrained wrote, and experts in transformers' fused
     in-memory layout; exporting either gives back our export's tensors bit for bit."""
-    import re
-
-    import torch
+    from afmoe_experts import fuse_experts
     from safetensors.torch import save_file
 
     from megatron_trillion.convert.export import ExportConfig, export_checkpoint
@@ -219,19 +217,8 @@ def _import_other_layouts(root: str) -> dict:
     quiet = dict(progress=False, log=lambda line: None)
     fused = os.path.join(root, "hf_fused")
     os.makedirs(fused)
-    tensors = _tensors(os.path.join(root, "hf"))
-    per_expert = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
-    groups: dict = {}
-    for name in list(tensors):
-        match = per_expert.match(name)
-        if match:
-            groups.setdefault(match[1], {})[(int(match[2]), match[3])] = tensors.pop(name)
-    for prefix, parts in groups.items():
-        n = len(parts) // 3
-        tensors[prefix + ".gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(n)])
-        tensors[prefix + ".down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
-    save_file(tensors, os.path.join(fused, "model.safetensors"), metadata={"format": "pt"})
+    save_file(fuse_experts(_tensors(os.path.join(root, "hf"))),
+              os.path.join(fused, "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(os.path.join(root, "hf", "config.json"), fused)
     out = {}
     for name in ("hf_saved_by_transformers", "hf_fused"):
