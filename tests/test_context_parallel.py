@@ -5,6 +5,7 @@ real entry point for CP2 x DP2, CP2 with MTP, CP2 x TP2 (+SP) and CP2 x PP2."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -107,6 +108,19 @@ def test_te_thd_context_parallel_limits_are_refused_up_front(tmp_path):
     validate(config, resolve_model_preset(config), 2, transformer_engine_available=False)
     config = parse_args(["--preset", "tiny-tri-7b", *flags])
     validate(config, resolve_model_preset(config), 2, transformer_engine_available=True)
+    # Megatron-LM's --cp-comm-type: p2p (the default) reaches the model; the variants TE has no
+    # THD path for are refused when the flags are parsed.
+    from megatron_trillion.errors import UserError
+    from megatron_trillion.training.build import build_transformer_config
+
+    config = parse_args(["--preset", "tiny-tri-7b", *flags, "--cp-comm-type", "p2p"])
+    shape = validate(config, resolve_model_preset(config), 2, transformer_engine_available=False)
+    assert build_transformer_config(config, resolve_model_preset(config),
+                                    shape).cp_comm_type == "p2p"
+    for variant in ("a2a", "allgather", "a2a+p2p"):
+        refusal = re.escape(f"--cp-comm-type {variant}: ") + ".*only its p2p ring"
+        with pytest.raises(UserError, match=refusal):
+            parse_args(["--preset", "tiny-tri-7b", *flags, "--cp-comm-type", variant])
 
 
 # ----------------------------------------------------------------------------------------------

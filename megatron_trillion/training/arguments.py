@@ -175,6 +175,10 @@ class ParallelArgs:
     expert_model_parallel_size: int = flag(1, "expert parallel size (MoE)")
     expert_tensor_parallel_size: Optional[int] = flag(None, "tensor parallel size inside experts")
     context_parallel_size: int = flag(1, "context parallel size")
+    cp_comm_type: str = flag(
+        "p2p", "context-parallel attention communication; batches here are packed (THD), for "
+        "which Transformer Engine implements only p2p (the ring); the CPU attention gathers "
+        "keys and values itself", choices=["p2p", "a2a", "allgather", "all_gather", "a2a+p2p"])
     sequence_parallel: bool = flag(False, "sequence parallelism (needs TP > 1)")
     use_distributed_optimizer: bool = flag(False, "shard optimizer states over DP (ZeRO-1)")
     overlap_grad_reduce: bool = flag(False, "overlap the DP gradient reduce with backward")
@@ -497,7 +501,12 @@ REFUSED_FLAGS: dict[str, tuple[int, str]] = {
 # Values of accepted flags that are refused the same way: {field: {value: reason}}.
 _CKPT = ("only megatron-core's torch_dist checkpoints are written and read here (resharding, "
          "async save, HF export build on it); use --ckpt-format torch_dist")
+_CP_COMM = ("every batch here is packed (THD: XLDA or document blocks as cu_seqlens) and "
+            "Transformer Engine's context parallelism for THD is only its p2p ring; use "
+            "--cp-comm-type p2p")
 REFUSED_VALUES: dict[str, dict[Any, str]] = {
+    "cp_comm_type": {"a2a": _CP_COMM, "allgather": _CP_COMM, "all_gather": _CP_COMM,
+                     "a2a+p2p": _CP_COMM},
     "ckpt_format": {"torch": _CKPT, "torch_dcp": _CKPT, "zarr": _CKPT,
                     "fsdp_dtensor": _CKPT + " (fsdp_dtensor is Megatron-FSDP's, not supported)"},
 }

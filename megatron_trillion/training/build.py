@@ -77,6 +77,7 @@ def build_transformer_config(config: PretrainConfig, preset: ModelPreset, shape:
     te = transformer_engine_available()
     kwargs = dict(
         sequence_parallel=config.parallel.sequence_parallel,
+        cp_comm_type=config.parallel.cp_comm_type,
         calculate_per_token_loss=True,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
