@@ -12,5 +12,11 @@ def quiet_known_warnings() -> None:
                     ".*full scope is deprecated.*", ".*Please use DTensor instead.*",
                     ".*`load_state_dict` is deprecated.*"):
         warnings.filterwarnings("ignore", message=message)
+    # A CUDA stream-ordering hint (tensor_parallel/layers.py) that a host without CUDA cannot
+    # act on; on GPU it stays, and platform.device sets the variable before it could fire.
+    import torch
+
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     # torch.distributed's own deprecation notices about collectives megatron-core calls.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
