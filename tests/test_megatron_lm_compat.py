@@ -400,3 +400,33 @@ def test_kernel_flags_refused_without_their_kernel_and_no_effect_said():
                                        "--no-masked-softmax-fusion"]),
                            get_preset("tiny-tri-7b"), te_available=False, cuda=False)
     assert len(notes) == 3 and "--moe-grouped-gemm has no effect: the model is dense" in notes
+
+
+def test_save_and_load_in_one_directory_start_a_chain_before_it_exists(tmp_path, capsys):
+    """Megatron-LM's `--save X --load X` on a first job whose X does not exist yet trains from
+    iteration 0; the next job resumes there. A --load to start from that is missing is refused
+    before anything is built."""
+    from megatron_trillion.pretrain import main
+
+    ckpt = str(tmp_path / "new" / "ckpt")
+    common = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+              "--seq-length", "32", "--swiglu", "--normalization", "RMSNorm",
+              "--disable-bias-linear", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512",
+              "--mock-data", "--data-cache-path", str(tmp_path / "cache"),
+              "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3",
+              "--lr-decay-style", "constant", "--lr-decay-iters", "3", "--eval-iters", "0",
+              "--log-interval", "1", "--no-progress-bar", "--save", ckpt, "--save-interval", "2"]
+    assert main(common + ["--load", ckpt, "--train-iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"no checkpoint in {ckpt} (not created yet): starting from iteration 0" in out
+    assert len(re.findall(r"^ iteration +\d+/ +2 \|", out, re.M)) == 2
+    assert main(common + ["--load", ckpt, "--train-iters", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^ iteration +(\d+)/ +3 \|", out, re.M) == ["3"]  # resumed after 2
+
+    typo = str(tmp_path / "ckpt-typo")
+    assert main(common + ["--load", typo, "--train-iters", "3"]) == 2
+    assert f"--load {typo}: no such directory" in capsys.readouterr().err
+    assert main(common + ["--load", ckpt + "-missing", "--save", ckpt + "-missing",
+                          "--finetune", "--train-iters", "3"]) == 2
+    assert "no such directory" in capsys.readouterr().err

@@ -97,6 +97,7 @@ def _checked_config(recipe: str, tmp_path: Path):
     assert f"#SBATCH --nodes={torchrun['--nnodes']}\n" in sbatch
     assert world == RECIPES[recipe]
     _make_datasets(flags, tmp_path / "data")
+    (tmp_path / "init").mkdir(exist_ok=True)  # validation checks a --load to start from exists
     config = parse_args(flags)
     preset = resolve_model_preset(config)
     shape = validate(config, preset, world, transformer_engine_available=True)

@@ -403,6 +403,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer: An
 # loading
 
 
+def resumes_where_it_saves(load: Optional[str], save: Optional[str]) -> bool:
+    """``--load`` and ``--save`` name one directory: an auto-resuming run, whose first job
+    finds nothing there (perhaps not even the directory)."""
+    return bool(load and save) and os.path.realpath(load) == os.path.realpath(save)
+
+
 def check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:
     """Raise naming every architecture field in which the checkpoint's model differs."""
     mismatched = [f"{name}: checkpoint {saved.get(name)!r}, this run {current.get(name)!r}"
@@ -415,14 +421,19 @@ def check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:
 
 
 def resolve_checkpoint(root: str, iteration: Optional[int] = None,
-                       log: Callable[[str], None] = print) -> Optional[str]:
+                       log: Callable[[str], None] = print,
+                       may_not_exist: bool = False) -> Optional[str]:
     """The directory to load from ``--load root`` (``iteration``: ``--ckpt-step``).
 
-    None when ``root`` exists but holds no checkpoint yet (the first job of an auto-resuming
-    chain); a missing ``root``, a missing requested iteration or a tracker naming a missing
-    directory are errors.
+    None when ``root`` holds no checkpoint yet (the first job of an auto-resuming chain), or
+    does not exist and ``may_not_exist`` (it is also the run's ``--save``, as in Megatron-LM's
+    ``--save X --load X`` habit); otherwise a missing ``root``, a missing requested iteration
+    or a tracker naming a missing directory are errors.
     """
     if not os.path.isdir(root):
+        if may_not_exist and iteration is None:
+            log(f" no checkpoint in {root} (not created yet): starting from iteration 0")
+            return None
         raise CheckpointError(f"--load {root}: no such directory")
     for stale in partial_checkpoints(root):
         log(f" ignoring incomplete checkpoint {stale} (its save did not finish)")
@@ -456,13 +467,15 @@ def resolve_checkpoint(root: str, iteration: Optional[int] = None,
 def load_checkpoint(root: str, model_chunks: list, optimizer: Any, model_signature: Mapping,
                     *, load_optimizer: bool = True, load_rng: bool = True,
                     iteration: Optional[int] = None, log: Callable[[str], None] = print,
-                    without_mtp: bool = False) -> Optional[CheckpointContents]:
+                    without_mtp: bool = False,
+                    may_not_exist: bool = False) -> Optional[CheckpointContents]:
     """Load the newest complete checkpoint in ``root`` (or ``iteration``) into the model chunks
     (and optimizer). Collective. Returns None when ``root`` holds no checkpoint yet.
 
     ``without_mtp``: the model was deliberately built without the checkpoint's MTP layers
-    (evaluation); they are then not compared nor loaded."""
-    path = resolve_checkpoint(root, iteration, log)
+    (evaluation); they are then not compared nor loaded. ``may_not_exist``: see
+    ``resolve_checkpoint``."""
+    path = resolve_checkpoint(root, iteration, log, may_not_exist)
     if path is None:
         return None
     return load_checkpoint_dir(path, model_chunks, optimizer, model_signature,

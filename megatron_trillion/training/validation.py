@@ -602,6 +602,15 @@ def _checkpoint_errors(config: PretrainConfig) -> list[str]:
                                         ("--no-load-rng", ckpt.no_load_rng),
                                         ("--finetune", ckpt.finetune))
                if value and not ckpt.load]
+    if ckpt.load and not os.path.isdir(ckpt.load):
+        from megatron_trillion.training.checkpointing import resumes_where_it_saves
+
+        # Resuming where the run saves may start before the directory exists; any other
+        # --load (a checkpoint to start from) must be there, or a typo would train from scratch.
+        if ckpt.finetune or not resumes_where_it_saves(ckpt.load, ckpt.save):
+            errors.append(f"--load {ckpt.load}: no such directory (a run that resumes where "
+                          "it saves gives --save and --load the same directory, which the "
+                          "first job creates)")
     return errors
 
 
