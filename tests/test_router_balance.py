@@ -216,3 +216,23 @@ def test_routing_health_of_a_model_or_stage_without_moe_layers_is_empty():
     health = RoutingHealth([stage])
     health.record()
     assert (health.per_layer(), health.summary()) == ({}, {})
+
+
+def test_the_bias_rule_can_change_at_a_resume(tmp_path, capsys):
+    """A sign-rule checkpoint resumes under SMEBU (its momentum starts at zero, said once) and a
+    SMEBU checkpoint resumes under the sign rule (the saved momentum is left unread)."""
+    from megatron_trillion.pretrain import main
+
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--preset", "tiny-trinity", "--seq-length", "64", "--mock-data",
+              "--data-cache-path", str(tmp_path / "cache"), "--micro-batch-size", "2",
+              "--global-batch-size", "2", "--lr", "1e-3", "--lr-decay-style", "constant",
+              "--lr-decay-iters", "6", "--eval-iters", "0", "--no-progress-bar",
+              "--save", ckpt, "--load", ckpt, "--save-interval", "2"]
+    for iters, rule in ((2, "sign"), (4, "smebu"), (6, "sign")):
+        assert main(common + ["--train-iters", str(iters),
+                              "--moe-router-bias-update-style", rule]) == 0, rule
+        out = capsys.readouterr().out
+        assert f"saved checkpoint at iteration       {iters}" in out
+        switched = "was trained with the 'sign' expert-bias rule: SMEBU's momentum starts at zero"
+        assert (switched in out) == (rule == "smebu")

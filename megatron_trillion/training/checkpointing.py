@@ -504,6 +504,21 @@ def load_checkpoint_dir(path: str, model_chunks: list, optimizer: Any,
             f"this run is {list(shape)}: not restoring RNG states")
     request = _sharded_state(model_chunks, optimizer, include_optimizer=load_optimizer,
                              include_rng=rng_ok, is_loading=True)
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in
+                                                      range(len(model_chunks))]
+    # The expert-bias rule may change at a resume: a checkpoint of the sign rule has no SMEBU
+    # momentum, which then starts at zero as in a fresh SMEBU run (the reverse just leaves the
+    # saved momentum unread).
+    fresh = {name: [] for name in names}
+    if saved.get("moe_router_bias_update_style", "sign") != "smebu" and \
+            model_signature.get("moe_router_bias_update_style") == "smebu":
+        for name in names:
+            fresh[name] = [k for k in request[name] if k.endswith(".expert_bias_momentum")]
+            for key in fresh[name]:
+                del request[name][key]
+        log(f" checkpoint {path} was trained with the "
+            f"{saved.get('moe_router_bias_update_style', 'sign')!r} expert-bias rule: SMEBU's "
+            "momentum starts at zero")
     try:
         # Every tensor this run needs must be in the checkpoint ("unexpected" keys raise);
         # the checkpoint may hold more (optimizer, RNG) when those are deliberately skipped.
@@ -515,9 +530,10 @@ def load_checkpoint_dir(path: str, model_chunks: list, optimizer: Any,
     except BaseException as exc:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} is corrupt or does not fit this model: "
                               f"{type(exc).__name__}: {exc}") from exc
-    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in
-                                                      range(len(model_chunks))]
     for name, chunk in zip(names, model_chunks):
+        if fresh[name]:
+            current = unwrap(chunk).state_dict()
+            loaded[name].update({key: current[key] for key in fresh[name]})
         unwrap(chunk).load_state_dict(loaded[name])
     if load_optimizer and optimizer is not None:
         with _param_state_load_without_step(optimizer):
