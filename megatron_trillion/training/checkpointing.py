@@ -403,10 +403,13 @@ def save_checkpoint(root: str, iteration: int, model_chunks: list, optimizer: An
 # loading
 
 
-def resumes_where_it_saves(load: Optional[str], save: Optional[str]) -> bool:
-    """``--load`` and ``--save`` name one directory: an auto-resuming run, whose first job
-    finds nothing there (perhaps not even the directory)."""
-    return bool(load and save) and os.path.realpath(load) == os.path.realpath(save)
+def load_may_be_absent(load: Optional[str], save: Optional[str], finetune: bool) -> bool:
+    """Whether ``--load`` may name a directory that does not exist yet: only when it is also
+    ``--save`` (an auto-resuming run, whose first job creates it) and not a ``--finetune``
+    start. Any other ``--load`` is a checkpoint to start from, and a typo there must not
+    silently train from scratch."""
+    return bool(load and save) and not finetune and \
+        os.path.realpath(load) == os.path.realpath(save)
 
 
 def check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:

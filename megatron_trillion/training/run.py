@@ -179,14 +179,13 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
     guard = NumericsGuard(max_consecutive_bad_steps=config.training.max_consecutive_nonfinite_steps)
     common = None
     if config.checkpoint.load:
-        first_of_a_chain = not config.checkpoint.finetune and \
-            checkpointing.resumes_where_it_saves(config.checkpoint.load, config.checkpoint.save)
         loaded = checkpointing.load_checkpoint(
             config.checkpoint.load, model, optimizer, model_signature(preset),
             load_optimizer=not (config.checkpoint.no_load_optim or config.checkpoint.finetune),
             load_rng=not (config.checkpoint.no_load_rng or config.checkpoint.finetune),
             iteration=config.checkpoint.ckpt_step, log=say,
-            may_not_exist=first_of_a_chain)
+            may_not_exist=checkpointing.load_may_be_absent(
+                config.checkpoint.load, config.checkpoint.save, config.checkpoint.finetune))
         if loaded is not None and not config.checkpoint.finetune:
             common = loaded.common
             state.load_state_dict(common["train_state"])

@@ -603,11 +603,9 @@ def _checkpoint_errors(config: PretrainConfig) -> list[str]:
                                         ("--finetune", ckpt.finetune))
                if value and not ckpt.load]
     if ckpt.load and not os.path.isdir(ckpt.load):
-        from megatron_trillion.training.checkpointing import resumes_where_it_saves
+        from megatron_trillion.training.checkpointing import load_may_be_absent
 
-        # Resuming where the run saves may start before the directory exists; any other
-        # --load (a checkpoint to start from) must be there, or a typo would train from scratch.
-        if ckpt.finetune or not resumes_where_it_saves(ckpt.load, ckpt.save):
+        if not load_may_be_absent(ckpt.load, ckpt.save, ckpt.finetune):
             errors.append(f"--load {ckpt.load}: no such directory (a run that resumes where "
                           "it saves gives --save and --load the same directory, which the "
                           "first job creates)")
