@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from multiprocess import free_port, run_distributed
 
@@ -390,3 +391,82 @@ def _hang_in_save_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_hang_in_save_main(sys.argv[1:]))
+
+
+# --------------------------------------------------------------------------------------------
+# the state a resume allocates fits the inner optimizer (TE's FusedAdam on GPU)
+
+
+class FusedAdamStateContract(torch.optim.Optimizer):
+    """A stand-in for TE's FusedAdam, which does not install without CUDA: its per-parameter
+    state is only exp_avg, exp_avg_sq and master_param (``step`` lives in the param groups),
+    and its ``state_dict()`` looks every state name up in ``name_to_dtype_map``, so any other
+    name is a ``KeyError``."""
+
+    name_to_dtype_map = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32,
+                         "master_param": torch.float32}
+
+    @classmethod
+    def taking_over(cls, optimizer: torch.optim.Optimizer) -> "FusedAdamStateContract":
+        """The double with ``optimizer``'s param groups and state (its main params are views
+        into megatron-core's buffers, which a new optimizer would refuse as non-leaf)."""
+        double = cls.__new__(cls)
+        double.__dict__.update(optimizer.__dict__)
+        return double
+
+    def state_dict(self):
+        for state in self.state.values():
+            for name in state:
+                self.name_to_dtype_map[name]  # noqa: B018 - TE's lookup
+        return super().state_dict()
+
+
+def _resume_request_with_each_inner_optimizer(argv: list[str]) -> dict:
+    """Build a fresh distributed optimizer's load request (what a resume does first) with
+    torch's AdamW and with the FusedAdam double as its inner optimizer."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training import checkpointing
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import build_optimizer
+
+    quiet_known_warnings()
+    config = parse_args(argv)
+    _, run = pretrain(config, log=lambda line: None)
+    states = {}
+    for inner in ("torch", "fused"):
+        optimizer = build_optimizer(config, run.model)
+        leaf = checkpointing._leaf_optimizers(optimizer)[0]
+        assert isinstance(leaf, distrib_optimizer.DistributedOptimizer)
+        saved = (distrib_optimizer.HAVE_APEX_OR_TE, distrib_optimizer.USING_TE_OPTIMIZER)
+        if inner == "fused":
+            # megatron-core then reads the step from the param groups, as with TE on GPU
+            leaf.optimizer = FusedAdamStateContract.taking_over(leaf.optimizer)
+            distrib_optimizer.HAVE_APEX_OR_TE = distrib_optimizer.USING_TE_OPTIMIZER = True
+        try:
+            checkpointing._sharded_state(run.model, optimizer, include_optimizer=True,
+                                         include_rng=False, is_loading=True)
+        finally:
+            distrib_optimizer.HAVE_APEX_OR_TE, distrib_optimizer.USING_TE_OPTIMIZER = saved
+        states[inner] = sorted({name for state in leaf.optimizer.state.values()
+                                for name in state})
+    return states
+
+
+@pytest.mark.slow
+def test_resume_allocates_only_the_state_the_inner_optimizer_keeps(tmp_path):
+    """With --use-distributed-optimizer a resume first builds a load request from a fresh
+    optimizer; a per-parameter ``step`` there made TE's FusedAdam raise KeyError('step') at
+    every GPU resume. torch's AdamW (CPU) still gets its per-parameter step."""
+    from megatron_trillion.training.checkpointing import keeps_step_per_parameter
+
+    [states] = run_distributed(
+        _resume_request_with_each_inner_optimizer, 1, timeout=600,
+        argv=_argv("tiny-tri-7b", str(tmp_path / "cache"), "--use-distributed-optimizer",
+                   "--exit-interval", "1"))
+    assert states == {"torch": ["exp_avg", "exp_avg_sq", "step"],
+                      "fused": ["exp_avg", "exp_avg_sq"]}
+    adamw = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    assert keeps_step_per_parameter(adamw)
+    assert not keeps_step_per_parameter(FusedAdamStateContract.taking_over(adamw))

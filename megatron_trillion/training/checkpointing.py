@@ -190,13 +190,23 @@ def _leaf_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
-def _allocate_optimizer_state(optimizer) -> None:
-    """Give a never-stepped optimizer its Adam state, as a first step would.
+def keeps_step_per_parameter(inner_optimizer) -> bool:
+    """Whether the optimizer keeps Adam's ``step`` in each parameter's state.
 
-    The distributed optimizer's ``sharded_state_dict(is_loading=True)`` reads the inner torch
-    Adam's per-parameter ``step``; torch creates it only on the first ``step()`` (apex/TE
-    optimizers keep it in the param groups instead), so a fresh CPU run cannot build its load
-    request. The values are placeholders: the load overwrites every one of them.
+    torch's Adam/AdamW do (created by their first ``step()``). TE's and apex's FusedAdam keep it
+    in the param groups, and TE's ``state_dict()`` looks every per-parameter state name up in
+    its ``name_to_dtype_map`` (exp_avg, exp_avg_sq, master_param): a ``step`` there is a
+    ``KeyError``."""
+    return isinstance(inner_optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer the state a first step would create, and no other.
+
+    The distributed optimizer's ``sharded_state_dict(is_loading=True)`` reads the inner
+    optimizer's per-parameter state (and, for torch's Adam, its per-parameter ``step``, which
+    torch creates only on the first ``step()``), so a fresh run cannot build its load request
+    without it. The values are placeholders: the load overwrites every one of them.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -206,6 +216,8 @@ def _allocate_optimizer_state(optimizer) -> None:
         if leaf.init_state_fn is None:
             continue
         leaf.init_state_fn(leaf.optimizer, leaf.config)
+        if not keeps_step_per_parameter(leaf.optimizer):
+            continue
         for group in leaf.optimizer.param_groups:
             for param in group["params"]:
                 leaf.optimizer.state[param].setdefault("step", torch.tensor(0.0))
