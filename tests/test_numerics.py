@@ -97,6 +97,7 @@ def _guarded_megatron_steps():
     except NonFiniteTrainingError as exc:
         raised = str(exc)
     return {
+        **_one_norm_per_step(x),
         "first_proceeds": ok[0].proceed and ok[1],
         "first_norm_finite": math.isfinite(ok[2]),
         "second_skipped": not skipped[0].proceed,
@@ -107,11 +108,41 @@ def _guarded_megatron_steps():
     }
 
 
+def _one_norm_per_step(x: torch.Tensor) -> dict:
+    """A guarded step against megatron-core's own ``step()`` on a copy: the same clipped update
+    (the clip binds: clip_grad 0.01), with the gradient norm computed once instead of twice."""
+    from unittest import mock
+
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    layers, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(3)
+        layer = torch.nn.Linear(4, 3)
+        config = OptimizerConfig(optimizer="adam", lr=0.1, clip_grad=0.01)
+        optimizer = FP32Optimizer(torch.optim.AdamW(layer.parameters(), lr=0.1), config, None)
+        optimizer.grad_stats_parallel_group = None
+        layer(x).sum().backward()
+        layers.append(layer)
+        optimizers.append(optimizer)
+    _, expected_norm, _ = optimizers[0].step()
+    counting = mock.Mock(wraps=megatron_optimizer.get_grad_norm_fp32)
+    with mock.patch.object(megatron_optimizer, "get_grad_norm_fp32", counting):
+        _, updated, norm, _ = guarded_optimizer_step(optimizers[1], NumericsGuard(), 1, loss=1.0)
+    return {"same_update": updated and torch.equal(layers[0].weight, layers[1].weight)
+            and torch.equal(layers[0].bias, layers[1].bias),
+            "same_norm": norm == expected_norm, "norm_passes": counting.call_count}
+
+
 @pytest.mark.slow
 def test_guarded_optimizer_step_skips_nan_update():
     from multiprocess import run_distributed
 
     (result,) = run_distributed(_guarded_megatron_steps, 1, timeout=120)
+    # The guard's norm is the one the update clips with: one norm pass (and all-reduce) a step.
+    assert result["same_update"] and result["same_norm"] and result["norm_passes"] == 1
     assert result["first_proceeds"] and result["first_norm_finite"]
     assert result["second_skipped"] and result["second_reason"] == "grad norm is nan"
     assert result["weights_untouched"] and result["weights_finite"]

@@ -19,13 +19,13 @@ the replicas). ``check`` reduces the "bad" flag with MAX over ``group`` (default
 so one rank's NaN loss makes every rank skip. The grad norm megatron-core returns is already
 reduced over the model-parallel group, so it agrees by construction.
 
-Why ``guarded_optimizer_step`` asks for the grad norm before ``optimizer.step()``:
-megatron-core's step clips with ``clip_coeff = max_norm / norm``, which is NaN for a NaN norm
-and then compares False against 1.0, so the NaN gradients reach Adam/Muon and poison every
-weight. Only fp16's dynamic loss scaler skips such steps itself. The guard therefore calls
-``prepare_grads()`` + ``get_grad_norm()`` first (both idempotent without a loss scaler:
-``prepare_grads`` only copies main grads), decides, and only then calls ``optimizer.step()``,
-which recomputes the norm (one extra norm pass and one scalar all-reduce per step).
+Why ``guarded_optimizer_step`` asks for the grad norm before the update: megatron-core's
+``step()`` clips with ``clip_coeff = max_norm / norm``, which is NaN for a NaN norm and then
+compares False against 1.0, so the NaN gradients reach Adam/Muon and poison every weight. Only
+fp16's dynamic loss scaler skips such steps itself. The guard therefore runs megatron-core's
+step in its parts: ``prepare_grads()``, ``get_grad_norm()``, the decision, then the clipping
+with that same norm and ``step_with_ready_grads()`` (``_step_with_grad_norm``), so the norm is
+computed, all-reduced and read once per step, as in ``optimizer.step()`` itself.
 """
 
 from __future__ import annotations
@@ -211,5 +211,27 @@ def guarded_optimizer_step(optimizer: Any, guard: NumericsGuard, iteration: int,
     if not decision.proceed:
         optimizer.zero_grad()
         return decision, False, grad_norm, None
-    update_successful, grad_norm, num_zeros = optimizer.step()
+    update_successful, num_zeros = _step_with_grad_norm(optimizer, grad_norm)
     return decision, update_successful, grad_norm, num_zeros
+
+
+def _step_with_grad_norm(optimizer: Any, grad_norm: float) -> tuple[bool, Any]:
+    """The rest of megatron-core 0.16.1's ``step()`` after ``prepare_grads()``, clipping with
+    the ``grad_norm`` already computed (the global norm over every chained optimizer, as
+    ``ChainedOptimizer.step`` clips each part): ``(update_successful, num_zeros_in_grad)``."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for leaf in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if getattr(leaf, "is_stub_optimizer", False) or leaf.config.clip_grad <= 0.0:
+            continue
+        parameters = leaf.get_parameters()
+        if parameters:
+            clip_grad_by_total_norm_fp32(
+                parameters, max_norm=leaf.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=leaf.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
+    update_successful = optimizer.step_with_ready_grads()
+    # megatron-core's layer-wise optimizer (Muon) gathers the updated weights in its step()
+    if hasattr(optimizer, "allgather_params"):
+        optimizer.allgather_params()
+    return update_successful, num_zeros
