@@ -46,6 +46,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.models.afmoe import sandwich_layer_spec
 from megatron_trillion.models.mtp_recompute import use_packed_recompute_mtp_layers
+from megatron_trillion.models.mtp_roll import use_vectorised_packed_roll
 from megatron_trillion.models.norms import TorchNorm
 from megatron_trillion.models.te_attention_guard import require_packed_thd
 from megatron_trillion.models.xlda_attention import xlda_core_attention_spec
@@ -174,6 +175,8 @@ def get_mtp_block_spec(config: TransformerConfig, decoder_spec: TransformerBlock
     else:
         spec = get_gpt_mtp_block_spec_for_backend(config, block, backend=_LocalBackend(),
                                                   vp_stage=vp_stage)
+    # MTP's shift of packed sequences without a host sync per block (models.mtp_roll)
+    use_vectorised_packed_roll()
     # full recompute + packed sequences: megatron-core 0.16.1's MTP layer crashes without this
     return use_packed_recompute_mtp_layers(spec)
 
