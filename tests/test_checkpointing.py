@@ -421,19 +421,14 @@ class FusedAdamStateContract(torch.optim.Optimizer):
         return super().state_dict()
 
 
-def _resume_request_with_each_inner_optimizer(argv: list[str]) -> dict:
+def _resume_request_with_each_inner_optimizer(config, run) -> dict:
     """Build a fresh distributed optimizer's load request (what a resume does first) with
     torch's AdamW and with the FusedAdam double as its inner optimizer."""
     from megatron.core.optimizer import distrib_optimizer
 
-    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
     from megatron_trillion.training import checkpointing
-    from megatron_trillion.training.arguments import parse_args
     from megatron_trillion.training.build import build_optimizer
 
-    quiet_known_warnings()
-    config = parse_args(argv)
-    _, run = pretrain(config, log=lambda line: None)
     states = {}
     for inner in ("torch", "fused"):
         optimizer = build_optimizer(config, run.model)
@@ -454,19 +449,70 @@ def _resume_request_with_each_inner_optimizer(argv: list[str]) -> dict:
     return states
 
 
+def _distributed_optimizer_run(argv: list[str], save: str) -> dict:
+    """A DP2 run with the distributed optimizer and --overlap-param-gather that saves at
+    step 2; then what a resume allocates (with each inner optimizer) and whether the
+    checkpoint holds the weights the model computes with."""
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+
+    quiet_known_warnings()
+    config = parse_args(argv)
+    _, run = pretrain(config, log=lambda line: None)
+    return {"saved": _saved_and_computed_weights(run, save),
+            "resume_state": _resume_request_with_each_inner_optimizer(config, run)}
+
+
+@pytest.fixture(scope="module")
+def distributed_optimizer_dp2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distopt")
+    save = str(tmp / "ckpt")
+    return run_distributed(
+        _distributed_optimizer_run, 2, timeout=600, save=save,
+        argv=_argv("tiny-tri-7b", str(tmp / "cache"), "--use-distributed-optimizer",
+                   "--overlap-grad-reduce", "--overlap-param-gather", "--save", save,
+                   "--exit-interval", str(SAVE_AT)))
+
+
 @pytest.mark.slow
-def test_resume_allocates_only_the_state_the_inner_optimizer_keeps(tmp_path):
+def test_resume_allocates_only_the_state_the_inner_optimizer_keeps(distributed_optimizer_dp2):
     """With --use-distributed-optimizer a resume first builds a load request from a fresh
     optimizer; a per-parameter ``step`` there made TE's FusedAdam raise KeyError('step') at
     every GPU resume. torch's AdamW (CPU) still gets its per-parameter step."""
     from megatron_trillion.training.checkpointing import keeps_step_per_parameter
 
-    [states] = run_distributed(
-        _resume_request_with_each_inner_optimizer, 1, timeout=600,
-        argv=_argv("tiny-tri-7b", str(tmp_path / "cache"), "--use-distributed-optimizer",
-                   "--exit-interval", "1"))
-    assert states == {"torch": ["exp_avg", "exp_avg_sq", "step"],
-                      "fused": ["exp_avg", "exp_avg_sq"]}
+    for result in distributed_optimizer_dp2:
+        assert result["resume_state"] == {"torch": ["exp_avg", "exp_avg_sq", "step"],
+                                          "fused": ["exp_avg", "exp_avg_sq"]}
     adamw = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     assert keeps_step_per_parameter(adamw)
     assert not keeps_step_per_parameter(FusedAdamStateContract.taking_over(adamw))
+
+
+# --------------------------------------------------------------------------------------------
+# --overlap-param-gather: a save holds the weights of the step it is taken at
+
+
+def _saved_and_computed_weights(run, save: str) -> dict:
+    from megatron_trillion.training.checkpointing import load_model, unwrap
+
+    assert all(chunk.ddp_config.overlap_param_gather for chunk in run.model)
+    # The weights the next forward computes with: its pre-hooks' all-gather, done now.
+    for chunk in run.model:
+        chunk.start_param_sync(force_sync=True)
+    computed = {name: p.detach().clone() for name, p in unwrap(run.model[0]).named_parameters()}
+    loaded, common = load_model(save, log=lambda line: None)
+    saved = dict(loaded.named_parameters())
+    return {"iteration": common["iteration"], "tensors": len(saved),
+            "differing": [name for name in saved if not torch.equal(saved[name],
+                                                                      computed[name])]}
+
+
+@pytest.mark.slow
+def test_overlap_param_gather_saves_the_weights_of_the_saved_step(distributed_optimizer_dp2):
+    """DP2 with the distributed optimizer: each rank's step updates its own shard and, with
+    --overlap-param-gather, gathers the other's only in the next forward; the checkpoint of
+    step 2 must hold the weights step 3 computes with (not step 1's for half of them)."""
+    for result in distributed_optimizer_dp2:
+        assert result["saved"]["iteration"] == SAVE_AT and result["saved"]["tensors"] > 10
+        assert result["saved"]["differing"] == []

@@ -171,6 +171,23 @@ def unwrap(model):
     return model
 
 
+def finish_param_sync(model_chunks: list) -> None:
+    """Bring this rank's full weights up to date (collective; call on every rank).
+
+    With ``--overlap-param-gather`` the distributed optimizer's step updates only the weight
+    shard this rank owns and leaves the all-gather of the others to the forward pre-hooks of
+    the next forward pass: until then the model holds the previous step's weights for the
+    shards of other ranks, and a save (whose model tensors DP rank 0 writes) would store them.
+    Megatron-LM finishes the gather the same way before a save (``start_param_sync(
+    force_sync=True)``, through ``disable_forward_pre_hook``); the next forward then finds it
+    done and gathers nothing."""
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and \
+                ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def _chunk_sharded_state(chunk) -> dict:
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
@@ -366,6 +383,7 @@ class CheckpointSaver:
                 shutil.rmtree(stale, ignore_errors=True)
             os.makedirs(partial)
         torch.distributed.barrier()
+        finish_param_sync(model_chunks)
         state = _sharded_state(model_chunks, optimizer, include_optimizer=True,
                                include_rng=True, is_loading=False)
         shape, _ = _rank_coordinates()
