@@ -90,6 +90,46 @@ def test_split_with_mtp_gives_megatron_cores_roll_the_padded_boundaries():
     assert params.cu_seqlens_q.tolist() == params.cu_seqlens_q_padded.tolist() == [0, 8, 20]
 
 
+def test_te_is_told_the_padding_between_blocks_that_the_split_knows():
+    """TE derives ``pad_between_seqs`` from the padded cu_seqlens with two host syncs per
+    attention call; the split states it (TE's rule, on the host) and the TE attention of the
+    layer spec hands it to TE's forward (stand-ins for TE's and megatron-core's classes)."""
+    import dataclasses
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_trillion.data.context_parallel import ContextParallelSplit
+    from megatron_trillion.models.te_attention_guard import pass_pad_between_seqs
+    from megatron_trillion.platform.device import to_device
+
+    padded = ContextParallelSplit(2, 0)(_batch([5, 12]))
+    aligned = ContextParallelSplit(2, 0)(_batch([4, 8]))["packed_seq_params"]
+    with_mtp = ContextParallelSplit(2, 0, mtp=True)(_batch([5, 12]))["packed_seq_params"]
+    moved = to_device(padded, torch.device("cpu"))["packed_seq_params"]
+    assert [padded["packed_seq_params"].pad_between_seqs, moved.pad_between_seqs,
+            aligned.pad_between_seqs, with_mtp.pad_between_seqs] == [True, True, False, False]
+
+    told = []
+
+    class DotProductAttention(torch.nn.Module):  # TE's: derives the value when not given
+        def forward(self, q, k, v, mask, pad_between_seqs=None, **packed):
+            told.append(pad_between_seqs)
+            return q
+
+    class TEDotProductAttention(DotProductAttention):  # megatron-core's: its own fields only
+        def forward(self, q, k, v, mask, attn_mask_type, attention_bias=None,
+                    packed_seq_params=None):
+            packed = {f.name: getattr(packed_seq_params, f.name)
+                      for f in dataclasses.fields(PackedSeqParams)}
+            return super().forward(q, k, v, mask, **packed)
+
+    attention = pass_pad_between_seqs(TEDotProductAttention, te_base=DotProductAttention)()
+    q = torch.zeros(1)
+    for params in (moved, aligned, PackedSeqParams(qkv_format="thd")):
+        attention(q, q, q, None, None, packed_seq_params=params)
+    assert told == [True, False, None]  # None: TE keeps its own rule (no CP split)
+
+
 def test_te_thd_context_parallel_limits_are_refused_up_front(tmp_path):
     from megatron_trillion.training.arguments import parse_args
     from megatron_trillion.training.build import resolve_model_preset

@@ -30,9 +30,11 @@ for every real token: padding sits after the real tokens of its block and attent
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 __all__ = [
     "ContextParallelSplit",
@@ -116,6 +118,26 @@ def _cumsum(values: Sequence[int]) -> list[int]:
     return out
 
 
+@dataclass
+class ContextParallelPackedSeqParams(PackedSeqParams):
+    """megatron-core's ``PackedSeqParams`` plus ``pad_between_seqs``.
+
+    Given ``cu_seqlens_q_padded``, TE derives whether blocks are padded apart with two
+    ``torch.equal`` calls on device tensors, i.e. two host syncs in every attention call; the
+    split below knows it on the host and states it. megatron-core passes only its own fields to
+    TE, so the value travels as a field of this subclass (which survives the copies
+    ``dataclasses.replace`` makes when a batch is moved) and TE's attention in the layer spec
+    hands it over (``models.te_attention_guard.pass_pad_between_seqs``)."""
+
+    pad_between_seqs: Optional[bool] = None
+
+
+def pad_between_seqs(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor) -> bool:
+    """TE's ``pad_between_seqs`` for these boundaries (its own rule, on host tensors): whether
+    any block but the last starts elsewhere in the padded row than in the real one."""
+    return not torch.equal(cu_seqlens_padded[:-1].cpu(), cu_seqlens[:-1].cpu())
+
+
 class ContextParallelSplit:
     """Callable: a collated batch -> this CP rank's share with CP-aware ``PackedSeqParams``
     (those ``get_thd_batch_on_this_cp_rank`` builds); ``mtp`` makes ``cu_seqlens_q/kv`` the
@@ -131,19 +153,18 @@ class ContextParallelSplit:
         self.mtp = mtp
 
     def __call__(self, batch: dict) -> dict:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         tensors, cu, cu_padded = pad_blocks_for_context_parallel(
             batch, self.cp_size, self.tokens_per_rank_multiple)
         max_padded = int((cu_padded[1:] - cu_padded[:-1]).max())
         index = thd_partitioned_indices(cu_padded, tensors["tokens"].shape[1], self.cp_size,
                                         self.cp_rank)
         tensors = {key: value.index_select(1, index) for key, value in tensors.items()}
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                 cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
-                                 max_seqlen_q=max_padded, max_seqlen_kv=max_padded)
         if self.mtp:
-            params.cu_seqlens_q = params.cu_seqlens_kv = cu_padded
+            cu = cu_padded
+        params = ContextParallelPackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_padded, max_seqlen_kv=max_padded,
+            pad_between_seqs=pad_between_seqs(cu, cu_padded))
         out = dict(batch)
         out.update(tensors)
         out["packed_seq_params"] = params

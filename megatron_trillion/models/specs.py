@@ -48,7 +48,7 @@ from megatron_trillion.models.afmoe import sandwich_layer_spec
 from megatron_trillion.models.mtp_recompute import use_packed_recompute_mtp_layers
 from megatron_trillion.models.mtp_roll import use_vectorised_packed_roll
 from megatron_trillion.models.norms import TorchNorm
-from megatron_trillion.models.te_attention_guard import require_packed_thd
+from megatron_trillion.models.te_attention_guard import pass_pad_between_seqs, require_packed_thd
 from megatron_trillion.models.xlda_attention import xlda_core_attention_spec
 
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
@@ -92,8 +92,8 @@ def _layer_spec(config: TransformerConfig, num_experts: Optional[int], impl: str
         # Masked modes: TE's attention would silently attend across documents without THD block
         # boundaries, so it raises instead.
         attention = spec.submodules.self_attention.submodules
-        attention.core_attention = require_packed_thd(attention.core_attention,
-                                                      attention_masking)
+        attention.core_attention = pass_pad_between_seqs(
+            require_packed_thd(attention.core_attention, attention_masking))
         norm = TENorm
     else:
         spec = get_gpt_layer_local_spec(

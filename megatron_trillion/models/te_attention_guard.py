@@ -1,4 +1,5 @@
-"""Transformer Engine's core attention, refusing to run a masked mode without block boundaries.
+"""Transformer Engine's core attention: refusing to run a masked mode without block boundaries,
+and told the padding layout the batch already knows (``pass_pad_between_seqs``).
 
 TE's ``TEDotProductAttention`` runs XLDA / document masking as varlen attention over the
 ``PackedSeqParams(qkv_format="thd")`` cu_seqlens. Called without them (or with another
@@ -10,7 +11,7 @@ cannot change what the model attends to.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from megatron_trillion.data.attention_blocks import MASKED_MODES, MASKING_NONE
 
@@ -47,3 +48,46 @@ def require_packed_thd(attention_cls: type, masking: str) -> type:
     PackedOnlyAttention.__name__ = f"{attention_cls.__name__}PackedOnly"
     PackedOnlyAttention.__qualname__ = PackedOnlyAttention.__name__
     return PackedOnlyAttention
+
+
+def _transformer_engine_attention_base(attention_cls: type) -> type:
+    """Transformer Engine's ``DotProductAttention`` among ``attention_cls``'s bases."""
+    for base in attention_cls.__mro__:
+        if base.__name__ == "DotProductAttention" and \
+                base.__module__.startswith("transformer_engine."):
+            return base
+    raise TypeError(f"{attention_cls.__name__} does not derive from Transformer Engine's "
+                    "DotProductAttention")
+
+
+def pass_pad_between_seqs(attention_cls: type, te_base: Optional[type] = None) -> type:
+    """``attention_cls`` (megatron-core's ``TEDotProductAttention`` or a subclass) handing TE
+    the ``pad_between_seqs`` that the batch's packed-sequence parameters state
+    (``data.context_parallel.ContextParallelPackedSeqParams``), so TE does not derive it with
+    two host syncs per call.
+
+    megatron-core's forward builds TE's arguments from its own ``PackedSeqParams`` fields and
+    calls TE's ``forward`` through ``super()``; a class placed between the two in the method
+    resolution order adds the argument there. Parameters that state nothing (no CP) leave TE
+    to its own rule. ``te_base``: TE's ``DotProductAttention`` (found among the bases)."""
+    te_base = te_base or _transformer_engine_attention_base(attention_cls)
+
+    class AddPadBetweenSeqs(te_base):
+        def forward(self, *args: Any, **kwargs: Any):
+            if self._pad_between_seqs is not None:
+                kwargs.setdefault("pad_between_seqs", self._pad_between_seqs)
+            return super().forward(*args, **kwargs)
+
+    class StatedPadding(attention_cls, AddPadBetweenSeqs):
+        _pad_between_seqs: Optional[bool] = None
+
+        def forward(self, *args: Any, **kwargs: Any):
+            params = kwargs.get("packed_seq_params", args[6] if len(args) > 6 else None)
+            self._pad_between_seqs = getattr(params, "pad_between_seqs", None)
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self._pad_between_seqs = None
+
+    StatedPadding.__name__ = StatedPadding.__qualname__ = attention_cls.__name__
+    return StatedPadding
