@@ -82,3 +82,20 @@ def test_drop_mtp_weights():
              "embedding.word_embeddings.weight": 3}
     assert drop_mtp_weights(state) == {"decoder.final_layernorm.weight": 2,
                                        "embedding.word_embeddings.weight": 3}
+
+
+def test_initialisation_reaches_the_high_precision_copy_of_fp8_weights():
+    """--fp8-param-gather: TE keeps each FP8 weight's value before quantisation, and the
+    distributed optimizer builds its fp32 main weights from it; the layout-invariant
+    initialisation must land there too (a stand-in copy here: FP8 weights need a GPU)."""
+    from megatron_trillion.models.config import build_model
+    from megatron_trillion.models.init import initialize_weights
+    from megatron_trillion.selftest.checks import single_process_group
+
+    with single_process_group():
+        model = build_model("tiny-tri-7b")
+        weight = model.decoder.layers[0].self_attention.linear_qkv.weight
+        kept = torch.zeros_like(weight)  # what TE kept: megatron-core's default init
+        weight.get_high_precision_init_val = lambda: kept
+        initialize_weights(model, seed=3)
+    assert kept.abs().sum() > 0 and torch.equal(kept, weight.detach())

@@ -129,15 +129,18 @@ def initialize_weights(model_chunks, seed: int, *, init_method_std: Optional[flo
     vocab_size = unpadded_vocab_size(module)
     for shard in _iter_shards(model_chunks):
         data = shard.data
+        targets = [data, *_high_precision_copy(data)]
         n_pre = shard.prepend_axis_num
         constant = constants.get((data.data_ptr(), data.numel()))
         if constant is not None:
-            data.fill_(constant)
+            for target in targets:
+                target.fill_(constant)
             written += data.numel()
             continue
         kind = _kind(shard.key, len(shard.global_shape) - n_pre)
         if kind in ("zeros", "ones"):
-            data.fill_(0.0 if kind == "zeros" else 1.0)
+            for target in targets:
+                target.fill_(0.0 if kind == "zeros" else 1.0)
             written += data.numel()
             continue
         gshape = tuple(shard.global_shape[n_pre:])
@@ -155,15 +158,31 @@ def initialize_weights(model_chunks, seed: int, *, init_method_std: Optional[flo
         if is_vocab_parallel_key(shard.key):
             gshape = (vocab_size,) + gshape[1:]
             row_stop = min(row_stop, vocab_size)
-            data.zero_()  # padded rows
+            for target in targets:
+                target.zero_()  # padded rows
         written += data.numel()
         if row_stop <= offsets[0]:
             continue
         rows = _draw_rows(gshape, offsets[0], row_stop,
                           out_std if kind == "normal_out" else std, seed_fn)
         index = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(offsets[1:], local[1:]))
-        data[: rows.size(0)].copy_(rows[index].to(data.dtype))
+        for target in targets:
+            target[: rows.size(0)].copy_(rows[index].to(target.dtype))
     return written
+
+
+def _high_precision_copy(param) -> list:
+    """``[the high-precision initial value]`` Transformer Engine keeps beside an FP8 weight,
+    or ``[]``.
+
+    megatron-core builds FP8 weights (``--fp8-param-gather``) with TE's
+    ``preserve_high_precision_init_val``: each keeps its initial value before quantisation,
+    and the distributed optimizer builds its fp32 main weights from that copy (then clears
+    it). Writing only the quantised weight would leave megatron-core's default initialisation
+    there, and training would start from it after the first step."""
+    getter = getattr(param, "get_high_precision_init_val", None)
+    value = getter() if callable(getter) else None
+    return [value] if value is not None else []
 
 
 def _module_initial_values(model_chunks) -> dict:

@@ -123,12 +123,34 @@ def build_transformer_config(config: PretrainConfig, preset: ModelPreset, shape:
 
 
 def _gradient_accumulation_fusion_available() -> bool:
-    """megatron-core's non-TE linear layers (the output layer) need apex's
-    fused_weight_gradient_mlp_cuda for it; Megatron-LM turns the fusion off without it too."""
+    """Whether every linear layer can fuse: megatron-core's non-TE ones (the output layer)
+    need apex's fused_weight_gradient_mlp_cuda, and refuse to be built with the fusion
+    without it. Transformer Engine's layers fuse on their own (``fuse_te_gradient_accumulation``)."""
     import importlib.util
 
     return torch.cuda.is_available() and \
         importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fuse_te_gradient_accumulation(chunks: list) -> int:
+    """Turn on Transformer Engine's own weight-gradient accumulation fusion (the GEMM adds into
+    ``main_grad``) in every TE layer of ``chunks``; returns how many layers fuse.
+
+    ``TransformerConfig.gradient_accumulation_fusion`` is one switch for all layers, and
+    without apex it must stay off for the output layer (megatron-core's ColumnParallelLinear),
+    so the TE layers are switched here, after they are built: ``fuse_wgrad_accumulation`` is
+    the attribute their backward reads, and megatron-core's DDP accepts gradients added to
+    ``main_grad`` by any layer (``grad_added_to_main_grad``)."""
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+    fused = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, TransformerEngineBaseModule) and \
+                    hasattr(module, "fuse_wgrad_accumulation"):
+                module.fuse_wgrad_accumulation = True
+                fused += 1
+    return fused
 
 
 def initialize_tp_communicators(config: PretrainConfig, preset: ModelPreset,
@@ -152,6 +174,7 @@ def build_model_chunks(config: PretrainConfig, preset: ModelPreset, transformer_
 
     from megatron_trillion.models.config import build_model
     from megatron_trillion.models.init import initialize_weights
+    from megatron_trillion.models.specs import resolve_transformer_impl
 
     stages = shape.parallel.virtual_pipeline or 1
     chunks = [
@@ -163,6 +186,10 @@ def build_model_chunks(config: PretrainConfig, preset: ModelPreset, transformer_
         for stage in range(stages)
     ]
     initialize_weights(chunks, seed=config.training.seed)
+    if config.kernels.gradient_accumulation_fusion and torch.cuda.is_available() and \
+            not transformer_config.gradient_accumulation_fusion and \
+            resolve_transformer_impl(config.model.transformer_impl) == "transformer_engine":
+        fuse_te_gradient_accumulation(chunks)
     # Modules megatron-core builds put their parameters on the current CUDA device already;
     # torch-built ones (e.g. torch norms) are created on the host. One move, before DDP
     # allocates its gradient buffers next to the parameters (Megatron-LM's get_model does
