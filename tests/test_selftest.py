@@ -3,11 +3,13 @@ GPU checks (run here on CPU; only the kernels themselves need a GPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -151,10 +153,26 @@ def test_layer_timing_and_mfu_verdict_on_a_small_cpu_layer():
     """The layer-throughput check's code, run on CPU with the local spec at a small width."""
     import dataclasses
 
+    from megatron_trillion.models.xlda_attention import XLDACoreAttention
+
+    seen = []
+    original = XLDACoreAttention.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("packed_seq_params"))
+        return original(self, *args, **kwargs)
+
     with checks.single_process_group():
         small = dataclasses.replace(checks.layer_preset(), hidden_size=128, ffn_hidden_size=256,
                                     num_attention_heads=4)
         seconds = checks.time_layer(small, 64, "local", iterations=1, warmup=1)
+        # The timed layer is the one training runs: THD blocks reach the attention.
+        with mock.patch.object(XLDACoreAttention, "forward", spy):
+            assert checks.time_layer(small, 64, "local", iterations=1, warmup=0,
+                                     blocks=(0, 16, 40, 64)) > 0
+    assert seen and all(p.cu_seqlens_q.tolist() == [0, 16, 40, 64] for p in seen)
+    assert checks.layer_training_flops(small, 64, (0, 16, 40, 64)) < \
+        checks.layer_training_flops(small, 64)
     assert seconds > 0
     flops = checks.layer_training_flops(small, 64)
     # The verdict follows the MFU: 50% of the peak passes, 5% fails; an unknown peak passes
@@ -164,3 +182,45 @@ def test_layer_timing_and_mfu_verdict_on_a_small_cpu_layer():
     failing = checks.layer_result(small, 64, seconds, achieved / 0.05)
     assert failing.status == FAIL and "below 20%" in failing.detail
     assert "MFU unknown" in checks.layer_result(small, 64, seconds, None).detail
+
+
+def test_probe_logits_row_passes_bf16_and_fails_on_a_wrong_mask_rope_or_mtp_roll():
+    """The step-0 logits row on CPU (local spec, BF16 against fp32) passes; a wrong block mask,
+    RoPE positions restarting inside blocks, or MTP's roll ignoring block ends each move some
+    token's logits far beyond its tolerance."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import multi_token_prediction
+
+    from megatron_trillion.data.packed_batch import packed_seq_params_from_blocks
+
+    tolerance = checks.PROBE_TOLERANCE["bf16"]
+    with checks.single_process_group():
+        row = checks.check_probe_logits(_context())
+        model = checks.probe_model("local", False, torch.device("cpu"))
+        batch = checks.probe_batch(4096)
+        reference = checks.probe_logits(model, batch)
+
+        def broken(probe=batch, **patches):
+            with mock.patch.multiple(**patches) if patches else contextlib.nullcontext():
+                measured = checks.probe_logits(model, probe)
+            return checks._within(checks.logit_errors(measured, reference), tolerance)
+
+        one_block = dict(batch, packed_seq_params=packed_seq_params_from_blocks(
+            torch.tensor([0, checks.PROBE_BLOCKS[-1]], dtype=torch.int32)))
+        thd_rope = rope_utils._apply_rotary_pos_emb_thd
+        inner = torch.tensor([0, 7, 16, 30, 31, 48, 64, 80, 96, 112, 128], dtype=torch.int32)
+
+        def plain_roll(tensor, shifts, dims, params, group=None):
+            rolled = tensor.roll(-1, -1)
+            return rolled, rolled.sum()
+
+        rows = {
+            "mask": broken(one_block),
+            "rope": broken(target=rope_utils, _apply_rotary_pos_emb_thd=(
+                lambda t, cu_seqlens, freqs, **kw: thd_rope(t, inner, freqs, **kw))),
+            "roll": broken(target=multi_token_prediction, _roll_tensor_packed_seq=plain_roll),
+        }
+    assert row.status == PASS and "CPU local BF16" in row.detail, row.detail
+    assert {name: result.status for name, result in rows.items()} == \
+        {"mask": FAIL, "rope": FAIL, "roll": FAIL}
+    assert "mtp-1" in rows["roll"].detail

@@ -241,25 +241,123 @@ def _check_te_attention(dtype: torch.dtype) -> Result:
     inputs = attention_inputs()
     reference = run_attention(xlda_reference_attention(), inputs, torch.float32,
                               torch.device("cpu"))
-    try:
-        measured = run_attention(te_attention, inputs, dtype, compute_device())
-    except Exception as exc:  # noqa: BLE001 - only TE's "no backend" answer is a skip
-        if dtype == torch.float32 and "backend" in str(exc).lower():
-            return Result(SKIPPED, f"TE has no fp32 THD attention backend here: {exc}")
-        raise
+    measured = run_attention(te_attention, inputs, dtype, compute_device())
     return _within(relative_errors(measured, reference), _TOLERANCE[dtype])
 
 
-def check_te_attention_fp32(context: Context) -> Result:
-    return _check_te_attention(torch.float32)
-
-
+# TE 2.9 has no fp32 kernel for THD attention, so only BF16 is checked against the reference.
 def check_te_attention_bf16(context: Context) -> Result:
     return _check_te_attention(torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
-# 3. a tiny preset against the committed CPU fp32 loss curve; FP8 steps
+# 3. the model against its CPU fp32 reference (step-0 logits), a tiny preset against the
+#    committed CPU fp32 loss curve, FP8 steps
+
+PROBE_PRESET = "tiny-tri-7b"
+PROBE_SEED = 1234
+# A larger initialisation than the preset's 0.02 makes attention scores, and so the block mask
+# and the RoPE positions, visible in the logits of an untrained model (measured on CPU at 0.1:
+# a wrong block mask moves some token's logits by 150%, RoPE restarting inside blocks by 94%,
+# MTP's roll ignoring block ends by 114%; BF16 rounding by 3.5%).
+PROBE_INIT_STD = 0.1
+# max over tokens of |logits - reference| / |reference|: 4x the CPU BF16 measurement above.
+PROBE_TOLERANCE = {"fp32": 1e-4, "bf16": 0.15}
+# XLDA attention blocks of one packed 128-token row (lengths 7, 23, 1, 33, 32, 32)
+PROBE_BLOCKS = (0, 7, 30, 31, 64, 96, 128)
+
+
+def probe_batch(vocab_size: int, seed: int = 0) -> dict:
+    """A fixed XLDA micro-batch (host tensors): random tokens, positions restarting at every
+    block, the block boundaries as THD packed-sequence parameters."""
+    from megatron_trillion.data.packed_batch import packed_seq_params_from_blocks
+
+    generator = torch.Generator().manual_seed(seed)
+    cu = torch.tensor(PROBE_BLOCKS, dtype=torch.int32)
+    length = PROBE_BLOCKS[-1]
+    ids = torch.randint(0, vocab_size, (1, length + 1), generator=generator)
+    starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+    return {"tokens": ids[:, :length], "labels": ids[:, 1:],
+            "loss_mask": torch.ones(1, length),
+            "position_ids": (torch.arange(length) - starts).unsqueeze(0),
+            "packed_seq_params": packed_seq_params_from_blocks(cu)}
+
+
+def probe_model(transformer_impl: str, bf16: bool, device: torch.device):
+    """The probe model (``PROBE_PRESET``, dropout off, ``PROBE_INIT_STD``) with the
+    layout-invariant initialisation of ``PROBE_SEED``: the same weights on every backend and
+    device."""
+    from megatron_trillion.models.config import build_model, build_transformer_config
+    from megatron_trillion.models.init import initialize_weights
+    from megatron_trillion.models.presets import get_preset
+
+    preset = get_preset(PROBE_PRESET)
+    config = build_transformer_config(preset, None, bf16=bf16, hidden_dropout=0.0,
+                                      attention_dropout=0.0, init_method_std=PROBE_INIT_STD)
+    model = build_model(preset, config=config, transformer_impl=transformer_impl,
+                        attention_masking="xlda")
+    initialize_weights(model, seed=PROBE_SEED)
+    return model.to(device)
+
+
+def probe_logits(model, batch: dict) -> dict:
+    """fp32 CPU copies of the logits of the next-token head and of every MTP head for the
+    probe batch (one training-mode forward with labels, so the MTP heads run)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from megatron_trillion.platform.device import to_device
+
+    device = next(model.parameters()).device
+    outputs = []
+    hook = model.output_layer.register_forward_hook(
+        lambda module, args, output: outputs.append(output[0].detach().float().cpu().clone()))
+    batch = to_device(batch, device)
+    model.train()
+    try:
+        with torch.no_grad():
+            model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                  loss_mask=batch["loss_mask"], packed_seq_params=batch["packed_seq_params"])
+    finally:
+        hook.remove()
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    # (copies: the loss overwrites the logits in place) GPTModel runs the MTP heads first.
+    names = [f"mtp-{i + 1}" for i in range(len(outputs) - 1)] + ["next-token"]
+    return {name: out.reshape(-1, out.shape[-1]) for name, out in zip(names, outputs)}
+
+
+def logit_errors(measured: dict, reference: dict) -> dict:
+    """Per head, the worst token's ``|logits - reference| / |reference|`` (L2 norms)."""
+    errors = {}
+    for name, ref in reference.items():
+        per_token = (measured[name] - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-12)
+        errors[name] = float(per_token.max())
+    return errors
+
+
+def probe_errors(candidate: Callable[[dict], dict]) -> dict:
+    """``logit_errors`` of ``candidate`` (probe batch -> ``probe_logits``) against this
+    machine's CPU fp32 run of the local (XLDA) model."""
+    from megatron_trillion.models.presets import get_preset
+
+    batch = probe_batch(get_preset(PROBE_PRESET).vocab_size)
+    reference = probe_logits(probe_model("local", False, torch.device("cpu")), batch)
+    return logit_errors(candidate(batch), reference)
+
+
+def check_probe_logits(context: Context) -> Result:
+    """Step-0 logits of the model this machine trains with (TE, BF16 on GPU; the local spec in
+    BF16 on CPU) on a fixed XLDA batch against the CPU fp32 reference: the next-token head
+    sees the block mask and the RoPE positions, the MTP head also MTP's roll."""
+    from megatron_trillion.platform.device import compute_device
+
+    impl = "transformer_engine" if context.cuda else "local"
+    model = probe_model(impl, True, compute_device())
+    result = _within(probe_errors(lambda batch: probe_logits(model, batch)),
+                     PROBE_TOLERANCE["bf16"])
+    where = "GPU TE BF16" if context.cuda else "CPU local BF16"
+    return Result(result.status, f"{where} vs CPU fp32, {PROBE_BLOCKS[-1]} tokens in "
+                                 f"{len(PROBE_BLOCKS) - 1} XLDA blocks: {result.detail}")
+
 
 REFERENCE_STEPS = 20
 # Same flags on every machine; --transformer-impl auto is TE on GPU and local on CPU.
@@ -483,6 +581,9 @@ def check_checkpoint_round_trip(context: Context) -> Result:
 # 6. one Tri-7B-width layer: TFLOP/s and MFU
 
 LAYER_SEQ = 4096
+# The XLDA attention blocks of the timed row (lengths 1024, 512, 1408, 1152): the layer as
+# training runs it, THD with RoPE restarting per block.
+LAYER_BLOCKS = (0, 1024, 1536, 2944, 4096)
 # Far below this, the layer is not running the kernels it should (e.g. TE fell back to
 # unfused attention, or the clocks are throttled).
 MIN_LAYER_MFU = 0.2
@@ -497,41 +598,59 @@ def layer_preset():
     return dataclasses.replace(get_preset("trillion-7b"), num_layers=1, mtp_num_layers=0)
 
 
-def layer_training_flops(preset, seq: int) -> float:
-    """Forward + backward FLOPs of one dense decoder layer over one causal sequence: the
-    matmul weights (2 FLOPs per weight and token) and the attention scores and values
-    (4 x heads x head_dim per allowed query-key pair), times 3 for the backward."""
+def _block_lengths(seq: int, blocks: Optional[Sequence[int]]) -> list[int]:
+    return [seq] if blocks is None else [b - a for a, b in zip(blocks, blocks[1:])]
+
+
+def layer_training_flops(preset, seq: int, blocks: Optional[Sequence[int]] = None) -> float:
+    """Forward + backward FLOPs of one dense decoder layer over ``seq`` tokens, causal inside
+    each block (one block without ``blocks``): the matmul weights (2 FLOPs per weight and
+    token) and the attention scores and values (4 x heads x head_dim per allowed query-key
+    pair), times 3 for the backward."""
     from megatron_trillion.training.flops import _matmul_params_per_token, causal_pairs
 
     weights, _ = _matmul_params_per_token(preset)
-    attention = 4 * preset.num_attention_heads * preset.head_dim * causal_pairs([seq])
+    attention = 4 * preset.num_attention_heads * preset.head_dim * \
+        causal_pairs(_block_lengths(seq, blocks))
     return 3.0 * (2 * weights * seq + attention)
 
 
 def time_layer(preset, seq: int, transformer_impl: str, iterations: int = 10,
-               warmup: int = 3) -> float:
+               warmup: int = 3, blocks: Optional[Sequence[int]] = None) -> float:
     """Seconds per forward + backward of one BF16 decoder layer of ``preset`` over ``seq``
     tokens on the compute device (the selftest runs it with TE on GPU; tests run it small on
-    CPU with the local spec)."""
+    CPU with the local spec). With ``blocks`` (cumulative boundaries) the row is one packed THD
+    micro-batch with XLDA masking and RoPE restarting per block, as in training; without,
+    plain causal attention and no RoPE."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_trillion.data.attention_blocks import MASKING_NONE
+    from megatron_trillion.data.attention_blocks import MASKING_NONE, MASKING_XLDA
+    from megatron_trillion.data.packed_batch import packed_seq_params_from_blocks
     from megatron_trillion.models.config import build_transformer_config
     from megatron_trillion.models.specs import get_layer_specs
-    from megatron_trillion.platform.device import compute_device
+    from megatron_trillion.platform.device import compute_device, to_device
 
     config = build_transformer_config(preset, None, bf16=True)
     spec = get_layer_specs(config, transformer_impl=transformer_impl,
-                           attention_masking=MASKING_NONE)[0]
+                           attention_masking=MASKING_XLDA if blocks else MASKING_NONE)[0]
     device = compute_device()
     layer = build_module(spec, config=config, layer_number=1).to(device)
     hidden = torch.randn(seq, 1, preset.hidden_size, device=device, dtype=torch.bfloat16,
                          requires_grad=True)
     grad = torch.randn_like(hidden)
+    inputs = {"attention_mask": None}
+    if blocks is not None:
+        params = packed_seq_params_from_blocks(torch.tensor(blocks, dtype=torch.int32))
+        rotary = RotaryEmbedding(kv_channels=preset.head_dim, rotary_percent=1.0,
+                                 rotary_base=preset.rotary_base)
+        inputs.update(packed_seq_params=to_device({"packed_seq_params": params},
+                                                  device)["packed_seq_params"],
+                      rotary_pos_emb=rotary(params.max_seqlen_q, packed_seq=True).to(device))
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        output, _ = layer(hidden, attention_mask=None)
+        output, _ = layer(hidden, **inputs)
         output.backward(grad)
 
     for _ in range(warmup):
@@ -544,8 +663,9 @@ def time_layer(preset, seq: int, transformer_impl: str, iterations: int = 10,
     return (time.perf_counter() - started) / iterations
 
 
-def layer_result(preset, seq: int, seconds: float, peak: Optional[float]) -> Result:
-    tflops = layer_training_flops(preset, seq) / seconds / 1e12
+def layer_result(preset, seq: int, seconds: float, peak: Optional[float],
+                 blocks: Optional[Sequence[int]] = None) -> Result:
+    tflops = layer_training_flops(preset, seq, blocks) / seconds / 1e12
     detail = (f"hidden {preset.hidden_size}, FFN {preset.ffn_hidden_size}, S {seq}, BF16: "
               f"{1000 * seconds:.1f} ms fwd+bwd, {tflops:.0f} TFLOP/s")
     if peak is None:
@@ -558,12 +678,19 @@ def layer_result(preset, seq: int, seconds: float, peak: Optional[float]) -> Res
 
 
 def check_layer_throughput(context: Context) -> Result:
+    """The verdict is the layer as training runs it (XLDA blocks, RoPE); plain causal
+    attention without RoPE is reported beside it."""
     from megatron_trillion.platform.device import device_peak_tflops
 
     preset = layer_preset()
-    seconds = time_layer(preset, LAYER_SEQ, "transformer_engine")
     peak = context.device_peak_tflops or device_peak_tflops(context.device_name)
-    return layer_result(preset, LAYER_SEQ, seconds, peak)
+    xlda = time_layer(preset, LAYER_SEQ, "transformer_engine", blocks=LAYER_BLOCKS)
+    dense = time_layer(preset, LAYER_SEQ, "transformer_engine")
+    result = layer_result(preset, LAYER_SEQ, xlda, peak, LAYER_BLOCKS)
+    dense_tflops = layer_training_flops(preset, LAYER_SEQ) / dense / 1e12
+    return Result(result.status,
+                  f"XLDA ({len(LAYER_BLOCKS) - 1} blocks, RoPE): {result.detail}; plain causal "
+                  f"without RoPE: {1000 * dense:.1f} ms, {dense_tflops:.0f} TFLOP/s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,8 +699,8 @@ CHECKS = (
     Check("versions", check_versions),
     Check("transformer-engine", check_transformer_engine),
     Check("xlda-attention-reference", check_xlda_reference),
-    Check("xlda-attention-te-fp32", check_te_attention_fp32, ("cuda", "te")),
     Check("xlda-attention-te-bf16", check_te_attention_bf16, ("cuda", "te")),
+    Check("probe-logits", check_probe_logits),
     Check("training-curve", check_training_curve),
     Check("fp8-steps", check_fp8_steps, ("cuda", "te")),
     Check("nccl-bandwidth", check_nccl_bandwidth, ("cuda", "2 gpus")),
