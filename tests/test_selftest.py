@@ -141,12 +141,13 @@ def test_cpu_run_passes_its_checks_and_names_every_skipped_gpu_check(tmp_path):
             if line.split() and line.split()[0] in {c.name for c in checks.CHECKS}}
     assert rows == {
         "versions": PASS, "transformer-engine": SKIPPED, "xlda-attention-reference": PASS,
-        "xlda-attention-te-fp32": SKIPPED, "xlda-attention-te-bf16": SKIPPED,
-        "training-curve": PASS, "fp8-steps": SKIPPED, "nccl-bandwidth": SKIPPED,
+        "xlda-attention-te-bf16": SKIPPED, "probe-logits": PASS, "training-curve": PASS,
+        "fp8-steps": SKIPPED, "fp8-param-init": SKIPPED, "gradient-accumulation-fusion": SKIPPED,
+        "te-padding-stated": SKIPPED, "nccl-bandwidth": SKIPPED,
         "checkpoint-round-trip": PASS, "layer-throughput": SKIPPED,
     }, proc.stdout
     assert "no CUDA device" in proc.stdout and "CPU fp32: 2 steps" in proc.stdout
-    assert "4 passed, 0 failed, 6 skipped" in proc.stdout
+    assert "5 passed, 0 failed, 8 skipped" in proc.stdout
 
 
 def test_layer_timing_and_mfu_verdict_on_a_small_cpu_layer():
@@ -224,3 +225,27 @@ def test_probe_logits_row_passes_bf16_and_fails_on_a_wrong_mask_rope_or_mtp_roll
     assert {name: result.status for name, result in rows.items()} == \
         {"mask": FAIL, "rope": FAIL, "roll": FAIL}
     assert "mtp-1" in rows["roll"].detail
+
+
+def test_checkpoint_round_trip_row_fails_when_the_optimizer_state_is_dropped(tmp_path):
+    """The row resumes a distributed-optimizer checkpoint and takes one more step; a reload
+    that keeps the weights but loses the Adam state (a dropped state) takes another step."""
+    from megatron_trillion.training import checkpointing
+
+    original = checkpointing.load_checkpoint_dir
+
+    def weights_only(*args, **kwargs):
+        return original(*args, **dict(kwargs, load_optimizer=False))
+
+    with checks.single_process_group(), \
+            mock.patch.object(checkpointing, "load_checkpoint_dir", weights_only):
+        result = checks.check_checkpoint_round_trip(_context(workdir=str(tmp_path)))
+    assert result.status == FAIL and "distributed optimizer" in result.detail, result.detail
+    # the verdict's arithmetic: a deviation of 10% of the step's update is the GPU limit
+    saved, after = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    tolerance = checks.ROUND_TRIP_TOLERANCE["bf16"]
+    assert checks.round_trip_result(saved, {"w": torch.ones(3)}, after, 0.0).status == PASS
+    assert checks.round_trip_result(saved, {"w": torch.full((3,), 1.05)}, after,
+                                    tolerance).status == PASS
+    assert checks.round_trip_result(saved, {"w": torch.full((3,), 1.5)}, after,
+                                    tolerance).status == FAIL

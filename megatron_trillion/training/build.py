@@ -125,7 +125,8 @@ def build_transformer_config(config: PretrainConfig, preset: ModelPreset, shape:
 def _gradient_accumulation_fusion_available() -> bool:
     """Whether every linear layer can fuse: megatron-core's non-TE ones (the output layer)
     need apex's fused_weight_gradient_mlp_cuda, and refuse to be built with the fusion
-    without it. Transformer Engine's layers fuse on their own (``fuse_te_gradient_accumulation``)."""
+    without it. Transformer Engine's layers fuse on their own
+    (``fuse_te_gradient_accumulation``)."""
     import importlib.util
 
     return torch.cuda.is_available() and \
