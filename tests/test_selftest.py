@@ -221,6 +221,8 @@ def test_probe_logits_row_passes_bf16_and_fails_on_a_wrong_mask_rope_or_mtp_roll
                 lambda t, cu_seqlens, freqs, **kw: thd_rope(t, inner, freqs, **kw))),
             "roll": broken(target=multi_token_prediction, _roll_tensor_packed_seq=plain_roll),
         }
+    uniform = {name: torch.zeros_like(logits) for name, logits in reference.items()}
+    assert checks._within(checks.logit_errors(uniform, reference), tolerance).status == FAIL
     assert row.status == PASS and "CPU local BF16" in row.detail, row.detail
     assert {name: result.status for name, result in rows.items()} == \
         {"mask": FAIL, "rope": FAIL, "roll": FAIL}

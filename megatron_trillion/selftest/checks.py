@@ -562,7 +562,8 @@ def check_te_padding_stated(context: Context) -> Result:
     detail = (f"padded THD blocks {padded.tolist()}: pad_between_seqs={stated.pad_between_seqs} "
               f"passed, {syncs['stated']} torch.equal calls (TE's own derivation: "
               f"{syncs['derived']}); outputs {'equal' if same else 'DIFFER'}")
-    return Result(PASS if same and syncs["stated"] == 0 else FAIL, detail)
+    # TE's rule makes one or two torch.equal calls (its `or` stops at the first padding found)
+    return Result(PASS if same and syncs["stated"] < syncs["derived"] else FAIL, detail)
 
 
 # --------------------------------------------------------------------------------------------
