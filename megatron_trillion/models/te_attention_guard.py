@@ -50,14 +50,14 @@ def require_packed_thd(attention_cls: type, masking: str) -> type:
     return PackedOnlyAttention
 
 
-def _transformer_engine_attention_base(attention_cls: type) -> type:
-    """Transformer Engine's ``DotProductAttention`` among ``attention_cls``'s bases."""
+def _transformer_engine_attention_base(attention_cls: type) -> Optional[type]:
+    """Transformer Engine's ``DotProductAttention`` among ``attention_cls``'s bases (None for
+    a class that does not derive from it)."""
     for base in attention_cls.__mro__:
         if base.__name__ == "DotProductAttention" and \
                 base.__module__.startswith("transformer_engine."):
             return base
-    raise TypeError(f"{attention_cls.__name__} does not derive from Transformer Engine's "
-                    "DotProductAttention")
+    return None
 
 
 def pass_pad_between_seqs(attention_cls: type, te_base: Optional[type] = None) -> type:
@@ -69,8 +69,11 @@ def pass_pad_between_seqs(attention_cls: type, te_base: Optional[type] = None) -
     megatron-core's forward builds TE's arguments from its own ``PackedSeqParams`` fields and
     calls TE's ``forward`` through ``super()``; a class placed between the two in the method
     resolution order adds the argument there. Parameters that state nothing (no CP) leave TE
-    to its own rule. ``te_base``: TE's ``DotProductAttention`` (found among the bases)."""
+    to its own rule. ``te_base``: TE's ``DotProductAttention`` (found among the bases; a class
+    without it has no such argument and is returned as it is)."""
     te_base = te_base or _transformer_engine_attention_base(attention_cls)
+    if te_base is None:
+        return attention_cls
 
     class AddPadBetweenSeqs(te_base):
         def forward(self, *args: Any, **kwargs: Any):
