@@ -292,8 +292,10 @@ def probe_model(transformer_impl: str, bf16: bool, device: torch.device):
     from megatron_trillion.models.presets import get_preset
 
     preset = get_preset(PROBE_PRESET)
+    # TE's fused RoPE, as training uses it by default with TE (its THD positions are checked)
     config = build_transformer_config(preset, None, bf16=bf16, hidden_dropout=0.0,
-                                      attention_dropout=0.0, init_method_std=PROBE_INIT_STD)
+                                      attention_dropout=0.0, init_method_std=PROBE_INIT_STD,
+                                      apply_rope_fusion=transformer_impl == "transformer_engine")
     model = build_model(preset, config=config, transformer_impl=transformer_impl,
                         attention_masking="xlda")
     initialize_weights(model, seed=PROBE_SEED)
