@@ -137,6 +137,8 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             rates["ours"].append(ours(engine, batch, args.new_tokens))
             rates["transformers"].append(theirs(hf, batch, args.new_tokens))
+            print(f"tokens/s: ours {rates['ours'][-1]:.1f}, "
+                  f"transformers {rates['transformers'][-1]:.1f}", file=sys.stderr, flush=True)
         best = {name: max(values) for name, values in rates.items()}
 
         times = step_times(engine, batch, max(POINTS) + WINDOW)

@@ -359,11 +359,29 @@ def test_generate_tool(single_rank):
 # tensor parallel
 
 
+def _tp2_then_pp2(workdir: str) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_trillion.errors import UserError
+    from megatron_trillion.inference.engine import load_engine
+    from megatron_trillion.platform.distributed import ParallelSizes, initialize_distributed
+
+    out = _engine_checks(workdir, tensor=2)
+    parallel_state.destroy_model_parallel()
+    initialize_distributed(ParallelSizes(pipeline=2), seed=1)
+    try:
+        load_engine(os.path.join(workdir, "ckpt"), log=lambda line: None)
+    except UserError as exc:
+        out["pp_error"] = str(exc)
+    return out
+
+
 @pytest.mark.slow
-def test_tp2_logprobs_and_same_samples_as_tp1(single_rank):
+def test_tp2_logprobs_and_same_samples_as_tp1_and_pp_is_refused(single_rank):
     workdir, tp1 = single_rank
-    ranks = run_distributed(_engine_checks, 2, timeout=600, workdir=workdir, tensor=2)
+    ranks = run_distributed(_tp2_then_pp2, 2, timeout=600, workdir=workdir)
     for r in ranks:
+        assert r["pp_error"].startswith("generation runs without pipeline parallelism")
         for name in ("greedy", "sampled"):
             assert r[f"{name}_uncached_same"], name
             assert r[f"{name}_logprob_error"] <= 1e-5, (name, r[f"{name}_logprob_error"])
