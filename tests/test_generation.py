@@ -188,6 +188,22 @@ def _engine_checks(workdir: str, tensor: int) -> dict:
         out[f"{name}_finish"] = [c.finish_reason for r in results for c in r.completions]
         out[f"{name}_sampled_logprobs"] = [c.sampled_logprobs for r in results
                                            for c in r.completions]
+    # stops: a stop token is kept in the tokens (not the text), a stop string is cut
+    full = engine.generate(PROMPTS[:1], greedy)[0].completions[0]
+    stop_id = full.token_ids[3]
+    word = tokenizer.decode([stop_id])
+    by_token = engine.generate(PROMPTS[:1], SamplingParams(
+        max_new_tokens=16, stop_token_ids=(stop_id,)))[0].completions[0]
+    by_string = engine.generate(PROMPTS[:1], SamplingParams(
+        max_new_tokens=16, stop_strings=(word,)))[0].completions[0]
+    out["stops"] = {"full": full.token_ids, "full_text": full.text, "stop_id": stop_id,
+                    "word": word, "by_token": by_token.token_ids, "by_token_text": by_token.text,
+                    "by_token_finish": by_token.finish_reason, "by_string": by_string.token_ids,
+                    "by_string_text": by_string.text,
+                    "by_string_finish": by_string.finish_reason,
+                    "by_string_decoded": tokenizer.decode(by_string.token_ids),
+                    "before_stop_token": tokenizer.decode(
+                        full.token_ids[:full.token_ids.index(stop_id)])}
     # a row's samples do not depend on the batch around it (nor on its left padding)
     one_by_one = GenerationEngine(engine.model, tokenizer, engine.max_sequence_length,
                                   max_batch_size=1)
@@ -317,6 +333,15 @@ def test_cached_uncached_and_teacher_forced_agree(single_rank):
     assert all(lp == 0.0 for lps in r["greedy_sampled_logprobs"] for lp in lps)
     assert all(lp <= 0.0 for lps in r["sampled_sampled_logprobs"] for lp in lps)
     assert r["alone_same"]
+    stops = r["stops"]
+    cut = stops["full"].index(stops["stop_id"]) + 1
+    assert stops["by_token"] == stops["full"][:cut] and stops["by_token_finish"] == "stop"
+    assert stops["by_token_text"] == stops["before_stop_token"]   # the stop token's text is out
+    assert stops["by_string_finish"] == "stop"
+    assert stops["by_string"] == stops["full"][:len(stops["by_string"])]
+    assert stops["word"] in stops["by_string_decoded"] and stops["word"] not in \
+        stops["by_string_text"]
+    assert stops["full_text"].startswith(stops["by_string_text"])
     assert r["long"] == (SEQ - 40, "length")
     assert r["sliding_window"]["same"]
     assert r["sliding_window"]["logprob_error"] <= 1e-5
