@@ -117,9 +117,10 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  uniforms: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids, their log-probability under the sampled distribution) for each row of
-    ``logits`` [rows, vocab], by inverse CDF at ``uniforms`` [rows] in [0, 1)."""
+    ``logits`` [rows, vocab], by inverse CDF at ``uniforms`` [rows] in [0, 1) (unused, and may
+    be None, for greedy)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1), torch.zeros(logits.size(0), dtype=torch.float32)
     logprobs = sampling_logprobs(logits, params)
@@ -279,7 +280,8 @@ class GenerationEngine:
         active = list(range(len(rows)))
         while True:
             plain = torch.log_softmax(logits, dim=-1)
-            uniforms = torch.cat([torch.rand(1, generator=rows[i].generator) for i in active])
+            uniforms = None if params.temperature == 0 else torch.cat(
+                [torch.rand(1, generator=rows[i].generator) for i in active])
             chosen, sampled = sample_tokens(logits, params, uniforms)
             chosen_list = chosen.tolist()
             plain_chosen = plain.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
