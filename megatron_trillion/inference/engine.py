@@ -173,6 +173,7 @@ class GenerationEngine:
         from megatron.core import parallel_state
 
         from megatron_trillion.models.vocab import unpadded_vocab_size
+        from megatron_trillion.models.xlda_attention import XLDACoreAttention
 
         if parallel_state.model_parallel_is_initialized() and \
                 parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -193,8 +194,6 @@ class GenerationEngine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch_size = max(1, int(max_batch_size))
         self.kv_cache = kv_cache
-        from megatron_trillion.models.xlda_attention import XLDACoreAttention
-
         # Left padding needs a core attention that applies an arbitrary key mask at prefill and
         # decode (ours does; TE's follows the layer's mask type, which megatron-core sets to
         # no_mask when decoding): with another one, rows only share a batch with rows of the
