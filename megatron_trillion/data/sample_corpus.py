@@ -277,6 +277,7 @@ def write_sample_conversations(path: str | Path, num: int = 300, seed: int = 123
     with open(path, "w", encoding="utf-8") as out:
         for record in iter_sample_conversations(num, seed, languages, kind):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
