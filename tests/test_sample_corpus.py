@@ -58,3 +58,12 @@ def test_varied_text_and_quality_correlates_with_repetition():
 def test_rejects_unknown_language():
     with pytest.raises(ValueError, match="fr"):
         list(iter_sample_documents(1, languages=("en", "fr")))
+
+
+def test_cli_names_the_file_it_wrote(tmp_path, capsys):
+    from megatron_trillion.cli.make_sample_corpus import main
+
+    for flags in (["--conversations", "3"], ["--docs-per-lang", "1"], ["--parallel-items", "2"]):
+        path = tmp_path / f"{flags[0][2:]}.jsonl"
+        assert main(["--output", str(path), *flags]) == 0
+        assert capsys.readouterr().out == f"wrote {path}\n"

@@ -22,13 +22,15 @@ def writable_dir_problem(path: str, flag: str) -> Optional[str]:
     """
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{flag} {path} is a file, not a directory"
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = path  # the nearest existing ancestor, spelled as the user did
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep))
+    existing = existing or "."
     if not os.path.isdir(existing):
         return f"{flag} {path} cannot be created: {existing} is a file, not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == os.path.abspath(path) else f" ({existing}, where it is created)"
+        where = ("" if os.path.normpath(existing) == os.path.normpath(path)
+                 else f" ({existing}, where it is created)")
         return (f"{flag} {path} is not writable{where}: a read-only file system or no "
                 "permission")
     return None
