@@ -67,3 +67,16 @@ def test_cli_names_the_file_it_wrote(tmp_path, capsys):
         path = tmp_path / f"{flags[0][2:]}.jsonl"
         assert main(["--output", str(path), *flags]) == 0
         assert capsys.readouterr().out == f"wrote {path}\n"
+
+
+def test_language_conversations_answer_with_the_sentence_language():
+    from megatron_trillion.data.sample_corpus import iter_sample_conversations
+
+    records = list(iter_sample_conversations(6, seed=3, kind="language"))
+    assert [r["lang"] for r in records] == ["en", "ko", "ja"] * 2
+    names = {"en": "English", "ko": "Korean", "ja": "Japanese"}
+    for record in records:
+        user, assistant = record["messages"]
+        assert user["content"].startswith("Which language is this? ")
+        assert assistant == {"role": "assistant", "content": names[record["lang"]]}
+    assert any("\uac00" <= c <= "\ud7a3" for c in records[1]["messages"][0]["content"])
