@@ -7,8 +7,11 @@ here too, so ``from megatron_trillion.pretrain import pretrain`` keeps working.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -28,8 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         pretrain(parse_args(argv))
     except UserError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr)
+        _report_user_error(exc)
         return 2
     finally:
         from megatron_trillion.platform.distributed import destroy_distributed
@@ -37,6 +39,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if torch.distributed.is_initialized():
             destroy_distributed()
     return 0
+
+
+def _report_user_error(exc: UserError) -> None:
+    """Every rank finds the same mistake: rank 0 prints it and every rank exits 2, quietly.
+
+    Under torchrun a failed worker makes torchrun print its own failure report (one entry per
+    rank) and exit 1; the message also goes into each rank's torchelastic error file, so that
+    report names the mistake instead of pointing at how to enable tracebacks.
+    """
+    message = f"error: {exc}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            with open(error_file, "w") as f:
+                # torchelastic's own layout (ErrorHandler.record_exception), without a traceback.
+                json.dump({"message": {"message": message, "extraInfo": {
+                    "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
 
 
 if __name__ == "__main__":

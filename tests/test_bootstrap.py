@@ -78,3 +78,33 @@ def test_initialize_builds_groups_and_rejects_bad_sizes_before_any_group():
     assert all(r == {"backend": "gloo", "tp": 2, "pp": 1, "dp": 2} for r in ranks)
     with pytest.raises(AssertionError, match=r"--num-attention-heads \(3\)"):
         run_distributed(_init_bad, 2)
+
+
+@pytest.mark.slow
+def test_a_user_error_under_torchrun_is_reported_once_and_names_the_mistake(tmp_path):
+    """What `torchrun --nproc-per-node 2` shows for a flag conflict: the error once (rank 0),
+    every rank exits 2, and torchrun's own failure report (it exits 1) names the mistake as
+    the root cause instead of pointing at how to enable tracebacks."""
+    import os
+    import subprocess
+    import sys
+
+    from multiprocess import free_port
+
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), "-m", "megatron_trillion.pretrain",
+         "--preset", "tiny-tri-7b", "--num-attention-heads", "3", "--num-query-groups", "1",
+         "--kv-channels", "32", "--tensor-model-parallel-size", "2", "--mock-data",
+         "--train-iters", "1", "--micro-batch-size", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    mistake = "--num-attention-heads (3) is not divisible by --tensor-model-parallel-size (2)"
+    print(run.stderr)
+    assert run.returncode == 1
+    ranks, report = run.stderr.split("ChildFailedError", 1)
+    # rank 0's line (unless torchrun stopped it first, when rank 1 failed sooner)
+    assert ranks.count("error: invalid configuration (2 problems):\n") <= 1
+    root_cause = report.split("Root Cause (first observed failure):")[1]
+    assert "exitcode  : 2" in root_cause and mistake in root_cause
+    assert "To enable traceback" not in report

@@ -299,7 +299,53 @@ def test_missing_load_path_and_step_are_clear_errors(tmp_path):
                        match=r"--ckpt-step 3: .* does not exist \(complete checkpoints "
                              r"in .*: \[2\]\)"):
         resolve_checkpoint(str(tmp_path), 3)
-    assert resolve_checkpoint(str(tmp_path / "iter_0000002"), log=lambda line: None) is None
+    with pytest.raises(CheckpointError, match="is one checkpoint's directory: give the run's"):
+        resolve_checkpoint(str(tmp_path / "iter_0000002"), log=lambda line: None)
+
+
+_UNUSABLE = {  # case: (flags, the error's text); "F" is a file, "E" an empty directory
+    "--load of an empty directory to fine-tune": (["--load", "E", "--finetune"],
+                                                 "--load E holds no checkpoint"),
+    "--load of an empty directory": (["--load", "E"], "--load E holds no checkpoint"),
+    "--load of a file": (["--load", "F"],
+                         "--load F is a file, not a checkpoint directory"),
+    "--save is a file": (["--save", "F"], "--save F is a file, not a directory"),
+    "--save below a file": (["--save", "F/ckpt"],
+                            "--save F/ckpt cannot be created: F is a file, not a directory"),
+    "--save on a read-only file system": (["--save", "E/ckpt"], "--save E/ckpt is not writable "
+                                          "(E, where it is created): a read-only file system"),
+    "--tensorboard-dir is a file": (["--tensorboard-dir", "F"],
+                                    "--tensorboard-dir F is a file, not a directory"),
+    "--data-cache-path is a file": (["--data-cache-path", "F"],
+                                    "--data-cache-path F is a file, not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNUSABLE))
+def test_unusable_load_and_output_paths_are_refused_before_training(case, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Found at start-up, with the other flags: not after training (a save into a file), and
+    not by training from scratch (an empty --load to start from)."""
+    from megatron_trillion.pretrain import main
+
+    flags, message = _UNUSABLE[case]
+    (tmp_path / "F").write_text("not a directory")
+    (tmp_path / "E").mkdir()
+    if "read-only" in case:  # root ignores permission bits: fake what access() reports
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("E")
+                            else real_access(path, mode))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--preset", "tiny-tri-7b", "--seq-length", "32", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "512", "--mock-data", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--train-iters", "1", "--eval-iters", "0",
+            "--no-progress-bar"]
+    if "--data-cache-path" not in flags:
+        argv += ["--data-cache-path", "cache"]
+    assert main(argv + flags) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.startswith("error: ")
+    assert "Traceback" not in captured.err and "iteration" not in captured.out
 
 
 # --------------------------------------------------------------------------------------------

@@ -146,6 +146,9 @@ def _write_tokenizer(directory: str, size: int) -> str:
 
 
 def _error_cases(workdir: str) -> dict:
+    import contextlib
+    import io
+
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -184,6 +187,45 @@ def _error_cases(workdir: str) -> dict:
     torch.save(common, common_path)
     out["missing_ckpt_tensor"] = _error(lambda: export_checkpoint(ExportConfig(
         load=ckpt, save=os.path.join(workdir, "e5"), dtype="fp32"), **quiet))
+
+    # a tensor of the wrong shape: the error is printed after the progress bar's line ends
+    misshaped = os.path.join(workdir, "misshaped_hf")
+    shutil.copytree(hf, misshaped)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    shard = os.path.join(misshaped, index["weight_map"][name])
+    tensors = load_file(shard)
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    bar = io.StringIO()
+    with contextlib.redirect_stderr(bar):
+        out["misshaped"] = _error(lambda: import_checkpoint(ImportConfig(
+            load=misshaped, save=os.path.join(workdir, "e9"), preset="tiny-tri-21b"),
+            progress=True, log=lambda line: None))
+    out["misshaped_bar"] = bar.getvalue()
+
+    # the three writers refuse a directory that holds something (here a run's checkpoints):
+    # the run's newest checkpoint stays its newest
+    from megatron_trillion.convert.merge import merge_checkpoints
+    from megatron_trillion.training.checkpointing import read_tracker
+
+    run = os.path.join(workdir, "a_run")
+    shutil.copytree(os.path.join(workdir, "tiny-tri-21b", "trained"), run)
+    out["run_tracker"] = read_tracker(run)
+    trained = os.path.join(workdir, "tiny-tri-21b", "trained")
+    out["onto_a_run"] = {
+        "import": _error(lambda: import_checkpoint(ImportConfig(
+            load=hf, save=run, preset="tiny-tri-21b"), **quiet)),
+        "merge": _error(lambda: merge_checkpoints([trained, trained], run,
+                                                  log=lambda line: None)),
+        "export": _error(lambda: export_checkpoint(ExportConfig(load=trained, save=run),
+                                                   **quiet))}
+    out["run_tracker_after"] = read_tracker(run)
+    notes = os.path.join(workdir, "notes")
+    os.makedirs(notes)
+    open(os.path.join(notes, "readme.txt"), "w").close()
+    out["into_non_empty"] = _error(lambda: import_checkpoint(ImportConfig(
+        load=hf, save=notes, preset="tiny-tri-21b"), **quiet))
+    out["notes_after"] = sorted(os.listdir(notes))
 
     # a tokenizer with more tokens than the model's vocabulary (4096)
     big = _write_tokenizer(os.path.join(workdir, "big_tokenizer"), 5000)
@@ -382,6 +424,21 @@ def test_bad_input_errors_name_the_problem(results):
     assert "decoder.layers.4." in e["missing_ckpt_tensor"]
     assert "vocab_size" in e["vocab_export"] and "5000" in e["vocab_export"]
     assert "vocab_size" in e["vocab_import"] and "5000" in e["vocab_import"]
+    assert "decoder.layers.1.self_attention.linear_proj.weight" in e["misshaped"]
+    assert e["misshaped_bar"].endswith("\n")  # the bar's line ended before the error
+
+
+@pytest.mark.slow
+def test_writers_refuse_a_directory_that_holds_something(results):
+    """import, merge and export alike: into a run's --save directory they would have moved its
+    latest_checkpointed_iteration.txt back to their own iteration 0."""
+    e = results[0]["errors"]
+    print(json.dumps(e["onto_a_run"], indent=1))
+    run = e["run_tracker"]
+    assert run and e["run_tracker_after"] == run
+    for tool, error in [*e["onto_a_run"].items(), ("import", e["into_non_empty"])]:
+        assert "exists and is not empty" in error and "choose a new directory" in error, tool
+    assert e["notes_after"] == ["readme.txt"]
 
 
 @pytest.mark.slow

@@ -267,6 +267,102 @@ def test_unreadable_input_and_bad_flags_exit_non_zero(tmp_path, tokenizer_dir, c
     assert _outputs(tmp_path) == []
 
 
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"], ids=["0 bytes", "blank lines"])
+def test_an_input_without_documents_is_refused_unless_allowed(tmp_path, tokenizer_dir, capsys,
+                                                              content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(content)
+    argv = ["--input", str(empty), *_hf_args(tokenizer_dir), "--output-prefix",
+            str(tmp_path / "o"), "--no-progress"]
+    assert preprocess_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {empty}: no documents (") and "--allow-empty-inputs" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # nothing written
+    assert preprocess_main(argv + ["--allow-empty-inputs"]) == 0
+    assert "0 documents" in capsys.readouterr().out
+
+
+def test_unwritable_output_directory_and_json_messages(tmp_path, tokenizer_dir, capsys,
+                                                       monkeypatch):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "a good line."}\n{"text": "tab\tinside"}\n')
+    argv = ["--input", str(path), *_hf_args(tokenizer_dir), "--output-prefix",
+            str(tmp_path / "ro" / "o"), "--no-progress"]
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    # a read-only file system (root ignores permission bits, so access() is what is faked)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro")
+                        else real_access(p, mode))
+    assert preprocess_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --output-prefix {tmp_path / 'ro' / 'o'}: directory {tmp_path / 'ro'} "
+                   "is not writable: a read-only file system or no permission\n")
+    monkeypatch.undo()
+    assert preprocess_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: malformed JSON (Invalid control character at column 14)" in err
+
+
+_INTERRUPT = """
+import os, signal, sys
+from megatron_trillion.cli import preprocess_data as cli
+real = cli.preprocess
+def preprocess(config, progress):
+    def hook(p):
+        progress(p)
+        if p.input_index == 1:  # the first input is finished, the second under way
+            os.kill(os.getpid(), signal.SIGTERM)
+    return real(config, progress=hook)
+cli.preprocess = preprocess
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_interrupted_run_says_how_to_resume_and_resumes(tmp_path, tokenizer_dir, capsys,
+                                                        monkeypatch, how):
+    """Ctrl-C in this process (as KeyboardInterrupt); SIGTERM, the signal a job's time limit
+    sends, to a separate process (its default action would end this one)."""
+    import subprocess
+    import sys
+
+    from megatron_trillion.cli import preprocess_data as cli
+
+    docs = list(iter_sample_documents(4, seed=11))
+    inputs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path, part in zip(inputs, (docs[:6], docs[6:])):
+        path.write_text("".join(d.to_json() + "\n" for d in part), encoding="utf-8")
+    prefix = tmp_path / "out" / "r"
+    prefix.parent.mkdir()
+    argv = ["--input", ",".join(map(str, inputs)), *_hf_args(tokenizer_dir),
+            "--output-prefix", str(prefix), "--no-progress", "--workers", "2"]
+    if how == "SIGTERM":
+        run = subprocess.run([sys.executable, "-c", _INTERRUPT, *argv], capture_output=True,
+                             text=True, timeout=300)
+        status, err = run.returncode, run.stderr
+    else:
+        def preprocess(config, progress):
+            def hook(p):
+                progress(p)
+                if p.input_index == 1:
+                    raise KeyboardInterrupt
+            return real(config, progress=hook)
+
+        real = cli.preprocess
+        monkeypatch.setattr(cli, "preprocess", preprocess)
+        status, err = cli.main(argv), capsys.readouterr().err
+        monkeypatch.undo()
+    assert status == (130 if how == "Ctrl-C" else 143), err
+    assert err.strip().splitlines() == [
+        f"interrupted ({how}): 1 finished input(s) are kept in {prefix}.preprocess-work/; "
+        "rerunning the same command resumes from them (remove that directory to start over)"]
+    assert _outputs(prefix.parent) == []
+    assert preprocess_main(argv) == 0
+    assert "resumed 1 finished input(s)" in capsys.readouterr().out
+    assert _load(str(prefix) + "_text_document").document_indices.size - 1 == len(docs)
+    assert not (prefix.parent / "r.preprocess-work").exists()
+
+
 def test_failure_keeps_old_outputs_and_resume_skips_finished_inputs(tmp_path, tokenizer_dir):
     docs = list(iter_sample_documents(5, seed=11))
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -403,5 +499,6 @@ def test_accepted_flags_are_pinned():
                    "--log-interval", "--keep-sequential-samples",
                    "--tokenizer-hf-include-special-tokens"}
     ours = {"--lang-key", "--quality-key", "--quality-tiers", "--skip-bad-lines",
-            "--keep-work-dir", "--no-progress", "--verify", "--vocab-size"}
+            "--keep-work-dir", "--no-progress", "--verify", "--vocab-size",
+            "--allow-empty-inputs"}
     assert flags == megatron_lm | ours | {"-h", "--help"}

@@ -58,3 +58,25 @@ def test_varied_text_and_quality_correlates_with_repetition():
 def test_rejects_unknown_language():
     with pytest.raises(ValueError, match="fr"):
         list(iter_sample_documents(1, languages=("en", "fr")))
+
+
+def test_cli_names_the_file_it_wrote(tmp_path, capsys):
+    from megatron_trillion.cli.make_sample_corpus import main
+
+    for flags in (["--conversations", "3"], ["--docs-per-lang", "1"], ["--parallel-items", "2"]):
+        path = tmp_path / f"{flags[0][2:]}.jsonl"
+        assert main(["--output", str(path), *flags]) == 0
+        assert capsys.readouterr().out == f"wrote {path}\n"
+
+
+def test_language_conversations_answer_with_the_sentence_language():
+    from megatron_trillion.data.sample_corpus import iter_sample_conversations
+
+    records = list(iter_sample_conversations(6, seed=3, kind="language"))
+    assert [r["lang"] for r in records] == ["en", "ko", "ja"] * 2
+    names = {"en": "English", "ko": "Korean", "ja": "Japanese"}
+    for record in records:
+        user, assistant = record["messages"]
+        assert user["content"].startswith("Which language is this? ")
+        assert assistant == {"role": "assistant", "content": names[record["lang"]]}
+    assert any("\uac00" <= c <= "\ud7a3" for c in records[1]["messages"][0]["content"])

@@ -97,7 +97,8 @@ def _checked_config(recipe: str, tmp_path: Path):
     assert f"#SBATCH --nodes={torchrun['--nnodes']}\n" in sbatch
     assert world == RECIPES[recipe]
     _make_datasets(flags, tmp_path / "data")
-    (tmp_path / "init").mkdir(exist_ok=True)  # validation checks a --load to start from exists
+    # validation checks that a --load to start from holds a checkpoint
+    (tmp_path / "init" / "iter_0000001").mkdir(parents=True, exist_ok=True)
     config = parse_args(flags)
     preset = resolve_model_preset(config)
     shape = validate(config, preset, world, transformer_engine_available=True)

@@ -105,6 +105,31 @@ def test_cli_prints_fertility_and_errors(tmp_path, corpus, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "en=3000", "ko=3000", "--vocab-size", "1000"], "--vocab-size"),
+    (["--budget", "en=300", "xx=300", "--vocab-size", "1000"], "xx"),
+    (["--vocab-size", "400", "--input", "EMPTY"], "EMPTY"),
+], ids=["budgets over the vocabulary", "unknown language", "empty input"])
+def test_a_refused_input_leaves_no_output_directory(tmp_path, corpus, capsys, flags, message):
+    (tmp_path / "EMPTY").write_text("")
+    flags = [str(tmp_path / "EMPTY") if flag == "EMPTY" else flag for flag in flags]
+    message = message.replace("EMPTY", str(tmp_path / "EMPTY"))
+    out = tmp_path / "new" / "tokenizer"
+    assert train_main(["--input", str(corpus), "--output-dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and message in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, corpus, capsys):
+    (tmp_path / "o").write_text("a file")
+    assert train_main(["--input", str(corpus), "--output-dir", str(tmp_path / "o"),
+                       "--vocab-size", "400"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: --output-dir {tmp_path / 'o'} is a file, not a " \
+                                   "directory" and "Traceback" not in err
+
+
 def test_parse_budgets():
     assert parse_budgets(["en=100000", "ko=24552"]) == {"en": 100000, "ko": 24552}
     with pytest.raises(ValueError, match="twice"):

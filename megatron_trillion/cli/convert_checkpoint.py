@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="Hugging Face directory -> megatron-trillion checkpoint")
     imp.add_argument("--load", required=True, help="Hugging Face directory (safetensors)")
-    imp.add_argument("--save", required=True, help="checkpoint directory to write")
+    imp.add_argument("--save", required=True, help="new (or empty) checkpoint directory")
     imp.add_argument("--preset", required=True, help="model preset of the weights")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)

@@ -35,7 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "line, for --sft) instead of documents")
     parser.add_argument("--kind", choices=CONVERSATION_KINDS, default="repeat",
                         help="repeat: the assistant repeats a sentence; ok: random-word "
-                        "prompts always answered \"OK\"")
+                        "prompts always answered \"OK\"; language: the assistant names a "
+                        "sentence's language")
     parser.add_argument("--languages", nargs="+", default=list(LANGUAGES), choices=LANGUAGES)
     parser.add_argument("--max-paragraphs", type=int, default=3,
                         help="paragraphs per document at most (1: short documents, several "

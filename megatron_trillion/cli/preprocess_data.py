@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -15,8 +16,10 @@ from megatron_trillion.data.preprocess import (
     PreprocessConfig,
     PreprocessError,
     Progress,
+    finished_inputs,
     preprocess,
     resolve_inputs,
+    work_dir_of,
 )
 from megatron_trillion.data.tokenizers import TOKENIZER_TYPES, TokenizerConfig
 from megatron_trillion.platform.single_process import run_tool
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split each language into N score tiers (tier0 = best)")
     group.add_argument("--skip-bad-lines", action="store_true",
                        help="count and report malformed/empty lines instead of failing")
+    group.add_argument("--allow-empty-inputs", action="store_true",
+                       help="accept an input file without documents (0 bytes, blank lines); "
+                            "otherwise it is refused as a likely wrong path or failed download")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="worker processes")
     group.add_argument("--partitions", type=int, default=1,
@@ -132,13 +138,35 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's time limit, ``kill``), handled as Ctrl-C is: cleanup runs on the way
+    out."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _interrupted_message(signum: int, output_prefix: str) -> str:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    finished = finished_inputs(output_prefix)
+    if not finished:
+        return f"interrupted ({name}): no input was finished and nothing was written"
+    return (f"interrupted ({name}): {finished} finished input(s) are kept in "
+            f"{work_dir_of(output_prefix)}/; rerunning the same command resumes from them "
+            "(remove that directory to start over)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return run_tool(lambda: _verify(args) if args.verify else _preprocess(args))
 
 
 _SAME_NAME_FLAGS = ("output_prefix", "split_sentences", "keep_newlines", "append_eod", "workers",
-                    "lang_key", "quality_key", "quality_tiers", "skip_bad_lines", "keep_work_dir")
+                    "lang_key", "quality_key", "quality_tiers", "skip_bad_lines", "keep_work_dir",
+                    "allow_empty_inputs")
 
 
 def _preprocess(args) -> int:
@@ -155,9 +183,16 @@ def _preprocess(args) -> int:
         **{name: getattr(args, name) for name in _SAME_NAME_FLAGS},
     )
     bar, update = _progress_bar(args.no_progress, max(1, args.log_interval))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = preprocess(config, progress=update)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_Terminated)
+        bar.close()
+        signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
+        print(_interrupted_message(signum, config.output_prefix), file=sys.stderr)
+        return 128 + signum
     finally:
+        signal.signal(signal.SIGTERM, previous)
         bar.close()
     seconds = max(summary.elapsed_s, 1e-9)
     print(f"{summary.docs} documents, {summary.tokens} tokens, "

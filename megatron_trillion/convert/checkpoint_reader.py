@@ -68,11 +68,13 @@ class CheckpointReader:
         from megatron_trillion.training.checkpointing import (
             CheckpointError,
             checkpoint_dir,
+            load_dir_problem,
             read_tracker,
         )
 
-        if not os.path.isdir(root):
-            raise CheckpointError(f"--load {root}: no such directory")
+        problem = load_dir_problem(root, may_be_absent=False)
+        if problem:
+            raise CheckpointError(problem)
         if iteration is None:
             iteration = read_tracker(root)
         if iteration is None:

@@ -30,6 +30,7 @@ from megatron_trillion.convert.hf_files import (
 )
 from megatron_trillion.data.chat_template import write_chat_template
 from megatron_trillion.errors import UserError
+from megatron_trillion.platform.output_paths import check_new_output_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -94,6 +95,7 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
     if config.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     dtype = DTYPES[config.dtype]
+    check_new_output_dir(config.save)
     reader = CheckpointReader(config.load, config.iteration)
     preset = dataclasses.replace(reader.preset, mtp_num_layers=0)
     arch = architecture_for(preset)
@@ -118,8 +120,6 @@ def export_checkpoint(config: ExportConfig, progress: bool = True,
         tensor = reader.get(key)
         return tensor[: preset.vocab_size].clone() if is_vocab_parallel_key(key) else tensor
 
-    if os.path.exists(config.save) and os.listdir(config.save):
-        raise UserError(f"--save {config.save} exists and is not empty; choose a new directory")
     os.makedirs(config.save, exist_ok=True)
     writer = ShardedSafetensorsWriter(config.save, config.max_shard_bytes)
     result = ExportResult(architecture=arch.ARCHITECTURE, iteration=reader.iteration)

@@ -17,6 +17,7 @@ are read one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from megatron_trillion.convert.hf_files import HFCheckpointReader
 from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.vocab import is_vocab_parallel_key
+from megatron_trillion.platform.output_paths import check_new_output_dir
 
 # config.json keys that are not architecture (or are compared separately)
 _NOT_COMPARED = {"architectures", "use_cache", "initializer_range", "rope_theta",
@@ -128,6 +130,7 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
     from megatron_trillion.models.presets import model_signature
     from megatron_trillion.training.loop import TrainState
 
+    check_new_output_dir(config.save)
     hf = HFCheckpointReader(config.load)
     preset, arch = resolve_import_preset(config, hf.config)
     check_layout(config, preset)
@@ -154,7 +157,8 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
 
         bar = tqdm(total=len(wanted), desc=f"import {arch.ARCHITECTURE}", unit="tensor",
                    dynamic_ncols=True)
-    with torch.no_grad():
+    # The bar is closed (its line ended) before any error is printed.
+    with torch.no_grad(), (bar if bar is not None else contextlib.nullcontext()):
         for name, tensor in arch.import_tensors(preset, hf.get):
             target = state.get(name)
             if target is None:
@@ -170,8 +174,6 @@ def import_checkpoint(config: ImportConfig, progress: bool = True,
             done.add(name)
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
     # Buffers megatron keeps for bookkeeping (e.g. the router's token counters) have no HF
     # counterpart; every learned weight must have come from the HF checkpoint.
     params = {n for n, _ in model.named_parameters() if not n.startswith("mtp.")}
@@ -228,10 +230,7 @@ def save_weights_only(root: str, model, common: dict) -> str:
 
     final = checkpoint_dir(root, 0)
     partial = final + PARTIAL
-    if os.path.exists(final) or os.path.exists(partial):
-        raise UserError(f"--save {root} already holds a checkpoint at iteration 0; choose a new "
-                        "directory")
-    os.makedirs(partial)
+    os.makedirs(partial)  # callers checked that root is new or empty (check_new_output_dir)
     state = {"model": unwrap(model).sharded_state_dict(
         metadata=ensure_metadata_has_dp_cp_group(None)), "common": common}
     dist_checkpointing.save(state, partial)

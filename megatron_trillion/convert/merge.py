@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_trillion.errors import UserError
+from megatron_trillion.platform.output_paths import check_new_output_dir
 
 # Signature fields that do not change the weights' meaning (a preset's display name).
 _IGNORED_FIELDS = ("name",)
@@ -66,7 +67,6 @@ def merge_checkpoints(loads: Sequence[str], save: str, weights: Optional[Sequenc
     from megatron_trillion.models.config import build_model
     from megatron_trillion.training.checkpointing import (
         CheckpointError,
-        checkpoint_dir,
         load_checkpoint_dir,
         preset_from_signature,
         read_common,
@@ -77,12 +77,11 @@ def merge_checkpoints(loads: Sequence[str], save: str, weights: Optional[Sequenc
 
     if len(loads) < 2:
         raise UserError(f"--load needs at least two checkpoints to merge, got {len(loads)}")
+    check_new_output_dir(save)
     factors = resolve_weights(weights, len(loads), log)
     paths, commons = [], []
     for root in loads:
         path = resolve_checkpoint(root, None, log=lambda line: None)
-        if path is None:
-            raise CheckpointError(f"--load {root}: no checkpoint in this directory")
         commons.append(read_common(path))
         verify_shard_files(path)
         paths.append(path)
@@ -96,10 +95,6 @@ def merge_checkpoints(loads: Sequence[str], save: str, weights: Optional[Sequenc
             raise CheckpointError(
                 f"cannot merge {path} into {paths[0]}: the checkpoints are of different models "
                 f"(architecture or vocabulary); differing: " + "; ".join(differences))
-    if os.path.exists(checkpoint_dir(save, 0)) or os.path.exists(checkpoint_dir(save, 0)
-                                                                  + ".partial"):
-        raise UserError(f"--save {save} already holds a checkpoint at iteration 0; choose a new "
-                         "directory")
     templates = {common.get("chat_template") for common in commons}
     if len(templates) > 1:
         log(" note: the inputs were trained with different chat templates; the merged "

@@ -9,6 +9,12 @@ from typing import Any, Iterator
 from megatron_trillion.errors import UserError
 
 
+def json_error(exc: json.JSONDecodeError) -> str:
+    """``exc`` as "<what> at column N" (some of json's messages already end in "at")."""
+    what = exc.msg[:-len(" at")] if exc.msg.endswith(" at") else exc.msg
+    return f"{what} at column {exc.colno}"
+
+
 def read_jsonl(path: str, expected: str = "") -> Iterator[tuple[str, Any]]:
     """Yields (``file:line``, parsed value) of each non-blank line; a ``.gz`` file is read
     decompressed. A file that cannot be opened, invalid UTF-8 or a line that is not JSON is a
@@ -32,5 +38,5 @@ def read_jsonl(path: str, expected: str = "") -> Iterator[tuple[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg}){expected}") from exc
+                raise UserError(f"{where}: not valid JSON ({json_error(exc)}){expected}") from exc
             yield where, record

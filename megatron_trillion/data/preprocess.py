@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import zlib
 from array import array
@@ -51,6 +52,7 @@ import numpy as np
 
 from megatron_trillion.data.sentence_split import split_sentences
 from megatron_trillion.data.dataset_verify import DATASET_RECORD_SUFFIX, dataset_record
+from megatron_trillion.data.jsonl import json_error
 from megatron_trillion.data.languages import NO_LANGUAGE, file_tag, report_key
 from megatron_trillion.data.tokenizers import (
     TokenizerConfig,
@@ -58,6 +60,7 @@ from megatron_trillion.data.tokenizers import (
     tokenizer_fingerprint,
 )
 from megatron_trillion.errors import UserError
+from megatron_trillion.platform.output_paths import check_writable_dir
 
 SUMMARY_FORMAT = "megatron-trillion-preprocess/1"
 _LANG_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -91,6 +94,9 @@ class PreprocessConfig:
         skip_bad_lines: ``--skip-bad-lines``; count and report bad lines instead of failing.
         chunk_bytes: input bytes per worker task (speed/memory trade-off).
         keep_work_dir: keep the per-input shards after success (for inspection).
+        allow_empty_inputs: accept an input with no documents (0 bytes, blank lines only, or
+            only bad lines skipped); otherwise it is refused - usually a wrong path or a failed
+            download.
     """
 
     inputs: tuple[str, ...]
@@ -107,6 +113,7 @@ class PreprocessConfig:
     skip_bad_lines: bool = False
     chunk_bytes: int = 1 << 20
     keep_work_dir: bool = False
+    allow_empty_inputs: bool = False
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -307,6 +314,10 @@ def _init_worker() -> None:
     # spawn a thread per core in each of them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
+    # Ctrl-C reaches the whole process group: the main process alone stops the run (keeping
+    # the finished shards) and shuts the workers down, without a traceback from each of them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _parse_line(raw: bytes, spec: _ChunkSpec) -> tuple[Optional[dict], Optional[str]]:
@@ -318,7 +329,7 @@ def _parse_line(raw: bytes, spec: _ChunkSpec) -> tuple[Optional[dict], Optional[
     try:
         doc = json.loads(line)
     except json.JSONDecodeError as exc:
-        return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+        return None, f"malformed JSON ({json_error(exc)})"
     if not isinstance(doc, dict):
         return None, f"expected a JSON object, got {type(doc).__name__}"
     out = {}
@@ -790,7 +801,8 @@ def preprocess(
     if not output_dir.is_dir():
         raise PreprocessError(f"--output-prefix {config.output_prefix}: directory {output_dir} "
                               f"does not exist")
-    work_dir = Path(f"{config.output_prefix}.preprocess-work")
+    check_writable_dir(str(output_dir), f"--output-prefix {config.output_prefix}: directory")
+    work_dir = work_dir_of(config.output_prefix)
     work_dir.mkdir(exist_ok=True)
     bytes_total = sum(os.path.getsize(p) for p in config.inputs)
     totals = {"docs": 0, "tokens": 0}
@@ -818,6 +830,8 @@ def preprocess(
                     pipeline = _ChunkPipeline(config.workers)
                 stats = _tokenize_input(index, path, shard_dir, config, spec, pipeline, dtype,
                                         bytes_before, bytes_total, totals, progress)
+                if not config.allow_empty_inputs:
+                    _check_not_empty(path, stats, config.json_keys[0])
                 _write_json_atomic(marker, json.dumps(asdict(stats)))
             shard_dirs.append(shard_dir)
             shard_stats.append(stats)
@@ -887,6 +901,33 @@ def preprocess(
             shutil.rmtree(work_dir, ignore_errors=True)
         elif not succeeded:
             _drop_unfinished_shards(work_dir)
+
+
+def _check_not_empty(path: str, stats: _ShardStats, first_key: str) -> None:
+    if any(counts["docs"] for name, counts in stats.datasets.items()
+           if name.split("|", 1)[1] == first_key):
+        return
+    if stats.bad_lines:
+        what = f"all {stats.bad_lines} non-blank line(s) were bad and skipped"
+    elif os.path.getsize(path) == 0:
+        what = "the file is empty (0 bytes)"
+    else:
+        what = "it holds only blank lines"
+    raise PreprocessError(f"{path}: no documents ({what}); a wrong path or a failed download? "
+                          "--allow-empty-inputs accepts inputs without documents")
+
+
+def work_dir_of(output_prefix: str) -> Path:
+    """Where the finished inputs of an unfinished run wait for the rerun that resumes it."""
+    return Path(f"{output_prefix}.preprocess-work")
+
+
+def finished_inputs(output_prefix: str) -> int:
+    """How many inputs a rerun with ``output_prefix`` would resume instead of tokenizing."""
+    work_dir = work_dir_of(output_prefix)
+    if not work_dir.is_dir():
+        return 0
+    return sum((shard / "done.json").is_file() for shard in work_dir.iterdir())
 
 
 def _drop_unfinished_shards(work_dir: Path) -> None:

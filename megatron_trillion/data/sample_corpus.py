@@ -231,7 +231,9 @@ _SYSTEM_PROMPT = {"en": "You are a helpful assistant.", "ko": "당신은 친절�
                   "ja": "あなたは親切なアシスタントです。"}
 # Words for prompts whose content is pure noise (kind "ok").
 RANDOM_PROMPT_WORDS = tuple(_EN_NOUNS + _EN_VERBS_PAST + _EN_ADJ)
-CONVERSATION_KINDS = ("repeat", "ok")
+_LANGUAGE_QUESTION = "Which language is this? "
+_LANGUAGE_NAMES = {"en": "English", "ko": "Korean", "ja": "Japanese"}
+CONVERSATION_KINDS = ("repeat", "ok", "language")
 
 
 def iter_sample_conversations(num: int = 300, seed: int = 1234,
@@ -244,6 +246,9 @@ def iter_sample_conversations(num: int = 300, seed: int = 1234,
     ``languages``. ``kind="ok"``: English prompts of 6-12 words drawn uniformly from
     :data:`RANDOM_PROMPT_WORDS`, always answered "OK" - the prompt carries
     ``log(len(RANDOM_PROMPT_WORDS))`` nats per word no model can predict, the answer none.
+    ``kind="language"``: "Which language is this? <sentence>" answered with the sentence's
+    language ("English", "Korean", "Japanese"), cycling through ``languages`` - a task a tiny
+    model learns in a few dozen steps (the scripts differ), so an SFT demo shows its effect.
     """
     if kind not in CONVERSATION_KINDS:
         raise ValueError(f"kind must be one of {CONVERSATION_KINDS}, got {kind!r}")
@@ -258,6 +263,12 @@ def iter_sample_conversations(num: int = 300, seed: int = 1234,
                                 {"role": "assistant", "content": "OK"}], "lang": "en"}
             continue
         lang = languages[index % len(languages)]
+        if kind == "language":
+            question = _LANGUAGE_QUESTION + _SENTENCE_MAKERS[lang](rng)
+            yield {"messages": [{"role": "user", "content": question},
+                                {"role": "assistant", "content": _LANGUAGE_NAMES[lang]}],
+                   "lang": lang}
+            continue
         messages = []
         if rng.random() < 1 / 3:
             messages.append({"role": "system", "content": _SYSTEM_PROMPT[lang]})
@@ -277,6 +288,7 @@ def write_sample_conversations(path: str | Path, num: int = 300, seed: int = 123
     with open(path, "w", encoding="utf-8") as out:
         for record in iter_sample_conversations(num, seed, languages, kind):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import torch
 
 from megatron_trillion.data.chat_template import ROLES, ChatFormat, ChatTemplateError
 from megatron_trillion.data.data_path import DataSource, as_data_source
+from megatron_trillion.data.jsonl import json_error
 from megatron_trillion.errors import UserError
 
 OVERLONG_POLICIES = ("truncate", "error")
@@ -130,8 +131,7 @@ def read_conversations(path: str):
             try:
                 messages = _check_messages(json.loads(text))
             except json.JSONDecodeError as exc:
-                errors.append(f"{path}:{number}: not valid JSON ({exc.msg} at column "
-                              f"{exc.colno})")
+                errors.append(f"{path}:{number}: not valid JSON ({json_error(exc)})")
                 continue
             except ValueError as exc:
                 errors.append(f"{path}:{number}: {exc}")

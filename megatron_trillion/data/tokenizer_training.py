@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -40,6 +41,7 @@ from megatron_trillion.data.jsonl import read_jsonl
 from megatron_trillion.data.languages import ALL_LANGUAGES
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.vocab import padded_vocab_size
+from megatron_trillion.platform.output_paths import check_writable_dir
 
 # Fixed ids of the special tokens; EOS is named <|endoftext|> so the GPT-2 files work as-is.
 SPECIAL_TOKENS = {
@@ -451,11 +453,18 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingResult:
     for path in config.inputs:
         if not os.path.isfile(path):
             raise UserError(f"--input {path}: no such file")
+    check_writable_dir(config.output_dir, "--output-dir")
     out = Path(config.output_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if config.model_type == "bpe":
-        result = _train_bpe(config, out)
-    else:
-        result = _train_sentencepiece(config, out)
-    (out / "training_summary.json").write_text(result.to_json(), encoding="utf-8")
+    try:
+        if config.model_type == "bpe":
+            result = _train_bpe(config, out)
+        else:
+            result = _train_sentencepiece(config, out)
+        (out / "training_summary.json").write_text(result.to_json(), encoding="utf-8")
+    except BaseException:
+        if created:  # a refused input (or a stop) leaves no directory behind it
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return result

@@ -442,6 +442,32 @@ def load_may_be_absent(load: Optional[str], save: Optional[str], finetune: bool)
         os.path.realpath(load) == os.path.realpath(save)
 
 
+def load_dir_problem(root: str, may_be_absent: bool) -> Optional[str]:
+    """Why ``--load root`` holds nothing to start from, or None (``may_be_absent``: see
+    :func:`load_may_be_absent`; such a directory may also exist and be empty)."""
+    if not os.path.exists(root):
+        if may_be_absent:
+            return None
+        return (f"--load {root}: no such directory (a run that resumes where it saves gives "
+                "--save and --load the same directory, which the first job creates)")
+    if not os.path.isdir(root):
+        return f"--load {root} is a file, not a checkpoint directory (the --save of a run)"
+    if may_be_absent:
+        return None
+    try:
+        if read_tracker(root) is not None or complete_checkpoints(root):
+            return None
+    except CheckpointError as exc:
+        return str(exc)
+    if os.path.isfile(os.path.join(root, METADATA_FILE)):
+        return (f"--load {root} is one checkpoint's directory: give the run's directory "
+                f"({os.path.dirname(os.path.abspath(root))}), with --ckpt-step for an older "
+                "iteration")
+    return (f"--load {root} holds no checkpoint (no {TRACKER}, no iter_* directory); only "
+            "a run that resumes where it saves (--save and --load the same directory) may "
+            "start from an empty one")
+
+
 def check_model_matches(saved: Mapping, current: Mapping, path: str) -> None:
     """Raise naming every architecture field in which the checkpoint's model differs."""
     mismatched = [f"{name}: checkpoint {saved.get(name)!r}, this run {current.get(name)!r}"
@@ -463,11 +489,12 @@ def resolve_checkpoint(root: str, iteration: Optional[int] = None,
     ``--save X --load X`` habit); otherwise a missing ``root``, a missing requested iteration
     or a tracker naming a missing directory are errors.
     """
+    problem = load_dir_problem(root, may_not_exist and iteration is None)
+    if problem:
+        raise CheckpointError(problem)
     if not os.path.isdir(root):
-        if may_not_exist and iteration is None:
-            log(f" no checkpoint in {root} (not created yet): starting from iteration 0")
-            return None
-        raise CheckpointError(f"--load {root}: no such directory")
+        log(f" no checkpoint in {root} (not created yet): starting from iteration 0")
+        return None
     for stale in partial_checkpoints(root):
         log(f" ignoring incomplete checkpoint {stale} (its save did not finish)")
     if iteration is not None:
@@ -479,7 +506,7 @@ def resolve_checkpoint(root: str, iteration: Optional[int] = None,
     iteration = read_tracker(root)
     if iteration is None:
         published = complete_checkpoints(root)
-        if not published:
+        if not published:  # an empty --save X --load X (load_dir_problem refused the others)
             log(f" no checkpoint in {root} ({TRACKER} not found): starting from iteration 0")
             return None
         # Killed between publishing the first checkpoint (rename) and writing the tracker:
@@ -612,8 +639,6 @@ def load_model(root: str, iteration: Optional[int] = None, log: Callable[[str], 
     from megatron_trillion.platform.device import compute_device
 
     path = resolve_checkpoint(root, iteration, log)
-    if path is None:
-        raise CheckpointError(f"no checkpoint in {root} ({TRACKER} not found)")
     common = read_common(path)
     signature = dict(common["model"], mtp_num_layers=0)
     preset = dataclasses.replace(preset_from_signature(signature), mtp_num_layers=0)

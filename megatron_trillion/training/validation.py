@@ -111,6 +111,7 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                + kernel_errors(config, te)
                + _interval_errors(config)
                + _checkpoint_errors(config)
+               + _output_dir_errors(config)
                + _eval_errors(config, splits))
     if errors:
         raise ConfigError(errors)
@@ -602,14 +603,26 @@ def _checkpoint_errors(config: PretrainConfig) -> list[str]:
                                         ("--no-load-rng", ckpt.no_load_rng),
                                         ("--finetune", ckpt.finetune))
                if value and not ckpt.load]
-    if ckpt.load and not os.path.isdir(ckpt.load):
-        from megatron_trillion.training.checkpointing import load_may_be_absent
+    if ckpt.load:
+        from megatron_trillion.training.checkpointing import load_dir_problem, load_may_be_absent
 
-        if not load_may_be_absent(ckpt.load, ckpt.save, ckpt.finetune):
-            errors.append(f"--load {ckpt.load}: no such directory (a run that resumes where "
-                          "it saves gives --save and --load the same directory, which the "
-                          "first job creates)")
+        problem = load_dir_problem(ckpt.load,
+                                   load_may_be_absent(ckpt.load, ckpt.save, ckpt.finetune))
+        if problem:
+            errors.append(problem)
     return errors
+
+
+def _output_dir_errors(config: PretrainConfig) -> list[str]:
+    """The directories a run writes into are checked now, not at its first save."""
+    from megatron_trillion.platform.output_paths import writable_dir_problem
+
+    problems = (writable_dir_problem(path, flag_text)
+                for flag_text, path in (("--save", config.checkpoint.save),
+                                        ("--tensorboard-dir", config.logging.tensorboard_dir),
+                                        ("--data-cache-path", config.data.data_cache_path))
+                if path)
+    return [problem for problem in problems if problem]
 
 
 def _eval_errors(config: PretrainConfig, splits: Optional[DataSplits]) -> list[str]:
