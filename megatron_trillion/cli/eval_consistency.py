@@ -17,6 +17,7 @@ two languages:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -68,6 +69,20 @@ def _user_errors(args) -> list[str]:
     return errors
 
 
+def _expand(item: str, path: str) -> str:
+    """The one file a LANG=GLOB names: the shell leaves a glob after ``LANG=`` unexpanded (it is
+    one word that does not start with the pattern), so the tool expands it."""
+    if not glob.has_magic(path):
+        return path
+    matches = sorted(glob.glob(path))
+    if not matches:
+        raise UserError(f"--lm-eval-samples {item!r}: no file matches")
+    if len(matches) > 1:
+        raise UserError(f"--lm-eval-samples {item!r} matches {len(matches)} files, expected one: "
+                        f"{', '.join(matches)}")
+    return matches[0]
+
+
 def _samples_by_language(items: Sequence[str], languages: Sequence[str]) -> dict:
     paths: dict[str, list[str]] = {language: [] for language in languages}
     for item in items:
@@ -77,7 +92,7 @@ def _samples_by_language(items: Sequence[str], languages: Sequence[str]) -> dict
         if language not in paths:
             raise UserError(f"--lm-eval-samples {item!r}: {language!r} is neither "
                              f"--source-language nor --target-language")
-        paths[language].append(path)
+        paths[language].append(_expand(item, path))
     for language, files in paths.items():
         if not files:
             raise UserError(f"--lm-eval-samples has no file for {language!r}")
