@@ -196,7 +196,8 @@ ENGLISH: dict[str, Check] = {
     "keywords:existence": lambda t, a: all(
         re.search(k, t, flags=re.IGNORECASE) for k in a["keywords"]),
     "keywords:frequency": lambda t, a: _compare(
-        len(re.findall(a["keyword"], t, flags=re.IGNORECASE)), a["relation"], a["frequency"]),
+        len(re.findall(a["keyword"].strip(), t, flags=re.IGNORECASE)), a["relation"],
+        a["frequency"]),
     "keywords:forbidden_words": lambda t, a: not any(
         re.search(r"\b" + w + r"\b", t, flags=re.IGNORECASE) for w in a["forbidden_words"]),
     "keywords:letter_frequency": lambda t, a: _compare(
@@ -204,7 +205,7 @@ ENGLISH: dict[str, Check] = {
         a["let_frequency"]),
     "language:response_language": lambda t, a: _detect_language(t) in (None, a["language"]),
     "length_constraints:number_sentences": lambda t, a: _compare(
-        len(split_sentences(t)), a["relation"], a["num_sentences"]),
+        len(split_sentences(t, lowercase_continues=False)), a["relation"], a["num_sentences"]),
     "length_constraints:number_paragraphs": lambda t, a: _paragraphs_by_stars(
         t, r"\s?\*\*\*\s?") == a["num_paragraphs"],
     "length_constraints:number_words": lambda t, a: _compare(
@@ -296,6 +297,8 @@ KOREAN: dict[str, Check] = {
     "keywords:forbidden_words": lambda t, a: not any(
         _contains(t, w) for w in a["forbidden_words"]),
     "language:response_language": _korean_language,
+    "length_constraints:number_sentences": lambda t, a: _compare(
+        len(split_sentences(t)), a["relation"], a["num_sentences"]),
     "length_constraints:number_paragraphs": lambda t, a: _paragraphs_by_stars(
         t, r"\s?(?:\*\*\*|\* \* \*)\s?") == a["num_paragraphs"],
     "length_constraints:number_words": lambda t, a: _compare(
