@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import os
 import sys
 from typing import Optional, Sequence
 
 from megatron_trillion.errors import UserError
-from megatron_trillion.evaluation import consistency
+from megatron_trillion.evaluation import consistency, write_results
 from megatron_trillion.platform.single_process import run_tool
 
 
@@ -131,13 +129,7 @@ def evaluate(args) -> None:
     print(consistency.format_table(
         metrics, f"cross-lingual consistency {languages[0]} -> {languages[1]} ({origin})"))
     if args.output:
-        directory = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, args.output)  # never a half-written results file
+        write_results(metrics, args.output)
 
 
 if __name__ == "__main__":
