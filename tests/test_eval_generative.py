@@ -222,10 +222,3 @@ def test_hf_model_generates_and_scores(tiny_hf_model, tmp_path):
     assert eval_main(["--task", "gsm8k", "--data", data, "--responses", responses,
                       "--output", str(rescored)]) == 0
     assert json.loads(rescored.read_text())["samples"] == generated["samples"]
-    # sampling: --num-samples responses per item
-    sampled = tmp_path / "sampled.json"
-    assert eval_main(["--task", "gsm8k", "--data", data, "--model", tiny_hf_model,
-                      "--max-new-tokens", "4", "--num-samples", "2", "--temperature", "1",
-                      "--no-progress-bar", "--output", str(sampled)]) == 0
-    assert [(s["id"], s["sample"]) for s in json.loads(sampled.read_text())["samples"]] == [
-        (0, 0), (0, 1), (1, 0), (1, 1)]
