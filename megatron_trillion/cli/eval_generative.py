@@ -158,7 +158,7 @@ def generate_hf(args, prompts: list[str]) -> list[list[str]]:
     sampling = {"do_sample": False}
     if args.temperature > 0:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
-                    "top_k": args.top_k or None}
+                    "top_k": args.top_k}  # 0: off (None would mean transformers' 50)
     eos = model.generation_config.eos_token_id
     torch.manual_seed(args.seed)
     responses = []
