@@ -43,6 +43,10 @@ def test_gsm8k_from_responses_equals_hand_count(tmp_path, capsys):
     assert results["samples"][2] == {"id": 2, "score": 0.0, "reason": "answer 1000, expected 999",
                                      "response": "The answer is 1,000."}
     assert "exact_match" in capsys.readouterr().out
+    # --limit: the first items only; responses to the others are left out, not refused
+    assert eval_main(["--task", "gsm8k", "--data", data, "--responses", responses, "--limit", "2",
+                      "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["score"] == 1.0
 
 
 def test_pass_at_k_from_several_responses_per_id(tmp_path):

@@ -108,9 +108,11 @@ def evaluate(args) -> None:
     """Loads the items, generates (or reads) the responses, scores, prints and writes."""
     task = generative.TASKS[args.task]
     samples = generative.load_samples(task, args.data, args.prompt_template, args.verifier,
-                                      args.limit)
+                                      None if args.responses else args.limit)
     if args.responses:
-        responses = generative.load_responses(args.responses, samples)
+        # all items are read, so a response to one past --limit is told from an unknown id
+        samples, skipped = samples[:args.limit], tuple(samples[args.limit or len(samples):])
+        responses = generative.load_responses(args.responses, samples, skipped)
         origin = args.responses
     elif args.load:
         responses = generate_megatron(args, [s.prompt for s in samples])
