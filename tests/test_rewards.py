@@ -40,6 +40,8 @@ def test_gsm8k_ground_truth_must_be_a_number():
     for bad in ("#### twelve", "#### 12 and 13", None, ""):
         with pytest.raises(UserError):
             answers.gsm8k_ground_truth(bad)
+    with pytest.raises(UserError, match="verifier 'gsm8k' on sample d.jsonl:4: the ground truth"):
+        get_verifier("gsm8k")("12", "#### twelve", sample="d.jsonl:4")
 
 
 @pytest.mark.parametrize("response, truth, expected", [
