@@ -5,6 +5,7 @@ written, and the transformers path (--model) end to end on a tiny random model."
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -224,5 +225,74 @@ def test_hf_model_generates_and_scores(tiny_hf_model, tmp_path):
                                               for s in generated["samples"]])
     rescored = tmp_path / "rescored.json"
     assert eval_main(["--task", "gsm8k", "--data", data, "--responses", responses,
+                      "--output", str(rescored)]) == 0
+    assert json.loads(rescored.read_text())["samples"] == generated["samples"]
+
+
+# ---- --load: a megatron-trillion checkpoint through the generation engine ---------------------
+
+SEQ, VOCAB = 64, 200
+
+
+def _load_path(workdir: str) -> dict:
+    """In one rank: train a tiny checkpoint for one step with the real entry point (a word-level
+    tokenizer "w1".."w199"), then run the tool on it greedily and with two samples per item."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from megatron_trillion.platform.distributed import destroy_distributed
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    os.makedirs(tokenizer_dir)
+    tokenizer = Tokenizer(models.WordLevel({"<|endoftext|>": 0,
+                                            **{f"w{i}": i for i in range(1, VOCAB)}},
+                                           unk_token="w1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.save(os.path.join(tokenizer_dir, "tokenizer.json"))
+    with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    quiet_known_warnings()
+    ckpt = os.path.join(workdir, "ckpt")
+    pretrain(parse_args([
+        "--preset", "tiny-tri-7b", "--mock-data", "--data-cache-path",
+        os.path.join(workdir, "cache"), "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", tokenizer_dir, "--seq-length", str(SEQ), "--micro-batch-size", "2",
+        "--global-batch-size", "2", "--lr", "2e-2", "--train-iters", "1", "--seed", "3",
+        "--vocab-size", str(VOCAB), "--no-progress-bar", "--save", ckpt]), log=lambda line: None)
+    destroy_distributed()
+    data = os.path.join(workdir, "gsm8k.jsonl")
+    with open(data, "w") as f:
+        for i, question in enumerate(["w5 w17 w30", "w7", "w100 w12"]):
+            f.write(json.dumps({"question": question, "answer": f"#### {i + 12}"}) + "\n")
+    code = eval_main(["--task", "gsm8k", "--data", data, "--load", ckpt, "--prompt-template",
+                      "{question}", "--max-new-tokens", "5", "--num-samples", "2",
+                      "--temperature", "1", "--seed", "4", "--no-progress-bar", "--output",
+                      os.path.join(workdir, "sampled.json")])
+    return {"code": code, "data": data}
+
+
+@pytest.mark.slow
+def test_checkpoint_generates_and_scores(tmp_path):
+    """The --load path end to end: two sampled responses per item from the generation engine
+    (the greedy default differs only in its SamplingParams), each scored exactly as --responses
+    scores the same text."""
+    from multiprocess import run_distributed
+
+    workdir = str(tmp_path)
+    (result,) = run_distributed(_load_path, 1, timeout=600, workdir=workdir)
+    assert result["code"] == 0
+    generated = json.loads((tmp_path / "sampled.json").read_text())
+    assert generated["responses_per_item"] == 2
+    assert [(s["id"], s["sample"]) for s in generated["samples"]] == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    # the responses are the engine's words, the end-of-text token not among them
+    assert all(s["response"] and "<|endoftext|>" not in s["response"]
+               for s in generated["samples"])
+    responses = _write(tmp_path / "r.jsonl", [{"id": s["id"], "response": s["response"]}
+                                             for s in generated["samples"]])
+    rescored = tmp_path / "rescored.json"
+    assert eval_main(["--task", "gsm8k", "--data", result["data"], "--responses", responses,
                       "--output", str(rescored)]) == 0
     assert json.loads(rescored.read_text())["samples"] == generated["samples"]

@@ -142,10 +142,8 @@ def generate_megatron(args, prompts: list[str]) -> list[list[str]]:
                             top_p=args.top_p, top_k=args.top_k, num_samples=args.num_samples,
                             seed=args.seed, stop_token_ids=stop)
     results = engine.generate(ids, params, progress=not args.no_progress_bar)
-    # the stop token that ended a completion is in its token ids, not in what is scored
-    ends = set(stop) | set(engine.eos_token_ids)
-    return [[tokenizer.decode([t for t in c.token_ids if t not in ends]) for c in r.completions]
-            for r in results]
+    # a completion's text leaves out the stop token that ended it
+    return [[c.text for c in r.completions] for r in results]
 
 
 def generate_hf(args, prompts: list[str]) -> list[list[str]]:
