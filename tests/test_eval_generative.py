@@ -1,6 +1,7 @@
 """tools/eval_generative.py: the benchmark scores of small sets equal a hand computation (from
 responses made elsewhere, --responses), pass@k, bad input named by file:line with nothing
-written, and the transformers path (--model) end to end on a tiny random model."""
+written, the transformers path (--model) end to end on a tiny random model, and the generation
+engine's path (--load) on a checkpoint trained for one step by the real entry point."""
 
 from __future__ import annotations
 
