@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 LANGS = ["en", "ko"]
 TRAIN_ITERS = 12
-SIGNAL_AFTER = 1  # the signal is sent once this iteration's log line is out
 JOB_TIMEOUT = 900  # seconds per job: a slow shared machine, never a tight limit
 
 pytestmark = [
@@ -95,14 +95,17 @@ class Job:
         assert result.returncode == 0, (command, result.stderr)
         self.id = result.stdout.strip().split(";")[0]
 
+    def cancel(self) -> None:
+        """Ends the job if it still runs (a failed test leaves nothing behind)."""
+        subprocess.run(["scancel", self.id], timeout=60)
+
     def text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
     def state(self) -> dict:
         return _scontrol(self.id)
 
-    def wait_for(self, done, what: str, timeout: float = JOB_TIMEOUT,
-                 poll: float = 1.0) -> dict:
+    def wait_for(self, done, what: str, timeout: float = JOB_TIMEOUT) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             info = self.state()
@@ -110,11 +113,11 @@ class Job:
                 return info
             if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                         "OUT_OF_MEMORY") or time.monotonic() > deadline:
-                subprocess.run(["scancel", self.id], timeout=60)
+                self.cancel()
                 pytest.fail(f"job {self.id}: waiting for {what}, found "
                             f"{info.get('JobState')} (Reason={info.get('Reason')})\n"
                             f"--- job log {self.log} ---\n{self.text()}")
-            time.sleep(poll)
+            time.sleep(1.0)
 
     def wait_completed(self) -> dict:
         return self.wait_for(lambda info: info.get("JobState") == "COMPLETED", "COMPLETED")
@@ -122,7 +125,8 @@ class Job:
 
 def _env(tmp: Path, name: str, extra: list[str], **more) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(CONTAINER_IMAGE="none", VENV=sys.prefix, GPUS_PER_NODE="2",
+    # MAX_RESTARTS=0: a failure ends the job (and the test, with its log) at once.
+    env.update(CONTAINER_IMAGE="none", VENV=sys.prefix, GPUS_PER_NODE="2", MAX_RESTARTS="0",
                OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
                DATA_DIR=str(tmp / "data"), TOKENIZER=str(tmp / "no-tokenizer"),
                CKPT_DIR=str(tmp / name), LANGS=" ".join(LANGS), EXTRA_ARGS=" ".join(extra))
@@ -149,16 +153,19 @@ def chain(tmp_path_factory):
     extension = Job("tri_7b/context_extension.sbatch", tmp, "context",
                     _env(tmp, "context", TINY_CONTEXT, INIT_CHECKPOINT=str(tmp / "pretrain")),
                     [f"--dependency=afterok:{pretrain.id}"])
-    return tmp, pretrain, extension
+    yield tmp, pretrain, extension
+    for job in (pretrain, extension):
+        job.cancel()
 
 
 def test_afterok_chain_pretraining_then_context_extension(chain):
     tmp, pretrain, extension = chain
     waiting = extension.state()
     if pretrain.state().get("JobState") in ("PENDING", "RUNNING"):
-        assert waiting["JobState"] == "PENDING" and waiting["Reason"] == "Dependency", waiting
-    pretrain.wait_completed()
-    extension.wait_completed()
+        assert waiting["JobState"] == "PENDING", waiting
+        assert waiting["Dependency"] == f"afterok:{pretrain.id}(unfulfilled)", waiting
+    first_end = pretrain.wait_completed()["EndTime"]
+    assert extension.wait_completed()["StartTime"] >= first_end  # ISO times
     first, second = pretrain.text(), extension.text()
     assert "launch mode: bare (no container)" in first, first
     assert (f"job {pretrain.id} finished: checkpoint iteration {TRAIN_ITERS} in "
@@ -169,31 +176,90 @@ def test_afterok_chain_pretraining_then_context_extension(chain):
     assert (tmp / "context" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
+def _training_processes(ckpt: Path) -> list[int]:
+    """The training processes (torchrun's workers, not its agent nor the node wrapper) of the
+    job whose checkpoints go to ``ckpt``; the job runs on this machine."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if (b"megatron_trillion.pretrain" in argv and str(ckpt).encode() in argv
+                and not any(arg.endswith(b"torchrun") for arg in argv)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _has_usr1(pid: int, mask: str) -> bool:
+    """Whether /proc/<pid>/status's signal ``mask`` (SigCgt: caught, ShdPnd: pending) has
+    USR1."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(mask + ":"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1)
+    return False
+
+
+def _preempt(job: Job, ckpt: Path, processes: int = 2) -> None:
+    """The pre-timeout signal while training runs, whatever the machine's speed: once every
+    training process has its USR1 handler, they are stopped (SIGSTOP), the signal goes to the
+    batch shell as `--signal=B:USR1@<s>` sends it, and they continue once it is pending in
+    each of them, so it takes effect at the first step."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    pids: list[int] = []
+    polls = 0
+    while time.monotonic() < deadline:
+        pids = _training_processes(ckpt)
+        try:
+            if len(pids) == processes and all(_has_usr1(pid, "SigCgt") for pid in pids):
+                break
+        except OSError:  # a process that just ended
+            pass
+        polls += 1
+        if polls % 50 == 0 and job.state().get("JobState") not in ("PENDING", "RUNNING"):
+            pytest.fail(f"job {job.id} ended before training started\n{job.text()}")
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"job {job.id}: no training processes with a USR1 handler\n{job.text()}")
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True,
+                       timeout=60)
+        while not all(_has_usr1(pid, "ShdPnd") for pid in pids):
+            assert time.monotonic() < deadline, job.text()
+            time.sleep(0.05)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_preempted_job_requeues_and_resumes_bitwise(chain):
     tmp, uninterrupted, _ = chain
     job = Job("tri_7b/pretrain.sbatch", tmp, "preempted",
               _env(tmp, "preempted", TINY_PRETRAIN),
               ["--signal=B:USR1@60"])
-    job.wait_for(lambda info: f"iteration {SIGNAL_AFTER:8d}/" in job.text(),
-                 f"iteration {SIGNAL_AFTER}", poll=0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=60)
+    try:
+        _preempt(job, tmp / "preempted")
 
-    def requeued(info):
-        if int(info.get("Restarts", 0)) < 1:
-            return False
-        if info.get("JobState") == "PENDING":
-            # A requeued job is held back ~2 minutes before it may start again.
-            subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"],
-                           timeout=60)
-        return info.get("JobState") == "COMPLETED"
+        def requeued(info):
+            if int(info.get("Restarts", 0)) < 1:
+                return False
+            if info.get("JobState") == "PENDING":
+                # A requeued job is held back ~2 minutes before it may start again.
+                subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"],
+                               timeout=60)
+            return info.get("JobState") == "COMPLETED"
 
-    info = job.wait_for(requeued, "the requeued job to complete")
+        info = job.wait_for(requeued, "the requeued job to complete")
+    finally:
+        job.cancel()
     assert info["Restarts"] == "1", info
     text = job.text()
     saved = re.findall(r"pre-timeout signal: checkpoint iteration (\d+) saved; requeueing", text)
     assert len(saved) == 1, text
     at_signal = int(saved[0])
-    assert SIGNAL_AFTER <= at_signal < TRAIN_ITERS, text
+    assert at_signal == 1, text  # the first step after the signal
     assert f"saved checkpoint at iteration {at_signal:7d}" in text, text
     segments = re.findall(r"job \d+ restart (\d+) \(SLURM_RESTART_COUNT=\d+\): (.*)", text)
     assert [n for n, _ in segments] == ["0", "1"], text
