@@ -3,9 +3,10 @@
 Without SLURM (tests/test_slurm_jobs.py submits them to a real one), each recipe runs with
 ``DRY_RUN=1`` (the exact torchrun command of one node is printed); its flags go through the
 real argument parser, the up-front validation at the recipe's world size (with Transformer
-Engine, as on the cluster) and the memory planner, which must say the recipe fits. The requeue chain (pre-timeout USR1 -> training processes -> scontrol
-requeue), the same through the job's steps, the failure limit and EXTRA_ARGS run against
-stand-in ``srun``/``scontrol``/``scancel``/``torchrun`` executables.
+Engine, as on the cluster) and the memory planner, which must say the recipe fits; each
+recipe's tiny CPU form (EXTRA_ARGS) passes validation at two processes. The requeue chain (pre-timeout USR1 -> training
+processes -> scontrol requeue), the same through the job's steps, and the failure limit run
+against stand-in ``srun``/``scontrol``/``scancel``/``torchrun`` executables.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from multiprocess import run_distributed
+from tiny_recipes import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -117,6 +119,8 @@ def test_recipe_flags_parse_validate_and_fit(recipe, tmp_path):
     assert config.checkpoint.exit_signal_handler
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", (ROOT / "examples" / recipe).read_text(),
                      re.M)
+    # A requeued job appends to its log instead of truncating the earlier segments' story.
+    assert "\n#SBATCH --open-mode=append\n" in (ROOT / "examples" / recipe).read_text()
     assert config.training.bf16 and config.parallel.use_distributed_optimizer
     assert config.data.attention_masking == "xlda"
     assert config.schedule.lr_decay_style == "wsd"
@@ -164,6 +168,24 @@ def test_context_extension_starts_from_the_4k_checkpoint_then_resumes_its_own(tm
     _, flags = _split(_dry_run("tri_7b/context_extension.sbatch", tmp_path))
     assert "--finetune" not in flags
     assert flags[flags.index("--load") + 1] == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_tiny_cpu_form_of_every_recipe_validates(recipe, tmp_path):
+    """The recipe unedited plus EXTRA_ARGS passes validation at 2 processes without TE."""
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import resolve_model_preset
+    from megatron_trillion.training.validation import validate
+
+    extra = " ".join(tiny_args(recipe))
+    torchrun, flags = _split(_dry_run(recipe, tmp_path, EXTRA_ARGS=extra, GPUS_PER_NODE="2"))
+    _make_datasets(flags, tmp_path / "data")
+    (tmp_path / "init").mkdir(exist_ok=True)
+    config = parse_args(flags)
+    assert config.training.bf16  # the recipe's precision stays
+    shape = validate(config, resolve_model_preset(config), int(torchrun["--nproc-per-node"]),
+                     transformer_engine_available=False)
+    assert shape.seq_length <= 256
 
 
 def test_launch_outside_slurm_without_dry_run_fails_clearly(tmp_path):

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from multiprocess import free_port
+from tiny_recipes import CONTEXT_ITERS, PRETRAIN_ITERS, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 LANGS = ["en", "ko"]
-TRAIN_ITERS = 12
 JOB_TIMEOUT = 900  # seconds per job: a slow shared machine, never a tight limit
 
 pytestmark = [
@@ -39,20 +39,8 @@ pytestmark = [
                               "starts a one-node SLURM)"),
 ]
 
-# The recipe's flags a tiny CPU run overrides (later flags win): the model and its shape,
-# the batch, the run length, the tokenizer, intervals.
-TINY = ["--preset", "tiny-tri-7b", "--micro-batch-size", "1", "--lr-warmup-iters", "1",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "4096",
-        "--save-interval", "1000", "--eval-interval", "1000", "--eval-iters", "1",
-        "--log-interval", "1", "--no-progress-bar"]
-# Pretraining: batch 2 -> 4 over the first 8 samples (4 steps), then 4 per step.
-TINY_PRETRAIN = [*TINY, "--seq-length", "128", "--global-batch-size", "4",
-                 "--rampup-batch-size", "2", "2", "8",
-                 "--train-samples", str(8 + 4 * (TRAIN_ITERS - 4))]
-# Context extension: TP 4 -> 2 keeps its sequence parallelism valid on two processes; CP 1.
-TINY_CONTEXT = [*TINY, "--seq-length", "256", "--global-batch-size", "2",
-                "--train-samples", "6", "--tensor-model-parallel-size", "2",
-                "--context-parallel-size", "1"]
+TINY_PRETRAIN = tiny_args("tri_7b/pretrain.sbatch")
+TINY_CONTEXT = tiny_args("tri_7b/context_extension.sbatch")
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss: (\S+) \|")
 
 
@@ -168,12 +156,13 @@ def test_afterok_chain_pretraining_then_context_extension(chain):
     assert extension.wait_completed()["StartTime"] >= first_end  # ISO times
     first, second = pretrain.text(), extension.text()
     assert "launch mode: bare (no container)" in first, first
-    assert (f"job {pretrain.id} finished: checkpoint iteration {TRAIN_ITERS} in "
+    assert (f"job {pretrain.id} finished: checkpoint iteration {PRETRAIN_ITERS} in "
             f"{tmp / 'pretrain'}") in first, first
     assert (f"job {extension.id} restart 0 (SLURM_RESTART_COUNT=0): starts from "
             f"{tmp / 'pretrain'} (weights only, --finetune)") in second, second
-    assert max(_losses(second)) == 3, second
-    assert (tmp / "context" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert max(_losses(second)) == CONTEXT_ITERS, second
+    assert (tmp / "context" / "latest_checkpointed_iteration.txt").read_text().strip() == \
+        str(CONTEXT_ITERS)
 
 
 def _training_processes(ckpt: Path) -> list[int]:
@@ -264,10 +253,10 @@ def test_preempted_job_requeues_and_resumes_bitwise(chain):
     segments = re.findall(r"job \d+ restart (\d+) \(SLURM_RESTART_COUNT=\d+\): (.*)", text)
     assert [n for n, _ in segments] == ["0", "1"], text
     assert segments[1][1].startswith(f"resumes from checkpoint iteration {at_signal} in "), text
-    assert f"job {job.id} finished: checkpoint iteration {TRAIN_ITERS}" in text, text
+    assert f"job {job.id} finished: checkpoint iteration {PRETRAIN_ITERS}" in text, text
     # Both segments' lines are in the log (--open-mode=append), the second starting after the
     # checkpoint; together they are the uninterrupted run's curve, bit for bit.
     uninterrupted.wait_completed()
     expected = _losses(uninterrupted.text())
-    assert sorted(expected) == list(range(1, TRAIN_ITERS + 1)), uninterrupted.text()
+    assert sorted(expected) == list(range(1, PRETRAIN_ITERS + 1)), uninterrupted.text()
     assert _losses(text) == expected
