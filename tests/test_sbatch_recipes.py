@@ -1,10 +1,12 @@
 """The SLURM recipes in examples/: syntax, shellcheck, and their launch logic run for real.
 
-No SLURM here, so each recipe runs with ``DRY_RUN=1`` (the exact torchrun command of one node
-is printed); its flags go through the real argument parser, the up-front validation at the
-recipe's world size (with Transformer Engine, as on the cluster) and the memory planner, which
-must say the recipe fits. The requeue chain (pre-timeout USR1 -> training processes -> scontrol
-requeue) runs against stand-in ``srun``/``scontrol``/``scancel``/``torchrun`` executables.
+Without SLURM (tests/test_slurm_jobs.py submits them to a real one), each recipe runs with
+``DRY_RUN=1`` (the exact torchrun command of one node is printed); its flags go through the
+real argument parser, the up-front validation at the recipe's world size (with Transformer
+Engine, as on the cluster) and the memory planner, which must say the recipe fits; each
+recipe's tiny CPU form (EXTRA_ARGS) passes validation at two processes. The requeue chain (pre-timeout USR1 -> training
+processes -> scontrol requeue), the same through the job's steps, and the failure limit run
+against stand-in ``srun``/``scontrol``/``scancel``/``torchrun`` executables.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from multiprocess import run_distributed
+from tiny_recipes import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -32,7 +35,8 @@ RECIPES = {
     "trinity_large/pretrain.sbatch": 1024,
 }
 LAUNCH = ROOT / "examples" / "common" / "launch.sh"
-SCRIPTS = [ROOT / "examples" / name for name in RECIPES] + [LAUNCH]
+SCRIPTS = [*(ROOT / "examples" / name for name in RECIPES), LAUNCH,
+           ROOT / "scripts" / "slurm_local.sh"]
 
 
 def _shellcheck() -> str:
@@ -116,6 +120,8 @@ def test_recipe_flags_parse_validate_and_fit(recipe, tmp_path):
     assert config.checkpoint.exit_signal_handler
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", (ROOT / "examples" / recipe).read_text(),
                      re.M)
+    # A requeued job appends to its log instead of truncating the earlier segments' story.
+    assert "\n#SBATCH --open-mode=append\n" in (ROOT / "examples" / recipe).read_text()
     assert config.training.bf16 and config.parallel.use_distributed_optimizer
     assert config.data.attention_masking == "xlda"
     assert config.schedule.lr_decay_style == "wsd"
@@ -165,6 +171,24 @@ def test_context_extension_starts_from_the_4k_checkpoint_then_resumes_its_own(tm
     assert flags[flags.index("--load") + 1] == str(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_tiny_cpu_form_of_every_recipe_validates(recipe, tmp_path):
+    """The recipe unedited plus EXTRA_ARGS passes validation at 2 processes without TE."""
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import resolve_model_preset
+    from megatron_trillion.training.validation import validate
+
+    extra = " ".join(tiny_args(recipe))
+    torchrun, flags = _split(_dry_run(recipe, tmp_path, EXTRA_ARGS=extra, GPUS_PER_NODE="2"))
+    _make_datasets(flags, tmp_path / "data")
+    (tmp_path / "init").mkdir(exist_ok=True)
+    config = parse_args(flags)
+    assert config.training.bf16  # the recipe's precision stays
+    shape = validate(config, resolve_model_preset(config), int(torchrun["--nproc-per-node"]),
+                     transformer_engine_available=False)
+    assert shape.seq_length <= 256
+
+
 def test_launch_outside_slurm_without_dry_run_fails_clearly(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = subprocess.run(["bash", str(ROOT / "examples" / "tri_7b" / "pretrain.sbatch")],
@@ -193,6 +217,7 @@ sys.exit(3)
 FAKES = {
     # srun [options] CMD...: run CMD locally in the background-able foreground, remember its pid
     "srun": """#!/usr/bin/env bash
+echo "srun $*" >> "$FAKE_DIR/srun.log"
 while [[ "$1" == --* ]]; do shift; done
 "$@" & echo $! > "$FAKE_DIR/step.pid"; wait $!
 """,
@@ -205,13 +230,15 @@ kill -USR1 "$(cat "$FAKE_DIR/step.pid")"
 """,
     # torchrun ...: one training process (a child, as torchrun's workers are)
     "torchrun": """#!/usr/bin/env bash
+if [[ -n "${FAKE_FAIL:-}" ]]; then exit "$FAKE_FAIL"; fi
 "$PYTHON" "$FAKE_DIR/worker.py" "$FAKE_DIR/saved" &
 wait $!
 """,
 }
 
 
-def test_pre_timeout_signal_saves_and_requeues(tmp_path):
+def _fake_job(tmp_path: Path, **env_extra) -> tuple[subprocess.Popen, Path]:
+    """The tri_7b recipe as job 4242 under stand-in SLURM commands (``bin/``)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     for name, text in FAKES.items():
@@ -223,11 +250,17 @@ def test_pre_timeout_signal_saves_and_requeues(tmp_path):
            "PYTHON": sys.executable, "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(ROOT),
            "CONTAINER_REPO": str(ROOT), "CKPT_DIR": str(tmp_path / "ckpt"),
-           "DATA_DIR": str(tmp_path / "data"), "REPO_DIR": str(tmp_path / "repo")}
+           "DATA_DIR": str(tmp_path / "data"), "REPO_DIR": str(tmp_path / "repo"),
+           **env_extra}
     (tmp_path / "repo" / "examples").mkdir(parents=True)
     (tmp_path / "repo" / "examples" / "common").symlink_to(LAUNCH.parent)
     job = subprocess.Popen(["bash", str(ROOT / "examples" / "tri_7b" / "pretrain.sbatch")],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return job, fake
+
+
+def _signal_when_training(job: subprocess.Popen, fake: Path, pid_file: Path | None = None):
+    """Once the worker runs, USR1 to the batch shell (or to the process in ``pid_file``)."""
     try:
         started = fake / "saved.started"
         for _ in range(1200):
@@ -235,15 +268,76 @@ def test_pre_timeout_signal_saves_and_requeues(tmp_path):
                 break
             time.sleep(0.05)
         assert started.exists(), job.communicate(timeout=10)
-        job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@...` delivers
-        out, err = job.communicate(timeout=60)
+        if pid_file is None:
+            job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@...` delivers
+        else:
+            os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+        return job.communicate(timeout=60)
     finally:
         if job.poll() is None:
             job.kill()
+
+
+def test_pre_timeout_signal_saves_and_requeues(tmp_path):
+    job, fake = _fake_job(tmp_path)
+    out, err = _signal_when_training(job, fake)
     assert job.returncode == 0, (out, err)
     assert (fake / "saved").read_text() == "saved"
     assert (fake / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert (tmp_path / "ckpt").is_dir()
+    assert "launch mode: container" in out and "--container-image=" in (
+        fake / "srun.log").read_text()
+    assert out.splitlines()[0] == (f"job 4242 restart 0 (SLURM_RESTART_COUNT=0): starts at "
+                                   f"iteration 0 (no checkpoint in {tmp_path / 'ckpt'})")
+
+
+def test_usr1_to_the_job_steps_requeues_the_same_way(tmp_path):
+    """`scancel --signal=USR1 <job>` reaches the step's tasks, not the batch shell."""
+    job, fake = _fake_job(tmp_path, CONTAINER_IMAGE="none")
+    out, err = _signal_when_training(job, fake, pid_file=fake / "step.pid")
+    assert job.returncode == 0, (out, err)
+    assert (fake / "saved").read_text() == "saved"
+    assert (fake / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "launch mode: bare (no container)" in out
+    assert "--container-image" not in (fake / "srun.log").read_text()
+
+
+@pytest.mark.parametrize("restarts, requeued", [("0", True), ("3", False)])
+def test_a_failed_segment_is_requeued_up_to_max_restarts(tmp_path, restarts, requeued):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000004").mkdir(parents=True)
+    (ckpt / "iter_0000008.partial").mkdir()  # a save the failure interrupted
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4\n")
+    job, fake = _fake_job(tmp_path, FAKE_FAIL="1", SLURM_RESTART_COUNT=restarts,
+                          MAX_RESTARTS="3", CONTAINER_IMAGE="none")
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 1, (out, err)
+    assert out.splitlines()[0] == (
+        f"job 4242 restart {restarts} (SLURM_RESTART_COUNT={restarts}): resumes from checkpoint "
+        f"iteration 4 in {ckpt}; ignoring the incomplete save iter_0000008.partial")
+    log = fake / "scontrol.log"
+    if requeued:
+        assert log.read_text().split() == ["requeue", "4242"]
+        assert ("training failed (status 1): requeueing job 4242 to resume from checkpoint "
+                "iteration 4 (restart 1 of at most MAX_RESTARTS=3)") in out
+    else:
+        assert not log.exists()
+        assert ("training failed (status 1) and job 4242 has been restarted 3 times "
+                "(MAX_RESTARTS=3): not requeued") in out
+
+
+def test_extra_args_come_last_and_win(tmp_path):
+    from megatron_trillion.training.arguments import parse_args
+
+    extra = "--preset tiny-tri-7b --seq-length 256 --global-batch-size 8"
+    command = _dry_run("tri_7b/pretrain.sbatch", tmp_path, EXTRA_ARGS=extra,
+                       GPUS_PER_NODE="2")
+    torchrun, flags = _split(command)
+    assert torchrun["--nproc-per-node"] == "2"
+    assert flags[-len(extra.split()):] == extra.split()
+    config = parse_args(flags)
+    assert config.model.preset == "tiny-tri-7b" and config.model.seq_length == 256
+    assert config.batch.global_batch_size == 8
 
 
 # --------------------------------------------------------------------------------------------
