@@ -401,3 +401,82 @@ def test_reference_cache_key_changes_with_what_made_it(tokenizer, tmp_path):
     write_sample_preferences(path, 7, languages=("en", "ko"))
     keys["data"] = reference_cache_key(identity, {"tok": 1}, chat.template, dataset())
     assert base not in keys.values() and len(set(keys.values())) == len(keys), keys
+
+
+# --------------------------------------------------------------------------------------------
+# on-policy pairs (tools/make_preference_pairs.py)
+
+
+def _responses(tmp_path) -> str:
+    def line(pid, prompt, texts, **extra):
+        return {"id": pid, "prompt": prompt, "prompt_token_ids": [1, 2], **extra,
+                "responses": [{"text": t, "token_ids": list(range(n)), "logprobs": [-1.0] * n,
+                               "finish_reason": "stop"} for t, n in texts]}
+
+    return _write_jsonl(tmp_path / "responses.jsonl", [
+        line("a", "Say hi", [("hi", 2), ("hello there", 3), ("no", 1)]),
+        line("b", "Count", [("one two", 2), ("one", 1)]),  # a tie below
+        line("c", "Long", [("x", 1), ("x " * 10, 10)]),  # too different in length
+    ])
+
+
+def test_preference_pairs_from_a_scores_file(tmp_path):
+    from megatron_trillion.cli.make_preference_pairs import main
+    from megatron_trillion.posttraining.preferences import read_pairs
+
+    responses = _responses(tmp_path)
+    scores = _write_jsonl(tmp_path / "scores.jsonl", [
+        {"id": "a", "response_index": 0, "score": 0.2},
+        {"id": "a", "response_index": 1, "score": 0.9},
+        {"id": "a", "response_index": 2, "score": -1},
+        {"id": "b", "response_index": 0, "score": 1}, {"id": "b", "response_index": 1, "score": 1},
+        {"id": "c", "response_index": 0, "score": 1}, {"id": "c", "response_index": 1, "score": 0},
+    ])
+    out = str(tmp_path / "pairs_en.jsonl")
+    assert main(["--responses", responses, "--scores", scores, "--output", out,
+                 "--max-length-ratio", "3"]) == 0
+    pairs = [json.loads(l) for l in open(out, encoding="utf-8")]
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("a", "hello there", "no")]
+    assert len(read_pairs(out)) == 1  # --dpo reads what the tool writes
+    # against an off-policy response: the better of it and the best sampled one is chosen
+    off = _write_jsonl(tmp_path / "off.jsonl", [{"id": "a", "response": "hey", "score": 2.0},
+                                                {"id": "b", "response": "1 2", "score": 0.0}])
+    assert main(["--responses", responses, "--scores", scores, "--off-policy", off,
+                 "--output", out]) == 0
+    pairs = {p["id"]: p for p in map(json.loads, open(out, encoding="utf-8"))}
+    assert (pairs["a"]["chosen"], pairs["a"]["rejected"]) == ("hey", "hello there")
+    assert (pairs["b"]["chosen"], pairs["b"]["rejected"]) == ("one two", "1 2")
+
+
+def test_bad_scores_are_named_and_nothing_is_written(tmp_path, capsys):
+    from megatron_trillion.cli.make_preference_pairs import main
+
+    responses = _responses(tmp_path)
+    scores = _write_jsonl(tmp_path / "scores.jsonl", [
+        {"id": "a", "response_index": 0, "score": 0.2},
+        {"id": "zz", "response_index": 0, "score": 1},
+        {"id": "a", "response_index": 7, "score": 1},
+        {"id": "a", "response_index": 0, "score": 0.3},
+        "{broken",
+    ])
+    out = tmp_path / "pairs.jsonl"
+    assert main(["--responses", responses, "--scores", scores, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    for line, text in ((2, "'zz' is not in the responses"), (3, "response_index 7"),
+                       (4, "scored twice"), (5, "not valid JSON")):
+        assert f"{scores}:{line}: " in err and text in err, err
+    assert not out.exists()
+
+
+def test_preference_pairs_from_a_verifier(tmp_path):
+    rewards = pytest.importorskip("megatron_trillion.rewards")  # the verifier registry
+    from megatron_trillion.posttraining.onpolicy import make_pairs, verifier_scores
+
+    assert hasattr(rewards, "get_verifier")
+    prompts = [{"id": 1, "prompt": "2+2?", "answer": "4", "_line": "r.jsonl:1",
+                "responses": [{"text": "The answer is 5."}, {"text": "The answer is 4."}]}]
+    scores = verifier_scores("gsm8k", prompts, "answer")
+    pairs, report = make_pairs(prompts, scores)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("The answer is 4.",
+                                                             "The answer is 5.")]
