@@ -268,12 +268,23 @@ def _serial_and_probes(workdir: str, tokenizer: str, argv: list[str]) -> dict:
     out["packed_vs_alone"] = float((packed - alone).abs().max())
     out["packed_pairs"] = len(pairs)
 
+    # the output is an ordinary checkpoint: the HF export carries the chat template
+    from megatron_trillion.convert.export import ExportConfig, export_checkpoint
+
+    save = argv[argv.index("--save") + 1]
+    export_checkpoint(ExportConfig(load=save, save=os.path.join(workdir, "hf"), dtype="fp32"),
+                      progress=False, log=lambda line: None)
+    with open(os.path.join(workdir, "hf", "tokenizer_config.json")) as f:
+        out["exported_template"] = json.load(f).get("chat_template")
+    out["template"] = _chat(tokenizer).template
+
     # the cache is reused when nothing changed (what changes its key: see the unit test)
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    again = _train(argv[:argv.index("--train-iters") + 1] + ["1"]
-                   + argv[argv.index("--train-iters") + 2:])
+    short = argv[:argv.index("--save")] + argv[argv.index("--save") + 2:]
+    again = _train(short[:short.index("--train-iters") + 1] + ["1"]
+                   + short[short.index("--train-iters") + 2:])
     out["again"] = [l for l in again["lines"] if "reference log-probabilities" in l]
     template = os.path.join(workdir, "other.jinja")
     with open(template, "w") as f:
@@ -301,34 +312,41 @@ def dpo_runs(tmp_path_factory, tokenizer):
         argv=_dpo_argv(workdir, tokenizer, STEPS, os.path.join(workdir, "cache_parallel"),
                        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
                        "2", "--use-distributed-optimizer"))
+    context = run_distributed(
+        _parallel, 2, timeout=600,
+        argv=_dpo_argv(workdir, tokenizer, STEPS, os.path.join(workdir, "cache_cp"),
+                       "--context-parallel-size", "2"))
     (serial,) = run_distributed(
         _serial_and_probes, 1, timeout=600, workdir=workdir, tokenizer=tokenizer,
-        argv=_dpo_argv(workdir, tokenizer, STEPS, os.path.join(workdir, "cache_serial")))
+        argv=_dpo_argv(workdir, tokenizer, STEPS, os.path.join(workdir, "cache_serial"),
+                       "--save", os.path.join(workdir, "serial_ckpt")))
     print(f"DPO figures: serial {serial['values']}; parallel rank 0 {parallel[0]['values']}; "
           f"packed vs alone {serial['packed_vs_alone']:.3g}; bins {serial['bins']}")
-    return {"parallel": parallel, "serial": serial}
+    return {"parallel": parallel, "context": context, "serial": serial}
 
 
 @pytest.mark.slow
-def test_reference_cache_at_tp2_pp2_dp2_equals_one_process(dpo_runs):
+def test_reference_cache_at_tp2_pp2_dp2_and_cp2_equals_one_process(dpo_runs):
     serial = dpo_runs["serial"]
     assert serial["bins"] % 2 and serial["bins"] % 8  # not a multiple of micro x DP or batch
     table = serial["reference"]
     assert table.shape == (serial["pairs"], 2) and np.all(table < 0)
-    for rank in dpo_runs["parallel"]:
+    for rank in dpo_runs["parallel"] + dpo_runs["context"]:
         np.testing.assert_allclose(rank["reference"], table, rtol=0, atol=1e-6 * max(
             1.0, float(np.abs(table).max())))
 
 
 @pytest.mark.slow
-def test_tp2_pp2_dp2_dpo_matches_one_process(dpo_runs):
+def test_tp2_pp2_dp2_and_cp2_dpo_match_one_process(dpo_runs):
     serial = dpo_runs["serial"]["values"]
     # step 1: policy == reference, so the sigmoid loss is log 2 and the margins 0
     assert serial[0]["dpo loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert serial[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
-    for rank in dpo_runs["parallel"]:
+    for rank in dpo_runs["parallel"] + dpo_runs["context"]:  # TP2xPP2xDP2, and CP2
         got = [v["dpo loss"] for v in rank["values"]]
         np.testing.assert_allclose(got, [v["dpo loss"] for v in serial], rtol=0, atol=1e-5)
+        np.testing.assert_allclose([v["rewards/margin"] for v in rank["values"]],
+                                   [v["rewards/margin"] for v in serial], rtol=0, atol=1e-4)
     lines = dpo_runs["serial"]["lines"]
     assert any(" schedule (dpo): lr 0.001 -> 0 by linear decay" in l and "no anneal switch" in l
                for l in lines), lines[:10]
@@ -345,6 +363,12 @@ def test_packed_pairs_give_the_logprobs_of_one_pair_per_sequence(dpo_runs):
     serial = dpo_runs["serial"]
     assert serial["packed_pairs"] >= 2
     assert serial["packed_vs_alone"] < 1e-4
+
+
+@pytest.mark.slow
+def test_output_is_a_checkpoint_the_export_carries_the_template_of(dpo_runs):
+    serial = dpo_runs["serial"]
+    assert serial["exported_template"] and serial["exported_template"] == serial["template"]
 
 
 @pytest.mark.slow
