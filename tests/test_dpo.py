@@ -504,3 +504,52 @@ def test_preference_pairs_from_a_verifier(tmp_path):
     pairs, report = make_pairs(prompts, scores)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("The answer is 4.",
                                                              "The answer is 5.")]
+
+
+# --------------------------------------------------------------------------------------------
+# post-training defaults
+
+
+def test_post_training_runs_default_to_their_recipes_schedule():
+    from megatron_trillion.training.arguments import parse_args
+
+    pretraining = parse_args([])
+    assert pretraining.schedule.lr_decay_style == "wsd"
+    assert (pretraining.optimizer.weight_decay, pretraining.anneal.anneal_weight_decay) == (
+        0.1, 0.033)
+    sft = parse_args(["--sft"])
+    assert (sft.schedule.lr_decay_style, sft.schedule.lr_warmup_fraction, sft.optimizer.min_lr) \
+        == ("linear", 0.03, 0.0)
+    assert sft.anneal.anneal_weight_decay == sft.optimizer.weight_decay  # no switch
+    dpo = parse_args(["--dpo"])
+    assert (dpo.schedule.lr_decay_style, dpo.schedule.lr_warmup_fraction,
+            dpo.optimizer.weight_decay, dpo.anneal.anneal_weight_decay) == ("linear", 0.1, 0, 0)
+    # a flag given wins; a pretraining switch applies only when asked for
+    asked = parse_args(["--dpo", "--lr-decay-style", "wsd", "--weight-decay", "0.1",
+                        "--lr-warmup-iters", "5"])
+    assert (asked.schedule.lr_decay_style, asked.optimizer.weight_decay,
+            asked.anneal.anneal_weight_decay) == ("wsd", 0.1, 0.1)
+    assert (asked.schedule.lr_warmup_iters, asked.schedule.lr_warmup_fraction) == (5, None)
+    assert parse_args(["--sft", "--anneal-weight-decay", "0.05"]).anneal.anneal_weight_decay \
+        == 0.05
+
+
+def test_dpo_flags_are_validated_up_front(tokenizer, tmp_path):
+    from megatron_trillion.models.presets import get_preset
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.validation import ConfigError, validate
+
+    data = _write_jsonl(tmp_path / "p_en.jsonl", [{"prompt": "a", "chosen": "b",
+                                                   "rejected": "c"}])
+    config = parse_args(["--dpo", "--sft", "--data-path", data, "--tokenizer-model", tokenizer,
+                         "--dpo-beta", "0", "--dpo-max-length-ratio", "0.5",
+                         "--dpo-reference-load", str(tmp_path / "missing"),
+                         "--train-iters", "2"])
+    with pytest.raises(ConfigError) as info:
+        validate(config, get_preset("tiny-tri-7b"), 1, False)
+    for expected in ("--sft and --dpo are two runs", "--dpo-beta must be > 0",
+                     "--dpo-max-length-ratio", "missing: no such directory"):
+        assert expected in str(info.value), str(info.value)
+    config = parse_args(["--dpo-loss", "ipo", "--mock-data", "--train-iters", "2"])
+    with pytest.raises(ConfigError, match="--dpo-loss need --dpo"):
+        validate(config, get_preset("tiny-tri-7b"), 1, False)
