@@ -278,14 +278,15 @@ def _serial_and_probes(workdir: str, tokenizer: str, argv: list[str]) -> dict:
         out["exported_template"] = json.load(f).get("chat_template")
     out["template"] = _chat(tokenizer).template
 
-    # the cache is reused when nothing changed (what changes its key: see the unit test)
+    # resuming reads the cache the checkpoint's reference made (what changes its key: see the
+    # unit test), one more step
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    short = argv[:argv.index("--save")] + argv[argv.index("--save") + 2:]
-    again = _train(short[:short.index("--train-iters") + 1] + ["1"]
-                   + short[short.index("--train-iters") + 2:])
+    steps = argv.index("--train-iters") + 1
+    again = _train(argv[:steps] + [str(STEPS + 1)] + argv[steps + 1:] + ["--load", save])
     out["again"] = [l for l in again["lines"] if "reference log-probabilities" in l]
+    out["resumed_values"] = again["values"]
     template = os.path.join(workdir, "other.jinja")
     with open(template, "w") as f:
         f.write("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -372,9 +373,10 @@ def test_output_is_a_checkpoint_the_export_carries_the_template_of(dpo_runs):
 
 
 @pytest.mark.slow
-def test_reference_cache_is_reused_when_nothing_changed(dpo_runs):
+def test_a_resumed_run_reuses_the_reference_cache(dpo_runs):
     again = dpo_runs["serial"]["again"]
     assert len(again) == 3 and all("read from" in l for l in again), again  # train + 2 valid
+    assert len(dpo_runs["serial"]["resumed_values"]) == 1  # iteration STEPS + 1 only
 
 
 @pytest.mark.slow

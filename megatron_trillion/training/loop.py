@@ -3,9 +3,10 @@
 A step is megatron-core's pipeline schedule (``get_forward_backward_func``: no pipelining,
 1F1B, or interleaved 1F1B with virtual stages) over this rank's micro-batches, then
 ``finalize_model_grads`` (inside the schedule: DP all-reduce or reduce-scatter, embedding and
-MoE expert-bias updates), then the optimizer step behind the NaN/inf guard. Losses are summed
-per token (``calculate_per_token_loss``) so that any DP size and micro-batch split gives the
-loss and gradients of one process on the whole global batch.
+MoE expert-bias updates), then the optimizer step behind the NaN/inf guard. What a step computes
+is the run's ``Objective`` (training.objective: pretraining, SFT, DPO); its loss function returns
+sums and counts (``calculate_per_token_loss``) so that any DP size and micro-batch split gives
+the loss and gradients of one process on the whole global batch.
 
 Device discipline (``platform.device``): batches arrive in host memory and ``forward_step``
 moves them to the compute device once; every tensor this module hands to a collective is
