@@ -284,13 +284,10 @@ def _serial_and_probes(workdir: str, tokenizer: str, argv: list[str]) -> dict:
 
     ps.destroy_model_parallel()
     steps = argv.index("--train-iters") + 1
-    again = _train(argv[:steps] + [str(STEPS + 1)] + argv[steps + 1:] + ["--load", save])
+    again = _train(argv[:steps] + [str(STEPS + 1)] + argv[steps + 1:]
+                   + ["--load", save, "--use-checkpoint-opt_param-scheduler"])
     out["again"] = [l for l in again["lines"] if "reference log-probabilities" in l]
     out["resumed_values"] = again["values"]
-    template = os.path.join(workdir, "other.jinja")
-    with open(template, "w") as f:
-        f.write("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}[assistant] {% endif %}")
     return out
 
 
