@@ -21,8 +21,7 @@ position with the response it belongs to (0: none, 2k+1: pair k's chosen, 2k+2: 
 from __future__ import annotations
 
 import functools
-import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

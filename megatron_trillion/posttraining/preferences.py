@@ -292,8 +292,8 @@ def build_preference_dataset(sources: Sequence[DataSource], chat: ChatFormat, se
     sources = [as_data_source(source) for source in sources]
 
     def tokenize(path: str) -> TokenizedPairs:
-        cached = (os.path.join(cache_dir, f"dpo-{_file_key(path, chat, seq_length, max_length_ratio)}"
-                               ".npz") if cache_dir else None)
+        key = _file_key(path, chat, seq_length, max_length_ratio)
+        cached = os.path.join(cache_dir, f"dpo-{key}.npz") if cache_dir else None
         if cached and os.path.isfile(cached):
             return TokenizedPairs.load(cached)
         data = tokenize_pairs(path, chat, seq_length, max_length_ratio)
