@@ -295,20 +295,20 @@ def dpo_runs(tmp_path_factory, tokenizer):
     from megatron_trillion.data.sample_corpus import write_sample_preferences
 
     workdir = str(tmp_path_factory.mktemp("dpo"))
-    # 37 + 22 pairs in 53 packed samples: a multiple of neither micro-batch x DP nor the batch
-    write_sample_preferences(os.path.join(workdir, "prefs_en.jsonl"), 37, seed=1,
-                             languages=("en", "ko"))
-    write_sample_preferences(os.path.join(workdir, "prefs_ko.jsonl"), 22, seed=2,
-                             languages=("ko", "en"))
-    write_sample_preferences(os.path.join(workdir, "valid_en.jsonl"), 8, seed=3,
-                             languages=("en", "ko"))
-    write_sample_preferences(os.path.join(workdir, "valid_ko.jsonl"), 8, seed=4,
-                             languages=("ko", "en"))
+    # Chosen answers repeat the prompt's (en or ko) sentence, rejected ones answer in Japanese.
+    # 37 + 22 pairs in 47 packed samples: a multiple of neither micro-batch x DP nor the batch.
+    for name, count, seed, language in (("prefs_en", 37, 1, "en"), ("prefs_ko", 22, 2, "ko"),
+                                        ("valid_en", 8, 3, "en"), ("valid_ko", 8, 4, "ko")):
+        write_sample_preferences(os.path.join(workdir, f"{name}.jsonl"), count, seed=seed,
+                                 languages=(language, "ja"))
     parallel = run_distributed(
         _parallel, 8, timeout=900,
         argv=_dpo_argv(workdir, tokenizer, STEPS, os.path.join(workdir, "cache_parallel"),
                        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
-                       "2", "--use-distributed-optimizer"))
+                       "2", "--num-layers-per-virtual-pipeline-stage", "1",  # interleaved
+                       "--use-distributed-optimizer",
+                       # the interleaved schedule takes no fewer micro-batches than PP stages
+                       "--eval-iters", "2"))
     context = run_distributed(
         _parallel, 2, timeout=600,
         argv=_dpo_argv(workdir, tokenizer, STEPS, os.path.join(workdir, "cache_cp"),
@@ -377,8 +377,8 @@ def test_a_resumed_run_reuses_the_reference_cache(dpo_runs):
 
 @pytest.mark.slow
 def test_toy_preference_task_trains(dpo_runs):
-    """Chosen answers repeat the prompt's sentence, rejected ones answer in another language:
-    held-out reward accuracy goes from 0.5 (policy == reference: every reward 0) to >= 0.9."""
+    """Chosen answers repeat the prompt's sentence, rejected ones answer in Japanese: held-out
+    reward accuracy goes from 0.5 (policy == reference: every reward 0) to >= 0.9."""
     serial = dpo_runs["serial"]
     assert serial["values"][0]["rewards/accuracy"] == 0.5
     values = _validation_values(serial["lines"], STEPS)

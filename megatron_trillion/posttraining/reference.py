@@ -59,12 +59,14 @@ def reference_cache_key(reference: dict, tokenizer_fingerprint, chat_template: s
 
 
 def _pass_batches(dataset, micro_batch: int, dp_rank: int, dp_size: int, collate,
-                  context_parallel=None) -> list:
+                  context_parallel=None, rounds_multiple: int = 1) -> list:
     """This rank's micro-batches of one pass over every packed sample (each sample once over
-    all ranks; padding samples carry pair key -1)."""
+    all ranks; padding samples carry pair key -1). ``rounds_multiple``: the number of
+    micro-batches is a multiple of it (the interleaved schedule wants a multiple of PP)."""
     bins = dataset.bins()
     per_step = micro_batch * dp_size
     rounds = -(-len(bins) // per_step)
+    rounds = -(-rounds // rounds_multiple) * rounds_multiple
     batches = []
     for r in range(rounds):
         samples = []
@@ -112,7 +114,9 @@ def compute_reference_logps(model: list, dataset, micro_batch: int, dp_size: int
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
-    batches = _pass_batches(dataset, micro_batch, dp_rank, dp_size, collate, context_parallel)
+    interleaved = len(model) > 1  # virtual pipeline stages
+    batches = _pass_batches(dataset, micro_batch, dp_rank, dp_size, collate, context_parallel,
+                            ps.get_pipeline_model_parallel_world_size() if interleaved else 1)
     for chunk in model:
         chunk.eval()
     try:
