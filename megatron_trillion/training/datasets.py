@@ -206,8 +206,8 @@ class DatasetBuilder:
     def anneal_dataset(self, current, consumed: int, log: Log):
         """The anneal mixture, starting from ``current``'s stream positions at ``consumed``;
         None when the run ends there (the switch came with its last step: no anneal sample
-        is left to read, as ``anneal_switch_sample`` says). A longer run resumed from this
-        point reads the anneal mixture from the start, past the boundary."""
+        is left to read, as ``anneal_switch_sample`` says). A longer run resumed from there
+        is past the boundary, so ``train_dataset`` gives it the anneal mixture."""
         from megatron_trillion.data.xlda_packing import resume_xlda_dataset
 
         if consumed >= self.shape.train_samples:
