@@ -194,3 +194,62 @@ def test_dataset_pickles_for_dataloader_workers(sources, tmp_path):
     for i in (3, 120, 239):
         np.testing.assert_array_equal(copy[i]["tokens"], dataset[i]["tokens"])
     assert copy.index.cross_lingual[120] == dataset.index.cross_lingual[120]
+
+
+def _train_each(argvs: list[list[str]]) -> list[dict]:
+    """Train each run in turn in this process: what it ended at and which mixtures it read."""
+    from megatron.core import parallel_state
+
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+
+    quiet_known_warnings()
+    results = []
+    for argv in argvs:
+        lines: list[str] = []
+        state, _ = pretrain(parse_args(argv), log=lines.append)
+        parallel_state.destroy_model_parallel()   # the next run sets up its own
+        results.append({"end": (state.iteration, state.consumed_samples),
+                        "switched": [line for line in lines if " anneal: " in line],
+                        "index": [line.split(": samples ")[1].split(",")[0]
+                                  for line in lines if "sample index" in line]})
+    return results
+
+
+@pytest.mark.slow
+def test_anneal_switch_at_or_past_the_end_of_the_run(tmp_path):
+    """The anneal boundary crossed by the last step leaves no anneal sample to read: the run
+    ends there instead of building an empty anneal mixture. With and without the ramp-up
+    (2 x 4 steps, then 4 per step: 6 steps), and the cases around it."""
+    data = {lang: write_language_dataset(str(tmp_path), lang, 60, seed=n, max_len=80)
+            for n, lang in enumerate(("en", "ko"))}
+    common = ["--preset", "tiny-tri-7b", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+              "1000", "--data-path", *(f"{lang}:{prefix}" for lang, prefix in data.items()),
+              "--anneal-data-path", "0.5", f"en:{data['en']}", "0.5", f"ko:{data['ko']}",
+              "--data-cache-path", str(tmp_path / "cache"), "--seq-length", "32",
+              "--micro-batch-size", "1", "--global-batch-size", "4", "--train-samples", "16",
+              "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-samples", "2",
+              "--lr-decay-style", "wsd", "--no-progress-bar"]
+    rampup = ["--rampup-batch-size", "2", "2", "8"]
+    cases = {  # flags: (the iteration the switch is logged at or None, anneal index start)
+        # WSD decay from sample 14.4: crossed by the last step (12 -> 16).
+        "ramp-up, last step": (rampup, 6, None),
+        "no ramp-up, last step": ([], 4, None),
+        # Decay from sample 16 = --train-samples: the last sample is the boundary.
+        "no ramp-up, at the last sample": (
+            ["--lr-decay-samples", "32", "--lr-wsd-decay-fraction", "0.5"], 4, None),
+        # Decay from sample 12: the last step reads the anneal mixture.
+        "ramp-up, before the last step": ([*rampup, "--lr-wsd-decay-fraction", "0.25"], 5, "12"),
+        # Decay from sample 20: no anneal phase in this run.
+        "no ramp-up, past the end": (
+            ["--lr-decay-samples", "40", "--lr-wsd-decay-fraction", "0.5"], None, None),
+    }
+    (results,) = run_distributed(_train_each, 1, timeout=600,
+                                 argvs=[common + flags for flags, _, _ in cases.values()])
+    for (name, (flags, switched_at, anneal_from)), result in zip(cases.items(), results):
+        assert result["end"] == ((6 if flags[:1] == rampup[:1] else 4), 16), name
+        assert {line.split("switched at iteration ")[1].split(":")[0]
+                for line in result["switched"]} == ({str(switched_at)} if switched_at else set()), \
+            (name, result["switched"])
+        assert result["index"] == ["[0"] + ([f"[{anneal_from}"] if anneal_from else []), \
+            (name, result["index"])

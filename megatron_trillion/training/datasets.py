@@ -225,9 +225,14 @@ class DatasetBuilder:
         return dataset
 
     def anneal_dataset(self, current, consumed: int, log: Log):
-        """The anneal mixture, starting from ``current``'s stream positions at ``consumed``."""
+        """The anneal mixture, starting from ``current``'s stream positions at ``consumed``;
+        None when the run ends there (the switch came with its last step: no anneal sample
+        is left to read, as ``anneal_switch_sample`` says). A longer run resumed from there
+        is past the boundary, so ``train_dataset`` gives it the anneal mixture."""
         from megatron_trillion.data.xlda_packing import resume_xlda_dataset
 
+        if consumed >= self.shape.train_samples:
+            return None
         dataset, changes = resume_xlda_dataset(current.state_dict(consumed), consumed,
                                                **self.dataset_kwargs(self.anneal_sources()))
         for change in changes:

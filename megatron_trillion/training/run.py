@@ -102,8 +102,9 @@ class PretrainHooks:
         if not self.config.anneal.anneal_data_path:
             return None
         current = run.train_batches
-        return current.over(self.data.anneal_dataset(current.dataset,
-                                                      run.state.consumed_samples, self.log))
+        dataset = self.data.anneal_dataset(current.dataset, run.state.consumed_samples,
+                                           self.log)
+        return current.over(dataset) if dataset is not None else None
 
 
 def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainState, Run]:
