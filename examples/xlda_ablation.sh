@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The XLDA ablation of the Trillion report in one command: the same model, data, steps and seed
+# The XLDA ablation of the Trillion report in one command: the same model, data, steps and seeds
 # trained four times, changing only the attention masking -
 #   xlda-pair      --attention-masking xlda --xlda-block-scope pair
 #   xlda-sequence  --attention-masking xlda --xlda-block-scope sequence
@@ -16,6 +16,8 @@
 #   ABLATION_DATA_PATH="0.7 en:/data/web_en_text_document 0.3 /data/web_ko_text_document"
 #   ABLATION_VALID_DATA_PATH="/data/valid_en_text_document /data/valid_ko_text_document"
 #   ABLATION_TOKENIZER=/data/tokenizer  ABLATION_PARALLEL_DATA=/data/global_mmlu_en_ko.jsonl
+#   (with ABLATION_DATA_PATH, ABLATION_PARALLEL_DATA is required: the facts probe is about the
+#   generated corpus only)
 #   ABLATION_PRESET=tri-7b ABLATION_SEQ_LENGTH=4096 ABLATION_ITERS=... ABLATION_NPROC=8
 #   ABLATION_EXTRA_ARGS="--bf16 --tensor-model-parallel-size 2 ..."
 # ABLATION_RUNS="xlda-pair none" runs a subset (tools/xlda_ablation_table.py tabulates any run
