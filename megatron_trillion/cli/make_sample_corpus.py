@@ -8,6 +8,10 @@
     # preference pairs for pretrain --dpo (chosen: in the prompt's language; rejected: not)
     python tools/make_sample_corpus.py --output dpo/prefs_ko.jsonl --preferences 300 \
         --languages ko en
+    # a corpus that also states facts about 100 made-up people, each fact in English or in
+    # Korean only, and the probe of cross-lingual transfer on it (the same --facts and --seed):
+    python tools/make_sample_corpus.py --output corpus.jsonl --facts 100 --seed 1
+    python tools/make_sample_corpus.py --output probe.jsonl --facts 100 --seed 1 --fact-probe
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from megatron_trillion.data.sample_corpus import (
     write_sample_conversations,
     write_sample_corpus,
     write_sample_preferences,
+)
+from megatron_trillion.data.sample_facts import (
+    FACT_LANGUAGES,
+    iter_fact_documents,
+    write_fact_items,
 )
 from megatron_trillion.errors import UserError
 from megatron_trillion.platform.single_process import run_tool
@@ -53,18 +62,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "\"rejected\"} per line, for --dpo) instead of the corpus: prompts in "
                         "the first --languages language, chosen answers in it, rejected ones in "
                         "the others")
+    facts = parser.add_argument_group("synthetic facts (a probe of cross-lingual transfer)")
+    facts.add_argument("--facts", type=int, default=None, metavar="N",
+                       help="add documents stating facts about N made-up people to the corpus, "
+                       "each fact in one of --fact-languages only (a quarter of the people in "
+                       "both, as translations)")
+    facts.add_argument("--fact-mentions", type=int, default=4, metavar="M",
+                       help="documents per person and language (how often a fact is read)")
+    facts.add_argument("--fact-languages", nargs=2, default=list(FACT_LANGUAGES),
+                       choices=FACT_LANGUAGES, metavar=("SOURCE", "TARGET"),
+                       help="the two languages the facts are told in; --fact-probe asks about "
+                       "the facts told only in SOURCE, in SOURCE and in TARGET")
+    facts.add_argument("--fact-probe", action="store_true",
+                       help="write the parallel multiple-choice probe of the corpus made with "
+                       "the same --facts and --seed instead of a corpus")
     args = parser.parse_args(argv)
     return run_tool(lambda: write(args))
 
 
 def write(args) -> None:
     """Writes the parallel items, the conversations or the corpus the flags ask for."""
-    chosen = [name for name in ("conversations", "parallel_items", "preferences")
-              if getattr(args, name) is not None]
-    if len(chosen) > 1:
-        raise UserError(" and ".join(f"--{name.replace('_', '-')}" for name in chosen)
-                        + " are exclusive")
-    if args.preferences is not None:
+    modes = [flag for flag, used in (("--conversations", args.conversations is not None),
+                                     ("--parallel-items", args.parallel_items is not None),
+                                     ("--preferences", args.preferences is not None),
+                                     ("--fact-probe", args.fact_probe)) if used]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are exclusive")
+    if args.facts is not None and args.facts < 1:
+        raise UserError("--facts must be >= 1")
+    if args.fact_mentions < 1:
+        raise UserError("--fact-mentions must be >= 1")
+    if len(set(args.fact_languages)) != 2:
+        raise UserError(f"--fact-languages needs two different languages, got "
+                        f"{args.fact_languages}")
+    if args.facts is not None and (args.conversations is not None
+                                   or args.parallel_items is not None
+                                   or args.preferences is not None):
+        raise UserError("--facts goes with a corpus or --fact-probe")
+    if args.fact_probe:
+        if args.facts is None:
+            raise UserError("--fact-probe needs the --facts (and --seed) of the corpus")
+        path = write_fact_items(args.output, args.facts, args.seed, tuple(args.fact_languages))
+    elif args.preferences is not None:
         if args.preferences < 1:
             raise UserError("--preferences must be >= 1")
         path = write_sample_preferences(args.output, args.preferences, args.seed,
@@ -84,9 +123,17 @@ def write(args) -> None:
             raise UserError("--docs-per-lang must be >= 1")
         if args.max_paragraphs < 1:
             raise UserError("--max-paragraphs must be >= 1")
+        extra = ()
+        if args.facts is not None:
+            missing = [l for l in args.fact_languages if l not in args.languages]
+            if missing:
+                raise UserError(f"--facts are told in {args.fact_languages}: add {missing} to "
+                                "--languages")
+            extra = iter_fact_documents(args.facts, args.seed, args.fact_mentions,
+                                        tuple(args.fact_languages))
         path = write_sample_corpus(args.output, docs_per_lang=args.docs_per_lang,
                                    seed=args.seed, languages=tuple(args.languages),
-                                   max_paragraphs=args.max_paragraphs)
+                                   max_paragraphs=args.max_paragraphs, extra_documents=extra)
     print(f"wrote {path}")
 
 

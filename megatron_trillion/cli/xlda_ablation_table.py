@@ -16,7 +16,8 @@ from megatron_trillion.platform.single_process import run_tool
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="xlda_ablation_table.py",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories (train.log, consistency.json)")
+    parser.add_argument("runs", nargs="+", help="run directories (seed-<n>/ directories, or the "
+                        "train.log and consistency.json of one seed)")
     args = parser.parse_args(argv)
     return run_tool(lambda: print(format_ablation_table([read_run(d) for d in args.runs])))
 

@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 LANGUAGES = ("en", "ko", "ja")
 
@@ -212,13 +212,17 @@ def write_sample_corpus(
     seed: int = 1234,
     languages: tuple[str, ...] = LANGUAGES,
     max_paragraphs: int = 3,
+    extra_documents: Iterable[SampleDocument] = (),
 ) -> Path:
-    """Writes the sample corpus as JSONL (gzip-compressed when `path` ends in .gz); returns path."""
+    """Writes the sample corpus as JSONL (gzip-compressed when `path` ends in .gz), then
+    ``extra_documents``; returns path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wt", encoding="utf-8") as out:
         for doc in iter_sample_documents(docs_per_lang, seed, languages, max_paragraphs):
+            out.write(doc.to_json() + "\n")
+        for doc in extra_documents:
             out.write(doc.to_json() + "\n")
     return path
 

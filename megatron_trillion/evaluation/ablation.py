@@ -1,11 +1,13 @@
 """The XLDA ablation table (examples/xlda_ablation.sh): per run, the last per-language
-validation loss of its training log and its cross-lingual consistency metrics."""
+validation loss of its training log and its cross-lingual consistency metrics, as mean and
+standard deviation over the run's seeds."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import statistics
 from typing import Mapping, Optional, Sequence
 
 from megatron_trillion.data.languages import ALL_LANGUAGES
@@ -30,7 +32,19 @@ def last_validation_losses(log_text: str) -> dict[str, float]:
 
 
 def read_run(run_dir: str) -> dict:
-    """A run directory of the ablation script: ``train.log`` and ``consistency.json``."""
+    """A run directory of the ablation script: one ``seed-<n>/`` directory per seed (or the
+    files of one seed directly), each with ``train.log`` and ``consistency.json``.
+    ``{"name", "seeds": [{"losses", "metrics"}, ...]}``."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such run directory")
+    seeds = sorted((d for d in os.listdir(run_dir) if re.fullmatch(r"seed-\d+", d)),
+                   key=lambda d: int(d[len("seed-"):]))
+    directories = [os.path.join(run_dir, d) for d in seeds] or [run_dir]
+    return {"name": os.path.basename(os.path.normpath(run_dir)),
+            "seeds": [_read_seed(d) for d in directories]}
+
+
+def _read_seed(run_dir: str) -> dict:
     log = os.path.join(run_dir, "train.log")
     results = os.path.join(run_dir, "consistency.json")
     for path in (log, results):
@@ -44,30 +58,46 @@ def read_run(run_dir: str) -> dict:
             raise UserError(f"{log}: {exc}") from exc
     with open(results, encoding="utf-8") as f:
         metrics = json.load(f)
-    return {"name": os.path.basename(os.path.normpath(run_dir)), "losses": losses,
-            "metrics": metrics}
+    return {"losses": losses, "metrics": metrics}
 
 
 def format_ablation_table(runs: Sequence[Mapping]) -> str:
-    """One row per run: validation loss (all, per language) and the consistency metrics."""
+    """One row per run: validation loss (all, per language) and the consistency metrics, each
+    as ``mean ± standard deviation`` over the run's seeds (the value alone for one seed)."""
     if not runs:
         raise UserError("no runs")
-    languages = sorted({l for run in runs for l in run["losses"] if l != ALL_LANGUAGES})
-    first = runs[0]["metrics"]
+    languages = sorted({l for run in runs for seed in run["seeds"] for l in seed["losses"]
+                        if l != ALL_LANGUAGES})
+    first = runs[0]["seeds"][0]["metrics"]
     names = metric_names(first["source_language"], first["target_language"])
     metric_keys = [names[k] for k in ("acc_source", "acc_target", "transfer", "target_wrong",
                                       "source_wrong")]
     header = (["run", "val loss"] + [f"val loss [{l}]" for l in languages] + metric_keys)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [run["name"], _number(run["losses"].get(ALL_LANGUAGES))]
-        cells += [_number(run["losses"].get(l)) for l in languages]
-        cells += [_number(run["metrics"].get(k)) for k in metric_keys]
+        seeds = run["seeds"]
+        cells = [run["name"], _cell([s["losses"].get(ALL_LANGUAGES) for s in seeds])]
+        cells += [_cell([s["losses"].get(l) for s in seeds]) for l in languages]
+        cells += [_cell([s["metrics"].get(k) for s in seeds]) for k in metric_keys]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"(consistency on {first['num_items']} parallel items; "
+    counts = sorted({len(run["seeds"]) for run in runs})
+    spread = (f"mean ± standard deviation over {'/'.join(map(str, counts))} seeds; "
+              if counts != [1] else "one seed; ")
+    lines.append(f"({spread}consistency on {first['num_items']} parallel items; "
                  f"{names['transfer']} higher is better, the other two lower)")
     return "\n".join(lines)
 
 
-def _number(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _cell(values: Sequence[Optional[float]]) -> str:
+    """``n/a`` where no seed defines the value; ``(k/n)`` where only k of n seeds do."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "n/a"
+    if len(values) == 1:
+        return f"{defined[0]:.4f}"
+    text = f"{statistics.fmean(defined):.3f}"
+    if len(defined) > 1:
+        text += f" ± {statistics.stdev(defined):.3f}"
+    if len(defined) < len(values):
+        text += f" ({len(defined)}/{len(values)})"
+    return text
