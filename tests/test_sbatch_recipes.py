@@ -181,7 +181,8 @@ def test_tiny_cpu_form_of_every_recipe_validates(recipe, tmp_path):
     extra = " ".join(tiny_args(recipe))
     torchrun, flags = _split(_dry_run(recipe, tmp_path, EXTRA_ARGS=extra, GPUS_PER_NODE="2"))
     _make_datasets(flags, tmp_path / "data")
-    (tmp_path / "init").mkdir(exist_ok=True)
+    # validation checks that a --load to start from holds a checkpoint
+    (tmp_path / "init" / "iter_0000001").mkdir(parents=True, exist_ok=True)
     config = parse_args(flags)
     assert config.training.bf16  # the recipe's precision stays
     shape = validate(config, resolve_model_preset(config), int(torchrun["--nproc-per-node"]),
