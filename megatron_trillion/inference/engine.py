@@ -367,10 +367,17 @@ def _diagonal(queries: int, keys: int, device) -> torch.Tensor:
 
 def _keep_cache_rows(context, index: torch.Tensor) -> None:
     """Drop finished rows from a ``StaticInferenceContext``'s per-layer caches."""
-    for layer, (keys, values) in list(context.key_value_memory_dict.items()):
-        context.key_value_memory_dict[layer] = (keys.index_select(1, index),
-                                                values.index_select(1, index))
+    for layer, memories in list(context.key_value_memory_dict.items()):
+        context.key_value_memory_dict[layer] = tuple(_select_rows(m, index) for m in memories)
     context.max_batch_size = int(index.numel())
+
+
+def _select_rows(memory: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``memory[:, index]`` of a [seq, batch, groups, d] cache, in the same memory order (a
+    batch-major one, ``models.rotated_cache_attention``, stays batch-major)."""
+    if memory.stride(1) > memory.stride(0):
+        return memory.permute(1, 2, 0, 3).index_select(0, index).permute(2, 0, 1, 3)
+    return memory.index_select(1, index)
 
 
 def load_engine(checkpoint_root: str, iteration: Optional[int] = None, log=print,
