@@ -12,9 +12,11 @@ How a batch runs:
   rows are batched by prompt length instead, unpadded: see ``pads_prompts``.)
 * the prompt is run once (prefill) and every new token once (decode) through megatron-core's
   ``StaticInferenceContext`` path of ``GPTModel``: each attention layer appends its keys and
-  values to the context's per-layer cache, so a new token costs the same however long the
-  sequence already is. The core attention is the model's own (``XLDACoreAttention`` on the CPU
-  spec, in its SBHD path: causal at prefill, the padding mask at decode).
+  values to the context's per-layer cache (keys already rotated:
+  ``models.rotated_cache_attention``), so nothing is recomputed over the sequence already
+  there; only attention reads it. The core attention is the model's own
+  (``XLDACoreAttention`` on the CPU spec, in its SBHD path: causal at prefill, the padding
+  mask at decode).
 * rows that finish (a stop token, a stop string, their token budget) leave the batch and its
   cache, so a long straggler does not keep paying for finished rows.
 * the logits are the vocabulary-parallel ones gathered over TP (``runtime_gather_output``, as
