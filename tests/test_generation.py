@@ -211,7 +211,35 @@ def _engine_checks(workdir: str, tensor: int) -> dict:
     # the position limit: a 40-token prompt gets the remaining 8 tokens
     long = engine.generate([list(range(1, 41))], SamplingParams(max_new_tokens=100))
     out["long"] = (len(long[0].completions[0].token_ids), long[0].completions[0].finish_reason)
+    out["rope_lengths"] = _rope_lengths(engine)
     return out
+
+
+def _rope_lengths(engine) -> list[int]:
+    """The sequence lengths RoPE is applied to while a 5-token prompt generates 4 tokens: the
+    prompt's at prefill, then 1 per decode step when the cache holds rotated keys (re-rotating
+    the cache would show 6, 7, 8)."""
+    from unittest import mock
+
+    import megatron.core.transformer.attention as mcore_attention
+
+    from megatron_trillion.inference.engine import SamplingParams
+    from megatron_trillion.models import rotated_cache_attention
+
+    lengths: set[int] = set()
+
+    def recording(original):
+        def apply(t, *args, **kwargs):
+            lengths.add(t.shape[0])
+            return original(t, *args, **kwargs)
+        return apply
+
+    with mock.patch.object(mcore_attention, "apply_rotary_pos_emb",
+                           recording(mcore_attention.apply_rotary_pos_emb)), \
+            mock.patch.object(rotated_cache_attention, "apply_rotary_pos_emb",
+                              recording(rotated_cache_attention.apply_rotary_pos_emb)):
+        engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=4))
+    return sorted(lengths)
 
 
 def _sliding_window_checks() -> dict:
@@ -319,6 +347,23 @@ def test_greedy_equals_transformers_generate_on_the_export(single_rank):
     assert r["vocab"] == VOCAB and r["limit"] == SEQ
     assert r["greedy"] == r["hf_greedy"]
     assert all(len(t) == 16 or t[-1] == 0 for t in r["greedy"])
+
+
+@pytest.mark.slow
+def test_decode_steps_rotate_only_the_new_keys(single_rank):
+    _, r = single_rank
+    assert r["rope_lengths"] == [1, len(PROMPTS[2])]
+
+
+def test_dropping_finished_rows_keeps_the_cache_layout():
+    from megatron_trillion.inference.engine import _select_rows
+
+    batch_major = torch.arange(3 * 2 * 5 * 4.0).reshape(3, 2, 5, 4).permute(2, 0, 1, 3)
+    index = torch.tensor([0, 2])
+    for memory in (batch_major, batch_major.contiguous()):   # [seq, batch, groups, d] views
+        kept = _select_rows(memory, index)
+        assert torch.equal(kept, memory[:, index])
+        assert (kept.stride(1) > kept.stride(0)) == (memory.stride(1) > memory.stride(0))
 
 
 @pytest.mark.slow

@@ -208,6 +208,34 @@ def test_sbhd_path_is_causal_attention_and_bottom_right_for_decoding():
     assert not torch.allclose(full[0], out[0])
 
 
+def test_one_query_decode_step_attends_per_key_group():
+    """A KV-cache decode step (one query per row, GQA): the query heads of a group attend to
+    its keys without the cache being repeated per head; the padding mask (per key) and the
+    sliding window still apply, and a batch-major cache view gives the same result."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    heads, groups, s, b, d = 4, 2, 9, 2, 8
+    scale = 1 / math.sqrt(d)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(s, b, heads, d, generator=gen)
+    k = torch.randn(s, b, groups, d, generator=gen)
+    v = torch.randn(s, b, groups, d, generator=gen)
+    batch_major = [x.permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3) for x in (k, v)]
+    pad = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    pad[0, ..., :3] = True   # row 0: three padding keys (True = masked, megatron convention)
+    for window in (None, 3):
+        attn = _attention(_config(heads=heads, groups=groups,
+                                  **({} if window is None else {"window_size": (window, 0)})))
+        attn._expand_groups = None   # the one-query path must not repeat keys per head
+        for keys, values in ((k, v), batch_major):
+            out = attn(q[-1:], keys, values, pad, attn_mask_type=AttnMaskType.no_mask)
+            assert out.shape == (1, b, heads * d)
+            for i, first in enumerate((3, 0)):
+                ref = dense_reference(q[first:, i], k[first:, i], v[first:, i], [0, s - first],
+                                      scale, window_left=window)
+                torch.testing.assert_close(out[0, i], ref[-1], rtol=1e-5, atol=1e-5)
+
+
 def test_masked_modes_refuse_to_run_without_packed_params():
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.spec_utils import build_module

@@ -12,9 +12,11 @@ How a batch runs:
   rows are batched by prompt length instead, unpadded: see ``pads_prompts``.)
 * the prompt is run once (prefill) and every new token once (decode) through megatron-core's
   ``StaticInferenceContext`` path of ``GPTModel``: each attention layer appends its keys and
-  values to the context's per-layer cache, so a new token costs the same however long the
-  sequence already is. The core attention is the model's own (``XLDACoreAttention`` on the CPU
-  spec, in its SBHD path: causal at prefill, the padding mask at decode).
+  values to the context's per-layer cache (keys already rotated:
+  ``models.rotated_cache_attention``), so nothing is recomputed over the sequence already
+  there; only attention reads it. The core attention is the model's own
+  (``XLDACoreAttention`` on the CPU spec, in its SBHD path: causal at prefill, the padding
+  mask at decode).
 * rows that finish (a stop token, a stop string, their token budget) leave the batch and its
   cache, so a long straggler does not keep paying for finished rows.
 * the logits are the vocabulary-parallel ones gathered over TP (``runtime_gather_output``, as
@@ -367,10 +369,17 @@ def _diagonal(queries: int, keys: int, device) -> torch.Tensor:
 
 def _keep_cache_rows(context, index: torch.Tensor) -> None:
     """Drop finished rows from a ``StaticInferenceContext``'s per-layer caches."""
-    for layer, (keys, values) in list(context.key_value_memory_dict.items()):
-        context.key_value_memory_dict[layer] = (keys.index_select(1, index),
-                                                values.index_select(1, index))
+    for layer, memories in list(context.key_value_memory_dict.items()):
+        context.key_value_memory_dict[layer] = tuple(_select_rows(m, index) for m in memories)
     context.max_batch_size = int(index.numel())
+
+
+def _select_rows(memory: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``memory[:, index]`` of a [seq, batch, groups, d] cache, in the same memory order (a
+    batch-major one, ``models.rotated_cache_attention``, stays batch-major)."""
+    if memory.stride(1) > memory.stride(0):
+        return memory.permute(1, 2, 0, 3).index_select(0, index).permute(2, 0, 1, 3)
+    return memory.index_select(1, index)
 
 
 def load_engine(checkpoint_root: str, iteration: Optional[int] = None, log=print,

@@ -34,6 +34,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
     get_gpt_mtp_block_spec_for_backend,
 )
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -48,6 +49,7 @@ from megatron_trillion.models.afmoe import sandwich_layer_spec
 from megatron_trillion.models.mtp_recompute import use_packed_recompute_mtp_layers
 from megatron_trillion.models.mtp_roll import use_vectorised_packed_roll
 from megatron_trillion.models.norms import TorchNorm
+from megatron_trillion.models.rotated_cache_attention import RotatedCacheSelfAttention
 from megatron_trillion.models.te_attention_guard import pass_pad_between_seqs, require_packed_thd
 from megatron_trillion.models.xlda_attention import xlda_core_attention_spec
 
@@ -112,6 +114,9 @@ def _layer_spec(config: TransformerConfig, num_experts: Optional[int], impl: str
             if getattr(owner, field) is WrappedTorchNorm:
                 setattr(owner, field, TorchNorm)
         norm = TorchNorm
+    # Generation's static KV cache then holds rotated keys: a decode step rotates only its own.
+    if spec.submodules.self_attention.module is SelfAttention:
+        spec.submodules.self_attention.module = RotatedCacheSelfAttention
     if sandwich_norm:
         spec = sandwich_layer_spec(spec, norm)
     return spec

@@ -312,20 +312,37 @@ class XLDACoreAttention(MegatronModule):
                 f"packed_seq_params; got {tuple(query.shape)}."
             )
         self._check_heads(query.shape[2], key.shape[2], value.shape[2])
-        key, value = self._expand_groups(key, value, head_dim=2)
         sq, sk = query.shape[0], key.shape[0]
+        extra = None
+        if attention_mask is not None:
+            # Megatron convention: True marks a masked-out pair.
+            extra = ~attention_mask.to(torch.bool)
+        if sq == 1:
+            return self._forward_one_query(query, key, value, extra)
+        key, value = self._expand_groups(key, value, head_dim=2)
         q = query.permute(1, 2, 0, 3)   # [B, H, Sq, d]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal,
                                AttnMaskType.causal_bottom_right)
-        extra = None
-        if attention_mask is not None:
-            # Megatron convention: True marks a masked-out pair.
-            extra = ~attention_mask.to(torch.bool)
         out = self._sdpa(q, k, v, sq, sk, extra_mask=extra, causal=causal)  # [B, H, Sq, dv]
         out = out.permute(2, 0, 1, 3)   # [Sq, B, H, dv]
         return out.reshape(sq, out.shape[1], -1)
+
+    def _forward_one_query(self, query: Tensor, key: Tensor, value: Tensor,
+                           allowed: Optional[Tensor]) -> Tensor:
+        """One query per row (a KV-cache decode step): the last position, so causality hides
+        nothing. The query heads of a key/value group become that group's query rows
+        ([B, G, heads per group, d] against [B, G, Sk, d]) instead of the cached keys and
+        values being repeated per head, a copy of the whole cache at every step; the masks
+        ([1, Sk], [B, 1, 1, Sk]) are per key and broadcast over those rows."""
+        batch, groups = query.shape[1], key.shape[2]
+        sk = key.shape[0]
+        q = query.reshape(batch, groups, -1, query.shape[-1])   # [B, G, H/G, d]
+        k = key.permute(1, 2, 0, 3)                              # [B, G, Sk, d]
+        v = value.permute(1, 2, 0, 3)
+        out = self._sdpa(q, k, v, 1, sk, extra_mask=allowed, causal=False)  # [B, G, H/G, dv]
+        return out.reshape(1, batch, -1)
 
     # ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""Self-attention whose static KV cache holds keys with RoPE already applied.
+
+megatron-core's ``Attention`` stores each new key in ``StaticInferenceContext``'s cache *before*
+RoPE and, at every decode step, rotates the whole cache again (``k_pos_emb[:sequence_end]``
+applied to ``[sequence_end, batch, groups, d]``): the work per new token grows with the length
+already generated. Its rotated-key path (``config.flash_decode``) is tied to the CUDA
+flash-decode kernel, and its CPU fallback ``apply_rotary_pos_emb_with_cos_sin`` reads the
+model's cos/sin tables as angles, so it cannot be switched on here.
+
+This subclass rotates only the new keys (at their cache positions, ``k_pos_emb[start:end]``)
+before they are stored and hands the cached, already rotated keys to the core attention with no
+key embedding left to apply. Each key gets the same rotation by the same function as before, so
+the outputs are identical; only the cost changes (per step: the new tokens, not the whole
+cache). Everything else (training, no inference context, flash decode, dynamic batching, layers
+without RoPE) is megatron-core's path unchanged.
+
+With the project's CPU core attention (``XLDACoreAttention``) the cache is also stored
+batch-major, ``[batch, groups, seq, d]`` behind the ``[seq, batch, groups, d]`` view
+megatron-core indexes: the attention reads each (row, group)'s keys as one contiguous run, where
+the sequence-major layout made the CPU kernel gather them with a stride (about twice the time
+per step at 1,024 cached tokens). Other core attentions (Transformer Engine's) keep the
+sequence-major cache they expect.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.transformer.attention import SelfAttention
+
+__all__ = ["RotatedCacheSelfAttention"]
+
+
+class RotatedCacheSelfAttention(SelfAttention):
+    """``SelfAttention`` with a static KV cache of rotated keys (see the module docstring)."""
+
+    def _allocate_memory(self, inference_max_sequence_length, batch_size, dim, dtype):
+        from megatron_trillion.models.xlda_attention import XLDACoreAttention
+
+        if not isinstance(self.core_attention, XLDACoreAttention):
+            return super()._allocate_memory(inference_max_sequence_length, batch_size, dim,
+                                            dtype)
+        memory = torch.empty(batch_size, self.num_query_groups_per_partition,
+                             inference_max_sequence_length, dim, dtype=dtype,
+                             device=torch.cuda.current_device())
+        return memory.permute(2, 0, 1, 3)
+
+    def _adjust_key_value_for_inference(self, inference_context, query: Tensor, key: Tensor,
+                                        value: Tensor, rotary_pos_emb,
+                                        rotary_pos_cos: Optional[Tensor] = None,
+                                        rotary_pos_sin: Optional[Tensor] = None,
+                                        rotary_pos_cos_sin: Optional[Tensor] = None,
+                                        sequence_len_offset: Optional[int] = None, *,
+                                        inference_params=None):
+        if inference_context is None:
+            inference_context = inference_params
+        if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
+                or not inference_context.is_static_batching()):
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
+                rotary_pos_sin, rotary_pos_cos_sin, sequence_len_offset)
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        start = inference_context.sequence_len_offset
+        end = start + key.size(0)
+        if k_pos_emb is not None:
+            key = apply_rotary_pos_emb(
+                key, k_pos_emb[start:end], config=self.config,
+                mscale=_yarn_get_concentration_factor_from_config(self.config),
+                cp_group=self.pg_collection.cp)
+        query, key, value, _, attn_mask_type, block_table = \
+            super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, None, rotary_pos_cos, rotary_pos_sin,
+                rotary_pos_cos_sin, sequence_len_offset)
+        # The query still gets its embedding in the caller; the keys need none any more.
+        q_pos_emb = None if q_pos_emb is None else q_pos_emb[start:end]
+        return query, key, value, (q_pos_emb, None), attn_mask_type, block_table
