@@ -46,12 +46,11 @@ import torch
 
 from megatron_trillion.data.chat_template import ROLES, ChatFormat, ChatTemplateError
 from megatron_trillion.data.data_path import DataSource, as_data_source
-from megatron_trillion.data.jsonl import json_error
+from megatron_trillion.data.jsonl import bad_lines_message, parse_jsonl
 from megatron_trillion.errors import UserError
 
 OVERLONG_POLICIES = ("truncate", "error")
 _CACHE_VERSION = 1
-_MAX_REPORTED_ERRORS = 20
 _LANG_IN_NAME = re.compile(r"_([a-z]{2,3}(?:-[a-z]+)?)\.jsonl$")
 
 
@@ -117,27 +116,8 @@ def _check_messages(record) -> list[dict]:
 
 
 def read_conversations(path: str):
-    """Yield ``(line number, messages)``; SFTDataError lists every bad line (up to 20)."""
-    errors: list[str] = []
-    good = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                errors.append(f"{path}:{number}: invalid UTF-8 at byte {exc.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                messages = _check_messages(json.loads(text))
-            except json.JSONDecodeError as exc:
-                errors.append(f"{path}:{number}: not valid JSON ({json_error(exc)})")
-                continue
-            except ValueError as exc:
-                errors.append(f"{path}:{number}: {exc}")
-                continue
-            good.append((number, messages))
+    """``(line number, messages)`` of every conversation; SFTDataError lists every bad line."""
+    good, errors = parse_jsonl(path, _check_messages)
     if errors:
         _raise(errors)
     if not good:
@@ -146,10 +126,7 @@ def read_conversations(path: str):
 
 
 def _raise(errors: list[str], what: str = "SFT data") -> None:
-    shown = errors[:_MAX_REPORTED_ERRORS]
-    more = len(errors) - len(shown)
-    raise SFTDataError(f"bad {what}:\n  " + "\n  ".join(shown)
-                       + (f"\n  ... and {more} more" if more else ""))
+    raise SFTDataError(bad_lines_message(what, errors))
 
 
 @dataclass

@@ -22,10 +22,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from megatron_trillion.data.jsonl import bad_lines_message, parse_jsonl
 from megatron_trillion.errors import UserError
 from megatron_trillion.posttraining.preferences import length_ratio
 
-_MAX_REPORTED = 20
+
+def _json_object(record):
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    return record
 
 
 def _read_jsonl(path: str, what: str) -> tuple[list[tuple[int, dict]], list[str]]:
@@ -33,26 +38,7 @@ def _read_jsonl(path: str, what: str) -> tuple[list[tuple[int, dict]], list[str]
     each line that is not a JSON object."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
-    good, errors = [], []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                errors.append(f"{path}:{number}: invalid UTF-8 at byte {exc.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                errors.append(f"{path}:{number}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(record, dict):
-                errors.append(f"{path}:{number}: expected a JSON object")
-                continue
-            good.append((number, record))
-    return good, errors
+    return parse_jsonl(path, _json_object)
 
 
 def _line_number(error: str) -> int:
@@ -61,9 +47,7 @@ def _line_number(error: str) -> int:
 
 def _raise(errors: list[str], what: str) -> None:
     if errors:
-        more = len(errors) - _MAX_REPORTED
-        raise UserError(f"bad {what}:\n  " + "\n  ".join(errors[:_MAX_REPORTED])
-                        + (f"\n  ... and {more} more" if more > 0 else ""))
+        raise UserError(bad_lines_message(what, sorted(errors, key=_line_number)))
 
 
 @dataclass
@@ -94,7 +78,7 @@ def read_responses(path: str) -> list[dict]:
                           '[{"text": ..., "token_ids": [...], ...}, ...]}')
             continue
         out.append({**record, "id": record.get("id", number), "_line": f"{path}:{number}"})
-    _raise(sorted(errors, key=_line_number), "responses")
+    _raise(errors, "responses")
     return out
 
 
@@ -121,7 +105,7 @@ def read_scores(path: str, prompts: list[dict]) -> dict:
             errors.append(f"{where}: id {record['id']!r} response {index} is scored twice")
         else:
             scores[(key, index)] = float(score)
-    _raise(sorted(errors, key=_line_number), "scores")
+    _raise(errors, "scores")
     return scores
 
 
@@ -208,7 +192,7 @@ def read_off_policy(path: str, prompts: list[dict]) -> dict:
             errors.append(f"{where}: id {record['id']!r} is not in the responses")
         else:
             out[_key(record["id"])] = (record["response"], float(record["score"]))
-    _raise(sorted(errors, key=_line_number), "off-policy responses")
+    _raise(errors, "off-policy responses")
     return out
 
 

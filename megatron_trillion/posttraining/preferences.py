@@ -30,6 +30,7 @@ import numpy as np
 
 from megatron_trillion.data.chat_template import ChatFormat, ChatTemplateError
 from megatron_trillion.data.data_path import DataSource, as_data_source
+from megatron_trillion.data.jsonl import parse_jsonl
 from megatron_trillion.data.sft import (
     SFTDataError,
     SFTPackedDataset,
@@ -90,28 +91,12 @@ def parse_pair(record) -> tuple[list, str, str]:
 
 def read_pairs(path: str) -> list[Pair]:
     """Every pair of ``path``; SFTDataError lists every bad line (up to 20) as file:line."""
-    errors, good = [], []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                errors.append(f"{path}:{number}: invalid UTF-8 at byte {exc.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                good.append(Pair(number, *parse_pair(json.loads(text))))
-            except json.JSONDecodeError as exc:
-                errors.append(f"{path}:{number}: not valid JSON ({exc.msg} at column "
-                              f"{exc.colno})")
-            except ValueError as exc:
-                errors.append(f"{path}:{number}: {exc}")
+    good, errors = parse_jsonl(path, parse_pair)
     if errors:
         _raise(errors, "preference data")
     if not good:
         raise SFTDataError(f"{path}: no preference pairs in the file")
-    return good
+    return [Pair(number, *parsed) for number, parsed in good]
 
 
 def length_ratio(chosen_tokens: int, rejected_tokens: int) -> float:
