@@ -1,0 +1,234 @@
+"""GRPO's arithmetic (posttraining.grpo) and the RLVR prompt reader (posttraining.rlvr_data)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_trillion.errors import UserError
+from megatron_trillion.posttraining.grpo import (
+    GRPOLossConfig,
+    collate_sequences,
+    group_advantages,
+    k3_kl,
+    logprob_drift,
+    pack_in_order,
+    reduce_token_losses,
+    token_losses,
+    training_sequences,
+)
+from megatron_trillion.posttraining.rlvr_data import read_rlvr_prompts
+
+# --------------------------------------------------------------------------------------------
+# advantages
+
+
+@pytest.mark.parametrize("scale_by_std", [False, True])
+def test_advantages_sum_to_zero_in_every_group(scale_by_std):
+    rewards = torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
+    rewards[2] = 0.5  # an equal group: dropped, all zeros
+    out = group_advantages(rewards, scale_by_std=scale_by_std)
+    assert out.dropped == 1 and out.kept.tolist() == [True, True, False, True, True, True]
+    assert torch.allclose(out.advantages.sum(dim=1), torch.zeros(6), atol=1e-6)
+    assert torch.equal(out.advantages[2], torch.zeros(8))
+    expected = rewards[0] - rewards[0].mean()
+    if scale_by_std:
+        expected = expected / (rewards[0].std() + 1e-6)
+    assert torch.allclose(out.advantages[0], expected, atol=1e-6)
+
+
+def test_a_group_with_equal_rewards_contributes_no_gradient_even_with_a_kl_penalty():
+    # Two prompts, three samples, two response tokens each; the policy's per-token logits are
+    # parameters so the gradient reaching each group is visible.
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    advantages = group_advantages(rewards)
+    assert advantages.dropped == 1
+    responses = [[[5, 6], [5, 7], [5, 8]], [[4, 6], [4, 7], [4, 8]]]
+    sampler = [[[-1.0, -1.0]] * 3] * 2
+    sequences = training_sequences([[1, 2], [1, 3]], responses, sampler, advantages)
+    assert [s.group for s in sequences] == [1, 1, 1]
+    logits = torch.zeros(2, 3, 2, requires_grad=True)  # [group, sample, token]
+    ref = torch.full((2,), -0.3)  # != the policy, so the KL term has a gradient
+    config = GRPOLossConfig(kl_coeff=0.5)
+    total = 0.0
+    for k, seq in enumerate(sequences):
+        logprobs = torch.nn.functional.logsigmoid(logits[seq.group, k])
+        terms = token_losses(logprobs, logprobs.detach(), torch.full((2,), seq.advantage),
+                             config, ref_logprobs=ref)
+        loss_sum, count, _ = reduce_token_losses(terms, logprobs, torch.ones(2))
+        total = total + loss_sum
+    total.backward()
+    assert torch.count_nonzero(logits.grad[0]) == 0
+    assert torch.count_nonzero(logits.grad[1]) == 6
+
+
+def test_policy_equal_to_reference_gives_ratio_exactly_one_and_kl_zero():
+    logprobs = (-torch.rand(50, generator=torch.Generator().manual_seed(1)) * 5).requires_grad_()
+    advantages = torch.randn(50, generator=torch.Generator().manual_seed(2))
+    terms = token_losses(logprobs, logprobs.detach(), advantages, GRPOLossConfig(kl_coeff=0.01),
+                         ref_logprobs=logprobs.detach().clone())
+    assert torch.equal(terms.ratio, torch.ones(50))
+    assert torch.equal(terms.kl, torch.zeros(50))
+    assert not terms.clipped.any()
+    loss_sum, count, report = reduce_token_losses(terms, logprobs, torch.ones(50))
+    loss_sum.backward()
+    # The plain policy gradient: d(-ratio * A)/d logp = -A at ratio 1; the KL's is 0 there.
+    assert torch.allclose(logprobs.grad, -advantages)
+    assert int(count) == 50 and float(report["kl"][0]) == 0.0
+
+
+def test_clipped_loss_matches_a_hand_worked_example_on_both_sides():
+    config = GRPOLossConfig(clip_low=0.2, clip_high=0.28)
+    ratio = torch.tensor([1.5, 0.5, 0.5, 1.5, 1.1])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0])
+    old = torch.full((5,), -2.0)
+    logprobs = (old + ratio.log()).requires_grad_()
+    terms = token_losses(logprobs, old, advantages, config)
+    # A > 0, ratio above 1 + 0.28: capped at 1.28 (clipped, no gradient);
+    # A > 0, ratio 0.5: min(0.5, 0.8) = 0.5, the ratio's term;
+    # A < 0, ratio below 1 - 0.2: min(-0.5, -0.8) = -0.8 (clipped, no gradient);
+    # A < 0, ratio 1.5: min(-1.5, -1.28) = -1.5, the ratio's term (no upper clip for A < 0);
+    # inside the band: -2.2.
+    assert torch.allclose(terms.policy, torch.tensor([-1.28, -0.5, 0.8, 1.5, -2.2]))
+    assert terms.clipped.tolist() == [True, False, True, False, False]
+    loss_sum, count, report = reduce_token_losses(terms, logprobs, torch.ones(5))
+    assert math.isclose(loss_sum.item() / int(count), -1.68 / 5, rel_tol=1e-6)
+    assert math.isclose(float(report["clip fraction"][0]), 2.0)
+    loss_sum.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([0.0, -0.5, 0.0, 1.5, -2.2]))
+
+
+def test_token_level_normalisation_returns_sums_over_the_masked_tokens():
+    logprobs = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    terms = token_losses(logprobs, logprobs, torch.tensor([1.0, 1.0, 1.0, -2.0]),
+                         GRPOLossConfig())
+    loss_sum, count, report = reduce_token_losses(terms, logprobs, mask)
+    assert float(loss_sum) == pytest.approx(-1.0 - 1.0 + 2.0)
+    assert int(count) == 3
+    assert report["entropy"].tolist() == pytest.approx([7.0, 3.0])
+
+
+def test_k3_kl_hand_value_and_non_negative():
+    assert float(k3_kl(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25)))) == \
+        pytest.approx(0.5 + math.log(2) - 1)
+    a, b = torch.randn(100), torch.randn(100)
+    assert (k3_kl(a, b) >= 0).all()
+
+
+def test_truncated_importance_sampling_weights_the_policy_term_and_caps_it():
+    config = GRPOLossConfig(truncated_is_cap=1.5)
+    old = torch.tensor([-1.0, -1.0, -1.0])
+    sampler = torch.tensor([-1.0, -1.0 - math.log(2), -1.0 + math.log(2)])
+    advantages = torch.ones(3)
+    terms = token_losses(old.clone(), old, advantages, config, sampler_logprobs=sampler)
+    assert terms.is_weight.tolist() == pytest.approx([1.0, 1.5, 0.5])
+    assert terms.loss.tolist() == pytest.approx([-1.0, -1.5, -0.5])
+    with pytest.raises(ValueError, match="sampler"):
+        token_losses(old, old, advantages, config)
+
+
+def test_kl_needs_a_reference_and_config_problems_are_named():
+    with pytest.raises(ValueError, match="reference"):
+        token_losses(torch.zeros(2), torch.zeros(2), torch.ones(2), GRPOLossConfig(kl_coeff=0.1))
+    problems = GRPOLossConfig(clip_low=1.2, clip_high=0, kl_coeff=-1,
+                              truncated_is_cap=0.5).problems()
+    assert len(problems) == 4 and "--grpo-clip-low" in problems[0]
+
+
+def test_drift_is_mean_and_max_absolute_difference_over_response_tokens():
+    sampler = torch.tensor([-1.0, -2.0, -3.0, -9.0])
+    trainer = torch.tensor([-1.5, -2.0, -2.0, 0.0])
+    out = logprob_drift(sampler, trainer, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert out.tolist() == pytest.approx([1.5, 1.0, 3.0])
+
+
+# --------------------------------------------------------------------------------------------
+# rollouts -> micro-batches
+
+
+def test_sequences_pack_in_order_and_collate_with_the_loss_on_response_labels():
+    assert pack_in_order([3, 4, 2, 5, 1], capacity=7) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="more than"):
+        pack_in_order([8], capacity=7)
+    advantages = group_advantages(torch.tensor([[1.0, 0.0]]))
+    sequences = training_sequences([[10, 11, 12]], [[[20, 21], [22]]],
+                                   [[[-0.1, -0.2], [-0.3]]], advantages)
+    assert [len(s) for s in sequences] == [4, 3]
+    batch = collate_sequences(sequences, capacity=9, pad_token=0)
+    assert batch["tokens"].tolist() == [[10, 11, 12, 20, 10, 11, 12, 0, 0]]
+    assert batch["labels"].tolist() == [[11, 12, 20, 21, 11, 12, 22, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 1, 0, 0]]
+    assert batch["advantages"].tolist() == [[0, 0, 0.5, 0.5, 0, 0, -0.5, 0, 0]]
+    assert batch["sampler_logprobs"][0].tolist() == pytest.approx(
+        [0, 0, -0.1, -0.2, 0, 0, -0.3, 0, 0])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert batch["packed_seq_params"].cu_seqlens_q.tolist() == [0, 4, 7, 9]
+
+
+# --------------------------------------------------------------------------------------------
+# the RLVR reader
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_rlvr_prompts_in_both_layouts_with_the_system_prompt(tmp_path):
+    path = _write(tmp_path / "rl_en.jsonl", [
+        '{"prompt": "2+3?", "ground_truth": "5", "verifier": "gsm8k"}',
+        '',
+        '{"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": '
+        '"Write 3 words"}], "ground_truth": {"num_words": 3}, "verifier": "mypkg.r:words"}',
+    ])
+    first, second = read_rlvr_prompts([(path, "en")])
+    assert first.where == f"{path}:1" and second.where == f"{path}:3"
+    assert first.conversation("Think.") == [{"role": "system", "content": "Think."},
+                                            {"role": "user", "content": "2+3?"}]
+    assert first.conversation() == [{"role": "user", "content": "2+3?"}]
+    assert second.conversation("Think.")[0]["content"] == "Own."
+    assert second.ground_truth == {"num_words": 3} and second.verifier == "mypkg.r:words"
+    assert second.language == "en"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"prompt": "x", "verifier": "gsm8k"}', 'no "ground_truth"'),
+    ('{"prompt": "x", "ground_truth": null, "verifier": "gsm8k"}', 'no "ground_truth"'),
+    ('{"prompt": "x", "ground_truth": "1"}', '"verifier" must be'),
+    ('{"prompt": "x", "ground_truth": "1", "verifier": "a:b:c"}', "module:function"),
+    ('{"prompt": "x", "ground_truth": "1", "verifier": "nope"}', "unknown verifier 'nope'"),
+    ('{"ground_truth": "1", "verifier": "gsm8k"}', 'exactly one of "messages" and "prompt"'),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+     '"ground_truth": "1", "verifier": "gsm8k"}', "last message is a assistant turn"),
+    ('{"messages": [{"role": "bot", "content": "q"}], "ground_truth": "1", "verifier": "gsm8k"}',
+     "unknown role 'bot'"),
+    ('[1, 2]', "not a JSON object"),
+    ('{"prompt": ', "not valid JSON"),
+])
+def test_bad_rlvr_lines_are_refused_naming_file_and_line(tmp_path, line, problem):
+    good = '{"prompt": "q", "ground_truth": "1", "verifier": "gsm8k"}'
+    path = _write(tmp_path / "rl.jsonl", [good, line])
+
+    def known(name):
+        return None if name in ("gsm8k", "a:b:c") or ":" in name else f"unknown verifier {name!r}"
+
+    with pytest.raises(UserError, match=rf"rl\.jsonl:2: .*{_escape(problem)}"):
+        read_rlvr_prompts([(path, "en")], check_verifier=known)
+
+
+def _escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_bad_utf8_and_empty_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "q", "ground_truth": "\xff", "verifier": "gsm8k"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: invalid UTF-8"):
+        read_rlvr_prompts([(str(bad), "en")])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="no prompts"):
+        read_rlvr_prompts([(str(empty), "en")])
