@@ -232,3 +232,90 @@ def test_bad_utf8_and_empty_files_are_refused(tmp_path):
     empty.write_text("\n")
     with pytest.raises(UserError, match="no prompts"):
         read_rlvr_prompts([(str(empty), "en")])
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer's passes on a tiny model (one process)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import dataclasses
+
+    from megatron_trillion.models.config import build_model, build_transformer_config
+    from megatron_trillion.models.presets import get_preset
+    from megatron_trillion.platform.distributed import (
+        destroy_distributed,
+        initialize_single_process,
+    )
+
+    initialize_single_process()
+    preset = dataclasses.replace(get_preset("tiny-tri-7b"), vocab_size=64)
+    config = build_transformer_config(preset, None, hidden_dropout=0.0, attention_dropout=0.0)
+    yield build_model(preset, config=config, attention_masking="document")
+    destroy_distributed()
+
+
+def _rollout_batch():
+    advantages = group_advantages(torch.tensor([[1.0, 0.0, 0.0]]))
+    sequences = training_sequences([[1, 2, 3]], [[[4, 5], [6, 7, 8], [9]]],
+                                   [[[-1.0] * 2, [-1.0] * 3, [-1.0]]], advantages)
+    return sequences, collate_sequences(sequences, 16, pad_token=0)
+
+
+def test_packed_responses_score_as_if_alone_and_the_first_epoch_ratio_is_one(tiny_model):
+    from megatron_trillion.posttraining.grpo_objective import (
+        GRPO_LOSS,
+        grpo_forward_step,
+        grpo_metrics,
+        report_fields,
+        score_rollout_batches,
+        sequence_logprobs,
+    )
+
+    sequences, batch = _rollout_batch()
+    packed = sequence_logprobs(tiny_model, [batch])[0][0]
+    at = 0
+    for seq in sequences:
+        alone = sequence_logprobs(tiny_model, [collate_sequences([seq], 16, 0)])[0][0]
+        assert torch.allclose(packed[at:at + len(seq)], alone[:len(seq)], atol=1e-5)
+        at += len(seq)
+    # the drift against a sampler that said -1.0 for every response token
+    mask = batch["loss_mask"][0].bool()
+    drift = score_rollout_batches(tiny_model, [batch], None)
+    expected = (packed[mask] + 1.0).abs()
+    assert drift.tolist() == pytest.approx([float(expected.sum()), float(expected.max()), 6.0])
+
+    fields = report_fields(["gsm8k"], ["en"])
+    output, loss_func = grpo_forward_step(GRPOLossConfig(), fields, iter([batch]), tiny_model)
+    loss_sum, count, report = loss_func(output)
+    values = grpo_metrics(fields, report[GRPO_LOSS].tolist())
+    assert values["ratio"] == 1.0 and values["clip fraction"] == 0.0 and int(count) == 6
+    assert torch.equal(batch["old_logprobs"].reshape(-1), packed.detach())  # for epoch 2
+    # sum of advantage * 1 over the response tokens: 2 * 2/3 - 4 * 1/3 = 0
+    assert float(loss_sum) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_weights_swap_in_and_back_bit_for_bit(tiny_model):
+    from megatron_trillion.posttraining.grpo_objective import (
+        ReferencePolicy,
+        sequence_logprobs,
+    )
+
+    _, batch = _rollout_batch()
+    start = [p.detach().clone() for p in tiny_model.parameters()]
+    reference = ReferencePolicy(tiny_model)
+    assert reference.host_bytes == sum(p.numel() * p.element_size() for p in start)
+    at_start = sequence_logprobs(tiny_model, [batch])[0]
+    try:
+        with torch.no_grad():
+            for p in tiny_model.parameters():
+                p.add_(0.01)
+        moved = [p.detach().clone() for p in tiny_model.parameters()]
+        with reference.swapped_in():
+            assert torch.equal(sequence_logprobs(tiny_model, [batch])[0], at_start)
+        assert all(torch.equal(a, p) for a, p in zip(moved, tiny_model.parameters()))
+    finally:
+        with torch.no_grad():
+            for p, s in zip(tiny_model.parameters(), start):
+                p.copy_(s)
