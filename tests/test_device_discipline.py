@@ -27,7 +27,7 @@ def _disciplined_run(cache: str, save: str) -> dict:
     import device_harness
 
     from megatron_trillion.pretrain import pretrain, quiet_known_warnings
-    from megatron_trillion.training import loop
+    from megatron_trillion.training import objective
     from megatron_trillion.training.arguments import parse_args
 
     quiet_known_warnings()
@@ -55,7 +55,7 @@ def _disciplined_run(cache: str, save: str) -> dict:
     destroy_distributed()
 
     progress = {"done": 0}
-    real_forward = loop.forward_step
+    real_forward = objective.lm_forward_step
 
     def poisoning_forward(data_iterator, model):
         output, loss = real_forward(data_iterator, model)
@@ -63,7 +63,7 @@ def _disciplined_run(cache: str, save: str) -> dict:
             output = output * float("nan")
         return output, loss
 
-    loop.forward_step = poisoning_forward
+    objective.lm_forward_step = poisoning_forward
     losses, lines = [], []
 
     def on_step(state, result):

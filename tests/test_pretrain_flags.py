@@ -45,6 +45,7 @@ PINNED = [
     "--tokenizer-model", "--tiktoken-pattern", "--vocab-file", "--merge-file", "--vocab-size",
     "--attention-masking", "--xlda-block-scope", "--xlda-mixing-prob", "--anchor-language",
     "--lang-alpha", "--lang-beta", "--sft", "--chat-template", "--sft-overlong-conversations",
+    "--dpo",
     "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput",
     "--logging-level", "--tensorboard-dir", "--wandb-project", "--wandb-exp-name",
     "--no-progress-bar", "--device-peak-tflops", "--moe-empty-expert-warning-steps",
@@ -52,7 +53,8 @@ PINNED = [
     "--profile-step-start", "--profile-step-end", "--profile-ranks", "--record-memory-history",
     "--memory-snapshot-path", "--save", "--load", "--save-interval", "--no-load-optim",
     "--no-load-rng", "--finetune", "--exit-signal-handler", "--async-save", "--ckpt-format",
-    "--ckpt-step", "--ckpt-keep-last",
+    "--ckpt-step", "--ckpt-keep-last", "--dpo-loss", "--dpo-beta", "--dpo-sft-loss-weight",
+    "--dpo-reference-load", "--dpo-max-length-ratio",
 ]
 
 # Megatron-LM flags that are recognised and refused with a reason (see REFUSED_FLAGS).

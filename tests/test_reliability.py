@@ -46,7 +46,7 @@ def _moe_phases(cache: str, save: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_trillion.pretrain import pretrain, quiet_known_warnings
-    from megatron_trillion.training import loop
+    from megatron_trillion.training import loop, objective
     from megatron_trillion.training.arguments import parse_args
 
     quiet_known_warnings()
@@ -76,7 +76,7 @@ def _moe_phases(cache: str, save: str) -> dict:
 
     # Rank 1 poisons its loss in iteration 2: every rank must skip it and name its samples.
     progress = {"done": 0, "poison": 2}
-    real_forward = loop.forward_step
+    real_forward = objective.lm_forward_step
 
     def poisoning_forward(data_iterator, model):
         output, loss = real_forward(data_iterator, model)
@@ -84,7 +84,7 @@ def _moe_phases(cache: str, save: str) -> dict:
             output = output * float("nan")
         return output, loss
 
-    loop.forward_step = poisoning_forward
+    objective.lm_forward_step = poisoning_forward
     lines: list = []
     losses: list = []
 
@@ -143,7 +143,7 @@ def _moe_phases(cache: str, save: str) -> dict:
     out["resumed"] = {"calls": calls[:], "losses": losses[:]}
 
     # Phase 4: leakage probes of the real tiny-trinity model (MoE + MTP) under TP2 and PP2.
-    loop.forward_step = real_forward
+    objective.lm_forward_step = real_forward
     fmg.finalize_grads_and_expert_bias = real_finalize
     ps.destroy_model_parallel()
     out["leak_tp2"] = _leakage_probe(tensor=2, pipeline=1)
@@ -358,20 +358,20 @@ def _stall() -> None:
 
 def _stalling_run(cache: str) -> None:
     from megatron_trillion.pretrain import pretrain, quiet_known_warnings
-    from megatron_trillion.training import loop
+    from megatron_trillion.training import objective
     from megatron_trillion.training.arguments import parse_args
 
     quiet_known_warnings()
     rank = int(os.environ["RANK"])
     done = {"n": 0}
-    real_forward = loop.forward_step
+    real_forward = objective.lm_forward_step
 
     def stalling_forward(data_iterator, model):
         if rank == 1 and done["n"] == 1:
             _stall()
         return real_forward(data_iterator, model)
 
-    loop.forward_step = stalling_forward
+    objective.lm_forward_step = stalling_forward
     argv = ["--preset", "tiny-tri-7b", "--mock-data", "--data-cache-path", cache,
             "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "2",
             "--train-iters", "3", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",

@@ -196,9 +196,13 @@ class ChatFormat:
             spans.append((start, end))
         return full, spans
 
-    def encode(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-        """(token ids, assistant flags per token) of a whole conversation."""
+    def encode(self, messages: Sequence[dict], final_only: bool = False
+               ) -> tuple[list[int], list[int]]:
+        """(token ids, assistant flags per token) of a whole conversation; ``final_only``:
+        only the last assistant turn is flagged (a preference pair's response)."""
         text, spans = self.assistant_spans(messages)
+        if final_only:
+            spans = spans[-1:]
         encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
         flags = []
         span = 0

@@ -96,7 +96,7 @@ def pad_blocks_for_context_parallel(batch: dict, cp_size: int,
     if padded:
         padded[-1] += extra
     tensors = {}
-    for key in TOKEN_KEYS:
+    for key in TOKEN_KEYS + tuple(batch.get("extra_token_keys", ())):
         row = batch[key].reshape(-1)
         parts = []
         for start, length, size in zip(cu, lengths, padded):

@@ -361,3 +361,40 @@ def write_parallel_items(path: str | Path, num_items: int = 100, seed: int = 123
         for item in iter_parallel_items(num_items, seed, languages):
             out.write(json.dumps(item, ensure_ascii=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs (for pretrain --dpo)
+
+
+def iter_sample_preferences(num: int = 300, seed: int = 1234,
+                            languages: tuple[str, ...] = LANGUAGES) -> Iterator[dict]:
+    """Preference pairs ``{"prompt", "chosen", "rejected", "lang"}`` (TRL's shape),
+    deterministically: the prompt asks in one language to repeat a sentence; the chosen answer
+    repeats it, the rejected one answers with a sentence of another language (so a model must
+    learn to answer in the prompt's language). One language: the rejected answer is another
+    sentence of the same language."""
+    unknown = [lang for lang in languages if lang not in _SENTENCE_MAKERS]
+    if unknown:
+        raise ValueError(f"sample preferences have no material for languages {unknown}")
+    rng = random.Random(f"{seed}-preferences")
+    for index in range(num):
+        lang = languages[index % len(languages)]
+        others = [other for other in languages if other != lang] or [lang]
+        sentence = _SENTENCE_MAKERS[lang](rng)
+        wrong = _SENTENCE_MAKERS[rng.choice(others)](rng)
+        while wrong == sentence:
+            wrong = _SENTENCE_MAKERS[lang](rng)
+        yield {"prompt": _REPEAT_REQUEST[lang] + sentence, "chosen": sentence,
+               "rejected": wrong, "lang": lang}
+
+
+def write_sample_preferences(path: str | Path, num: int = 300, seed: int = 1234,
+                             languages: tuple[str, ...] = LANGUAGES) -> Path:
+    """Writes :func:`iter_sample_preferences` as preference JSONL; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for record in iter_sample_preferences(num, seed, languages):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

@@ -72,7 +72,8 @@ def parse_sft_data_path(tokens: Sequence[str], flag: str = "--data-path") -> lis
             match = _LANG_IN_NAME.search(os.path.basename(path))
             lang = match.group(1) if match else os.path.basename(path).rsplit(".", 1)[0]
         if not path.endswith(".jsonl"):
-            raise UserError(f"{flag}: --sft reads chat JSONL files (*.jsonl), got {path!r}")
+            raise UserError(f"{flag}: --sft (and --dpo) reads chat JSONL files (*.jsonl), got "
+                            f"{path!r}")
         if not os.path.isfile(path):
             raise UserError(f"{flag}: {path} does not exist")
         entries.append(DataSource(path, lang, weight))
@@ -442,6 +443,33 @@ def _tokenize_all(files: list[str], chat: ChatFormat, seq_length: int, overlong:
     return out
 
 
+def rank_zero_first(read: Callable[[], list], what: str) -> list:
+    """``read()`` on global rank 0 first (it validates and writes the caches), then on the
+    other ranks (which then find the caches); a failure on rank 0 is raised on every rank.
+    Collective when torch.distributed is initialised."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    failure = None
+    result = None
+    if rank == 0 or not distributed:
+        try:
+            result = read()
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of any failure
+            failure = exc
+    if distributed:
+        # The other ranks wait here for rank 0: tell them how it went.
+        message = [None if failure is None else (isinstance(failure, UserError), str(failure))]
+        torch.distributed.broadcast_object_list(message, src=0)
+        if rank != 0 and message[0] is not None:
+            is_user_error, text = message[0]
+            if is_user_error:
+                raise SFTDataError(text)
+            raise RuntimeError(f"global rank 0 failed to tokenize {what}: {text}")
+    if failure is not None:
+        raise failure
+    return result if result is not None else read()
+
+
 def build_sft_dataset(sources: Sequence[DataSource], chat: ChatFormat, seq_length: int,
                       num_samples: int, *, seed: int = 1234, overlong: str = "truncate",
                       cache_dir: Optional[str] = None,
@@ -454,29 +482,8 @@ def build_sft_dataset(sources: Sequence[DataSource], chat: ChatFormat, seq_lengt
     """
     sources = [as_data_source(source) for source in sources]
     files = [source.path_prefix for source in sources]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    failure = None
-    tokenized = None
-    if rank == 0 or not distributed:
-        try:
-            tokenized = _tokenize_all(files, chat, seq_length, overlong, cache_dir)
-        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of any failure
-            failure = exc
-    if distributed:
-        # The other ranks wait here for rank 0: tell them how it went.
-        message = [None if failure is None else (isinstance(failure, UserError), str(failure))]
-        torch.distributed.broadcast_object_list(message, src=0)
-        if rank != 0 and message[0] is not None:
-            is_user_error, text = message[0]
-            if is_user_error:
-                raise SFTDataError(text)
-            raise RuntimeError(f"global rank 0 failed to tokenize the SFT data: {text}")
-    if failure is not None:
-        raise failure
-    if tokenized is None:
-        # Not rank 0: the cache is complete now (or, without a cache directory, tokenize here).
-        tokenized = _tokenize_all(files, chat, seq_length, overlong, cache_dir)
+    tokenized = rank_zero_first(
+        lambda: _tokenize_all(files, chat, seq_length, overlong, cache_dir), "the SFT data")
     built = []
     for source, data in zip(sources, tokenized):
         ptr, items = pack_conversations(data.positions(seq_length), seq_length,

@@ -23,7 +23,9 @@ import torch
 
 # Keys of a collated micro-batch (``data.packed_batch.collate_packed``) the model reads; the
 # rest (``document_ids``, ``indices``, ``cu_seqlens_documents``) are host-side bookkeeping.
-MODEL_INPUT_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "packed_seq_params")
+MODEL_INPUT_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "packed_seq_params",
+                    # preference pairs (posttraining.dpo): what the loss function reads
+                    "response_ids", "reference")
 
 
 def compute_device() -> torch.device:

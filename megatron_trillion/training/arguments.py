@@ -290,8 +290,12 @@ class ScheduleArgs:
 
 @dataclass(frozen=True)
 class AnnealArgs:
-    anneal_weight_decay: float = flag(0.033, "weight decay from the anneal boundary on")
-    anneal_mtp_loss_scaling_factor: float = flag(0.1, "MTP alpha from the anneal boundary on")
+    anneal_weight_decay: float = flag(
+        0.033, "weight decay from the anneal boundary on (post-training: --weight-decay, i.e. "
+        "no switch, unless given)")
+    anneal_mtp_loss_scaling_factor: Optional[float] = flag(
+        None, "MTP alpha from the anneal boundary on (default 0.1; post-training: the "
+        "preset's, i.e. no switch, unless given)")
     anneal_data_path: Optional[list] = flag(
         None, "data mixture of the anneal phase (same syntax as --data-path)", nargs="+")
 
@@ -359,6 +363,23 @@ class DataArgs:
     sft_overlong_conversations: str = flag(
         "truncate", "--sft conversations longer than --seq-length: truncate (counted in the "
         "log) or error", choices=["truncate", "error"])
+    dpo: bool = flag(False, "direct preference optimisation: --data-path/--valid-data-path are "
+                     "preference JSONL files ({\"chosen\": [...], \"rejected\": [...]} or "
+                     "{\"prompt\", \"chosen\", \"rejected\"} per line), --load the SFT model")
+
+
+@dataclass(frozen=True)
+class DPOArgs:
+    dpo_loss: str = flag("norm", "DPO loss: sigmoid (DPO), norm (length-normalised DPO, Tulu "
+                         "3's dpo_norm) or ipo", choices=["sigmoid", "norm", "ipo"])
+    dpo_beta: float = flag(5.0, "DPO beta (Tulu 3 with --dpo-loss norm: 5)")
+    dpo_sft_loss_weight: float = flag(
+        0.0, "weight of an added NLL term on the chosen response (per chosen token)")
+    dpo_reference_load: Optional[str] = flag(
+        None, "reference model checkpoint for the cached log-probabilities (default --load)")
+    dpo_max_length_ratio: Optional[float] = flag(
+        None, "drop pairs whose longer response has more than this many times the tokens of "
+              "the shorter (counted in the log per language)")
 
 
 @dataclass(frozen=True)
@@ -438,14 +459,46 @@ class PretrainConfig:
     logging: LoggingArgs
     profiling: ProfilingArgs
     checkpoint: CheckpointArgs
+    dpo: DPOArgs = DPOArgs()
+
+    @property
+    def kind(self) -> str:
+        """What the run trains for: "pretraining", "sft" or "dpo"."""
+        return "dpo" if self.data.dpo else "sft" if self.data.sft else "pretraining"
 
 
 GROUPS = {
     "model": ModelArgs, "kernels": KernelArgs, "parallel": ParallelArgs, "batch": BatchArgs,
     "training": TrainingArgs, "optimizer": OptimizerArgs, "schedule": ScheduleArgs,
     "anneal": AnnealArgs, "data": DataArgs, "eval": EvalArgs, "logging": LoggingArgs,
-    "profiling": ProfilingArgs, "checkpoint": CheckpointArgs,
+    "profiling": ProfilingArgs, "checkpoint": CheckpointArgs, "dpo": DPOArgs,
 }
+
+# Post-training is not pretraining: what SFT and DPO default to where the flag is not given
+# (Tulu 3's recipes: linear decay to 0 after a warmup fraction; DPO without weight decay). The
+# WSD anneal switch of pretraining (weight decay, MTP alpha) applies only when asked for.
+POST_TRAINING_DEFAULTS = {
+    "sft": {"lr_decay_style": "linear", "min_lr": 0.0, "lr_warmup_fraction": 0.03},
+    "dpo": {"lr_decay_style": "linear", "min_lr": 0.0, "lr_warmup_fraction": 0.1,
+            "weight_decay": 0.0},
+}
+_WARMUP_FLAGS = ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction")
+
+
+def _with_post_training_defaults(given: dict) -> dict:
+    """``given`` (the flags and config keys a user set) plus the post-training defaults of its
+    run kind for the ones not set."""
+    kind = "dpo" if given.get("dpo") else "sft" if given.get("sft") else None
+    if kind is None:
+        return given
+    out = dict(given)
+    for key, value in POST_TRAINING_DEFAULTS[kind].items():
+        if key == "lr_warmup_fraction" and any(k in given for k in _WARMUP_FLAGS):
+            continue  # a warmup given in iterations or samples replaces the fraction
+        out.setdefault(key, value)
+    # no anneal switch unless asked: the anneal weight decay is the stable one
+    out.setdefault("anneal_weight_decay", out.get("weight_decay", OptimizerArgs.weight_decay))
+    return out
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -706,6 +759,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
             coerced = _coerce(f, value, f"--config {config_path}")
             merged[f.name] = (not coerced) if inverted and coerced is not None else coerced
     merged.update(values)
+    merged = _with_post_training_defaults(merged)
     refused = [f"--{name.replace('_', '-')} {merged[name]}: {reasons[merged[name]]}"
                for name, reasons in REFUSED_VALUES.items() if merged.get(name) in reasons]
     if refused:

@@ -254,11 +254,31 @@ def build_schedules(
     anneal = None
     if lr_config.style == "wsd":
         mtp_alpha = preset.mtp_loss_scaling_factor
+        anneal_alpha = config.anneal.anneal_mtp_loss_scaling_factor
+        if anneal_alpha is None:  # pretraining's two-stage anneal; post-training: no switch
+            anneal_alpha = 0.1 if config.kind == "pretraining" else mtp_alpha
         anneal = anneal_config_for(
             lr_config,
             weight_decay=(config.optimizer.weight_decay, config.anneal.anneal_weight_decay),
-            mtp_loss_scaling=(mtp_alpha, config.anneal.anneal_mtp_loss_scaling_factor
-                              if preset.mtp_num_layers else mtp_alpha),
+            mtp_loss_scaling=(mtp_alpha, anneal_alpha if preset.mtp_num_layers else mtp_alpha),
         )
     scheduler = ParamScheduler(optimizer, lr_config, anneal, config.optimizer.weight_decay)
     return scheduler, shape.batch_schedule, anneal
+
+
+def describe_schedule(config: PretrainConfig, shape: RunShape, anneal) -> str:
+    """The first log lines' account of the schedule a run uses (post-training runs default to
+    their recipes' schedules, not pretraining's WSD with its anneal switch)."""
+    lr = lr_schedule_config(config, shape)
+    warmup = shape.lr_warmup_samples
+    text = (f" schedule ({config.kind}): lr {config.optimizer.lr:g} -> {config.optimizer.min_lr:g}"
+            f" by {lr.style} decay over {shape.lr_decay_samples} samples, warmup {warmup} "
+            f"samples, weight decay {config.optimizer.weight_decay:g}")
+    if anneal is None or (anneal.weight_decay[0] == anneal.weight_decay[1]
+                          and anneal.mtp_loss_scaling[0] == anneal.mtp_loss_scaling[1]
+                          and not config.anneal.anneal_data_path):
+        return text + ", no anneal switch"
+    return (text + f"; anneal switch at the WSD decay start: weight decay "
+            f"{anneal.weight_decay[0]:g} -> {anneal.weight_decay[1]:g}, MTP alpha "
+            f"{anneal.mtp_loss_scaling[0]:g} -> {anneal.mtp_loss_scaling[1]:g}"
+            + (", --anneal-data-path mixture" if config.anneal.anneal_data_path else ""))

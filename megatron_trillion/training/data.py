@@ -102,10 +102,10 @@ class DataSplits:
 
 def _path_parser(data):
     """--sft reads chat JSONL files (whole: --split divides indexed datasets by documents)."""
-    if not getattr(data, "sft", False):
+    if not (getattr(data, "sft", False) or getattr(data, "dpo", False)):
         return parse_data_path
     if data.split:
-        raise UserError("--split divides indexed datasets; with --sft give the held-out "
+        raise UserError("--split divides indexed datasets; with --sft/--dpo give the held-out "
                         "conversations as --valid-data-path FILE.jsonl")
     from megatron_trillion.data.sft import parse_sft_data_path
 
@@ -266,8 +266,9 @@ class StepBatches:
     """
 
     def __init__(self, dataset, micro_batch: int, dp_rank: int, dp_size: int,
-                 context_parallel=None, prefetch: bool = False) -> None:
+                 context_parallel=None, prefetch: bool = False, collate=collate_packed) -> None:
         self.dataset = dataset
+        self.collate = collate  # samples -> one micro-batch
         self.micro_batch = micro_batch
         self.dp_rank = dp_rank
         self.dp_size = dp_size
@@ -280,11 +281,11 @@ class StepBatches:
         """A reader of ``dataset`` for the same rank, sizes and prefetching (the anneal
         switch's new mixture)."""
         return StepBatches(dataset, self.micro_batch, self.dp_rank, self.dp_size,
-                           self.context_parallel, prefetch=self.prefetch)
+                           self.context_parallel, prefetch=self.prefetch, collate=self.collate)
 
     def _read(self, consumed: int, global_batch: int) -> list[dict]:
         batches = [
-            collate_packed([self.dataset[i] for i in indices])
+            self.collate([self.dataset[i] for i in indices])
             for indices in microbatch_indices(consumed, global_batch, self.micro_batch,
                                               self.dp_rank, self.dp_size)
         ]
@@ -332,8 +333,8 @@ def check_data_files(config, tokenizer_fingerprint: Optional[dict], vocab_size: 
                               ("--valid-data-path", data.valid_data_path),
                               ("--test-data-path", data.test_data_path),
                               ("--anneal-data-path", config.anneal.anneal_data_path)):
-        # --sft reads chat JSONL, validated line by line when its dataset is built
-        if tokens and not config.data.mock_data and not config.data.sft:
+        # --sft/--dpo read chat JSONL, validated line by line when its dataset is built
+        if tokens and not config.data.mock_data and config.kind == "pretraining":
             prefixes += [(flag_name, source.path_prefix)
                          for source in parse_data_path(tokens, flag_name)]
     if not prefixes:

@@ -68,15 +68,15 @@ def effective_masking(config: PretrainConfig, languages) -> str:
 
 def build_chat_format(config: PretrainConfig, tokenizer, log: Log = print
                       ) -> Optional[ChatFormat]:
-    """--sft: the chat template (--chat-template, the tokenizer's own, or the default) bound to
-    the tokenizer; None without --sft."""
-    if not config.data.sft:
+    """--sft/--dpo: the chat template (--chat-template, the tokenizer's own, or the default)
+    bound to the tokenizer; None for pretraining."""
+    if config.kind == "pretraining":
         return None
     from megatron_trillion.data.chat_template import ChatFormat, resolve_chat_template
 
     template, origin = resolve_chat_template(config.data.chat_template,
                                              config.data.tokenizer_model)
-    log(f" SFT chat template: {origin}")
+    log(f" {config.kind.upper()} chat template: {origin}")
     return ChatFormat(template, tokenizer)
 
 
@@ -169,10 +169,31 @@ class DatasetBuilder:
         kwargs.update(changes)
         return build_xlda_dataset(**kwargs)
 
+    @property
+    def collate(self):
+        """Samples -> one micro-batch (preference pairs carry their pair fields)."""
+        if self.config.data.dpo:
+            from megatron_trillion.posttraining.dpo import collate_pairs
+
+            return collate_pairs
+        from megatron_trillion.data.packed_batch import collate_packed
+
+        return collate_packed
+
     def _sft_dataset(self, sources: list[DataSource], num_samples: int, log: Log):
+        """The packed conversations (--sft) or preference pairs (--dpo) of ``sources``."""
         from megatron_trillion.data.sft import build_sft_dataset
 
         config = self.config
+        if config.data.dpo:
+            from megatron_trillion.posttraining.preferences import build_preference_dataset
+
+            return build_preference_dataset(
+                sources, self.chat, self.shape.seq_length, num_samples,
+                seed=config.training.seed, max_length_ratio=config.dpo.dpo_max_length_ratio,
+                cache_dir=config.data.data_cache_path or os.path.join(self.workdir,
+                                                                      "sft-cache"),
+                log=log)
         return build_sft_dataset(
             sources, self.chat, self.shape.seq_length, num_samples, seed=config.training.seed,
             overlong=config.data.sft_overlong_conversations,
@@ -215,8 +236,10 @@ class DatasetBuilder:
         return dataset
 
     def eval_batches(self, dp_rank: int, log: Log = lambda line: None,
-                     context_parallel: Optional[ContextParallelSplit] = None) -> dict:
-        """Micro-batches of held-out data per language (this rank's share)."""
+                     context_parallel: Optional[ContextParallelSplit] = None,
+                     prepare: Callable = lambda dataset: None) -> dict:
+        """Micro-batches of held-out data per language (this rank's share); ``prepare(dataset)``
+        runs on each dataset before it is read (DPO: its reference log-probabilities)."""
         config, shape = self.config, self.shape
         if config.eval.eval_interval is None or config.eval.eval_iters == 0:
             return {}
@@ -237,6 +260,7 @@ class DatasetBuilder:
                                      anchor_language=language,
                                      masking=(MASKING_DOCUMENT if masking == MASKING_XLDA
                                               else masking))
-            batches[language] = StepBatches(dataset, micro, dp_rank, dp,
-                                            context_parallel).for_step(0, samples)
+            prepare(dataset)
+            batches[language] = StepBatches(dataset, micro, dp_rank, dp, context_parallel,
+                                            collate=self.collate).for_step(0, samples)
         return batches

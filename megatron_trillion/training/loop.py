@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from megatron_trillion.platform.device import compute_device, to_device
+from megatron_trillion.platform.device import compute_device
+from megatron_trillion.training.objective import Objective, language_model_objective
 from megatron_trillion.training.reporting import (
     MetricWriters,
     ProgressBar,
@@ -44,31 +45,6 @@ if TYPE_CHECKING:
         ParamScheduler,
         Switch,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# one micro-batch
-
-
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Per-token loss sum and token count (megatron-core normalises by the global count)."""
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.float().reshape(-1)
-    loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def forward_step(data_iterator, model):
-    """megatron-core's forward-step contract: (output, loss function of the output)."""
-    batch = to_device(next(data_iterator))
-    output = model(
-        batch["tokens"], batch["position_ids"], None,
-        labels=batch["labels"], loss_mask=batch["loss_mask"],
-        packed_seq_params=batch["packed_seq_params"],
-    )
-    return output, functools.partial(loss_func, batch["loss_mask"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +104,9 @@ class Run:
     hang_timeout_seconds: Optional[float] = None  # --hang-timeout-seconds (training.watchdog)
     housekeeping: Optional[Housekeeping] = None  # gc, profiler, memory, --exit-duration-in-mins
     empty_expert_warning_steps: Optional[int] = 100  # --moe-empty-expert-warning-steps
+    # what the steps compute (the loss function and its log fields; the batches are
+    # train_batches / eval_batches above)
+    objective: Objective = field(default_factory=lambda: language_model_objective("pretraining"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,27 +117,32 @@ class Run:
 class StepResult:
     """What one ``train_step`` did. The loss stays on the device (read once per log line)."""
 
-    loss: torch.Tensor  # Megatron-LM's "lm loss": the step's per-token mean, 0-d
-    loss_report: torch.Tensor  # [loss sum, tokens] over the global batch
+    loss: torch.Tensor  # the objective's loss ("lm loss": the step's per-token mean), 0-d
+    loss_report: torch.Tensor  # the objective's report summed over the global batch
     grad_norm: Optional[float]
     skipped: bool  # the NaN guard skipped the optimizer step
     skipped_step: Optional[SkippedStep]  # the skipped step's record (which samples), if any
     updated: bool
+    objective: Optional[Objective] = None
 
     def host_values(self) -> dict:
-        """For ``Run.on_step``: Megatron-LM's names ("lm loss"), the loss and the token count
-        read on the host."""
-        return {"lm loss": float(self.loss), "loss report": self.loss_report,
+        """For ``Run.on_step``: the objective's logged values under their names (Megatron-LM's
+        "lm loss"; "dpo loss", "rewards/accuracy", ...), read on the host."""
+        objective = self.objective or language_model_objective("pretraining")
+        report = self.loss_report.tolist()
+        return {**objective.values(report), "loss report": self.loss_report,
                 "grad_norm": self.grad_norm, "skipped": self.skipped,
                 "skipped_step": self.skipped_step, "updated": self.updated,
-                "tokens": float(self.loss_report[1])}
+                "tokens": float(report[2])}
 
 
-def _reduce_lm_loss(outputs: list, key: str = "lm loss") -> torch.Tensor:
-    """[loss sum, tokens] of this step over all micro-batches and DP ranks, on every rank."""
+def _reduce_report(outputs: list, objective: Objective) -> torch.Tensor:
+    """The objective's report ([loss sum, count, tokens, ...]) of this step summed over all
+    micro-batches and DP ranks, on every rank."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2, device=compute_device())
+    key = objective.loss_name
+    total = torch.zeros(objective.report_size, device=compute_device())
     for out in outputs:
         total += out[key].float()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -187,7 +171,7 @@ def train_step(run: Run, batches: list) -> StepResult:
     run.optimizer.zero_grad()
     iterators = [iter(batches) for _ in run.model]
     outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=run.objective.forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=run.model,
         num_microbatches=len(batches),
@@ -195,7 +179,7 @@ def train_step(run: Run, batches: list) -> StepResult:
         micro_batch_size=1,
         forward_only=False,
     )
-    report = _reduce_lm_loss(outputs)  # [loss sum, tokens] on the device, not read here
+    report = _reduce_report(outputs, run.objective)  # on the device, not read here
     loss = report[0] / report[1].clamp(min=1.0)
     decision, updated, grad_norm, _ = guarded_optimizer_step(
         run.optimizer, run.guard, run.state.iteration + 1, loss,
@@ -207,7 +191,7 @@ def train_step(run: Run, batches: list) -> StepResult:
     grad_norm = float(grad_norm) if grad_norm is not None else None  # megatron-core's float
     return StepResult(loss=loss, loss_report=report, grad_norm=grad_norm,
                       skipped=not decision.proceed, skipped_step=decision.skipped,
-                      updated=bool(updated))
+                      updated=bool(updated), objective=run.objective)
 
 
 def _sample_refs(batches: list, dataset: Any = None) -> tuple:
@@ -245,30 +229,32 @@ def _step_sample_refs(batches: list, dataset: Any) -> tuple:
 
 
 def evaluate(run: Run) -> dict:
-    """Validation loss per language (and overall), forward only."""
+    """The objective's validation values per language (and overall), forward only."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    objective = run.objective
     for chunk in run.model:
         chunk.eval()
-    losses, total = {}, torch.zeros(2, device=compute_device())
+    losses, total = {}, torch.zeros(objective.report_size, device=compute_device())
     try:
         with torch.no_grad():
             for language, batches in run.eval_batches.items():
                 iterators = [iter(batches) for _ in run.model]
                 outputs = get_forward_backward_func()(
-                    forward_step_func=forward_step,
+                    forward_step_func=objective.forward_step,
                     data_iterator=iterators if len(iterators) > 1 else iterators[0],
                     model=run.model, num_microbatches=len(batches),
                     seq_length=run.tokens_per_microbatch, micro_batch_size=1,
                     forward_only=True,
                 )
-                reduced = _reduce_lm_loss(outputs)
+                reduced = _reduce_report(outputs, objective)
                 total += reduced
-                losses[f"lm loss [{language}]"] = float(reduced[0] / reduced[1].clamp(min=1))
+                for name, value in objective.values(reduced.tolist()).items():
+                    losses[f"{name} [{language}]"] = value
     finally:
         for chunk in run.model:
             chunk.train()
-    return {"lm loss": float(total[0] / total[1].clamp(min=1)), **losses}
+    return {**objective.values(total.tolist()), **losses}
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,8 +272,8 @@ def train(run: Run) -> TrainState:
     # Without the bar, lines go to run.log (pretrain's `log`), so callers see every line.
     say = (bar.write if run.progress else run.log) if is_logging_rank else (lambda line: None)
     watch = Stopwatch()
-    window = _new_window()
-    totals = _DeviceTotals()
+    window = _new_window(run.objective)
+    totals = _DeviceTotals(run.objective.report_size)
     shown = {"loss": None, "tokens_per_second": None}  # the bar shows the last log line's
     # A stuck collective would hang every rank silently; the watchdog reports where (a no-op
     # unless --hang-timeout-seconds is given).
@@ -334,9 +320,9 @@ def train(run: Run) -> TrainState:
                 _log_iteration(run, state, result, window, global_batch, say, routing)
                 for line in routing.warnings(state.iteration):
                     say(line)
-                shown["loss"] = _window_loss(window)
+                shown["loss"] = _window_values(run, window)[run.objective.loss_name]
                 shown["tokens_per_second"] = window["tokens"] / max(window["time"], 1e-9)
-                window = _new_window()
+                window = _new_window(run.objective)
             if run.eval_interval and run.eval_batches and (
                     state.iteration % run.eval_interval == 0
                     or state.iteration == run.train_iters):
@@ -376,25 +362,26 @@ def _switch_batches(run: Run, batches: Optional[StepBatches]) -> None:
         previous.close()
 
 
-def _new_window() -> dict:
-    return {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0, "loss sum": 0.0}
+def _new_window(objective: Objective) -> dict:
+    return {"time": 0.0, "iters": 0, "flops": 0.0, "tokens": 0.0,
+            "report": [0.0] * objective.report_size}
 
 
-def _window_loss(window: dict) -> float:
-    """Megatron-LM's logged loss: the per-token mean over the iterations since the last line
-    that were not skipped (NaN when all were)."""
-    return window["loss sum"] / window["tokens"] if window["tokens"] else float("nan")
+def _window_values(run: Run, window: dict) -> dict:
+    """Megatron-LM's logged loss (and the objective's other values): the mean over the
+    iterations since the last line that were not skipped (NaN when all were)."""
+    return run.objective.values(window["report"])
 
 
 class _DeviceTotals:
-    """What the steps since the last read add up to, kept where it is produced: the loss sum
-    and token count on the device (already reduced over DP by ``_reduce_lm_loss``), this
+    """What the steps since the last read add up to, kept where it is produced: the objective's
+    report sums on the device (already reduced over DP by ``_reduce_report``), this
     rank's model FLOPs on the host. ``read_into`` is one DP all-reduce of the FLOPs and one
     device-to-host read for all of it; every rank calls it at the same iterations (log lines,
     saves, exit), so the collective matches."""
 
-    def __init__(self) -> None:
-        self._loss = torch.zeros(2, dtype=torch.float64, device=compute_device())
+    def __init__(self, report_size: int) -> None:
+        self._loss = torch.zeros(report_size, dtype=torch.float64, device=compute_device())
         self._local_flops = 0.0
 
     def add_loss(self, report: torch.Tensor) -> None:
@@ -409,11 +396,11 @@ class _DeviceTotals:
         flops = torch.tensor([self._local_flops], dtype=torch.float64, device=compute_device())
         torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group(
             with_context_parallel=True))
-        loss_sum, tokens, global_flops = torch.cat([self._loss, flops]).tolist()
+        *report, global_flops = torch.cat([self._loss, flops]).tolist()
         self._loss.zero_()
         self._local_flops = 0.0
-        window["loss sum"] += loss_sum
-        window["tokens"] += tokens
+        window["report"] = [a + b for a, b in zip(window["report"], report)]
+        window["tokens"] += report[2]
         window["flops"] += global_flops
         state.floating_point_operations += global_flops
 
@@ -424,7 +411,7 @@ def _log_iteration(run: Run, state: TrainState, result: StepResult, window: dict
     seconds = max(window["time"], 1e-9)
     tflops = window["flops"] / seconds / run.world_size / 1e12
     mfu = tflops / run.device_peak_tflops if run.device_peak_tflops else None
-    losses = {"lm loss": _window_loss(window)}
+    losses = _window_values(run, window)
     losses.update(_mtp_and_moe_losses(run))
     line = format_iteration_line(
         iteration=state.iteration, train_iters=run.train_iters,
@@ -455,7 +442,7 @@ def _mtp_and_moe_losses(run: Run) -> dict:
 
     config = _unwrap(run.model[0]).config
     num_mtp = config.mtp_num_layers or 0
-    if not num_mtp:
+    if not num_mtp or not run.objective.trains_mtp:
         return {}
     totals: dict = {}
     if "values" in MTPLossLoggingHelper.tracker:  # only the last stage holds the MTP block

@@ -63,7 +63,8 @@ def format_validation_line(iteration: int, losses: Mapping[str, float]) -> str:
     line = f" validation loss at iteration {iteration} |"
     for key, value in losses.items():
         line += f" {key} value: {value:.6E} |"
-        line += f" {key} PPL: {math.exp(min(20.0, value)):.6E} |"
+        if key.startswith("lm loss"):  # a perplexity only where the value is a token NLL
+            line += f" {key} PPL: {math.exp(min(20.0, value)):.6E} |"
     return line
 
 

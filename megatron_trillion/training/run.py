@@ -26,6 +26,7 @@ from megatron_trillion.training.build import (
     build_tokenizer,
     build_transformer_config,
     connect_ddp_to_schedule,
+    describe_schedule,
     initialize_tp_communicators,
     resolve_model_preset,
     tokenizer_config,
@@ -39,6 +40,7 @@ from megatron_trillion.training.datasets import (
 )
 from megatron_trillion.training.housekeeping import ExitSignal
 from megatron_trillion.training.loop import Run, TrainState
+from megatron_trillion.training.objective import Objective, language_model_objective
 from megatron_trillion.training.validation import (
     platform_notes,
     validate,
@@ -163,6 +165,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
     connect_ddp_to_schedule(model, config)
     optimizer = build_optimizer(config, model)
     scheduler, rampup, anneal = build_schedules(config, optimizer, shape, preset)
+    say(describe_schedule(config, shape, anneal))
 
     # 3. data
     # Where generated files (mock data, sample-index caches) go when no path is given.
@@ -195,9 +198,10 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
                 use_checkpoint=config.schedule.use_checkpoint_opt_param_scheduler)
             anneal = scheduler.anneal  # the checkpoint's, with --use-checkpoint-opt_param-...
             guard.load_state_dict(common["numerics"])
+    objective = objective_for(config)
     if common is not None:  # resuming: the data position must be of the same kind of run
         resumed = common.get("data", {}).get("kind", "pretraining")
-        current = "sft" if chat is not None else "pretraining"
+        current = objective.kind
         if resumed != current:
             raise UserError(f"--load {config.checkpoint.load} holds a {resumed} run's "
                             f"checkpoint and this is a {current} run: add --finetune to start "
@@ -208,10 +212,22 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
     # The ranks of one context-parallel group read the same samples, each keeping its share.
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
     cp_split = context_parallel_split(config, preset, shape)
+    tokens_per_microbatch = (config.batch.micro_batch_size * shape.seq_length
+                             // shape.parallel.context)  # THD: ~1/CP of one row of B*S tokens
+    prepare = lambda dataset: None  # noqa: E731
+    if config.kind == "dpo":
+        from megatron_trillion.posttraining.setup import reference_tables
+
+        tables = reference_tables(config, preset, model, data, fingerprint, common, cp_split,
+                                  tokens_per_microbatch, say)
+        tables.attach(dataset)
+        prepare = tables.attach
     batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
                           shape.data_parallel_size, cp_split,
-                          prefetch=config.data.num_workers > 0)
-    eval_batches = data.eval_batches(dp_rank, say, cp_split)
+                          prefetch=config.data.num_workers > 0, collate=data.collate)
+    eval_batches = data.eval_batches(dp_rank, say, cp_split, prepare)
+    if config.kind == "dpo":
+        tables.finish()  # the policy's weights again, if the reference was another model
     if scheduler.mtp_loss_scaling is not None and preset.mtp_num_layers:
         set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
 
@@ -232,9 +248,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
     run = Run(
         model=model, optimizer=optimizer, scheduler=scheduler, rampup=rampup, guard=guard,
         train_batches=batches, train_iters=shape.train_iters,
-        # THD: one row of B*S tokens, of which each context-parallel rank holds ~1/CP
-        tokens_per_microbatch=config.batch.micro_batch_size * shape.seq_length
-        // shape.parallel.context,
+        tokens_per_microbatch=tokens_per_microbatch,
         step_flops=make_step_flops(preset),
         world_size=torch.distributed.get_world_size(),
         log_interval=config.logging.log_interval, eval_interval=config.eval.eval_interval,
@@ -248,6 +262,7 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
         hang_timeout_seconds=config.training.hang_timeout_seconds,
         housekeeping=housekeeping,
         empty_expert_warning_steps=config.logging.moe_empty_expert_warning_steps,
+        objective=objective,
     )
     try:
         final = train(run)
@@ -259,6 +274,16 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
         if writers is not None:
             writers.close()
     return final, run
+
+
+def objective_for(config: PretrainConfig) -> Objective:
+    """What a run trains for, from its flags."""
+    if config.kind == "dpo":
+        from megatron_trillion.posttraining.dpo import dpo_objective
+
+        return dpo_objective(config.dpo.dpo_loss, config.dpo.dpo_beta,
+                             config.dpo.dpo_sft_loss_weight)
+    return language_model_objective(config.kind)
 
 
 def _set_logging_level(level: Optional[int]) -> None:

@@ -107,7 +107,9 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                + _lr_schedule_errors(config, shape)
                + source_errors
                + _data_flag_errors(config)
-               + (_sft_errors(config) if config.data.sft else _blend_errors(config, splits))
+               + (_sft_errors(config) if config.kind != "pretraining"
+                  else _blend_errors(config, splits))
+               + _dpo_errors(config)
                + kernel_errors(config, te)
                + _interval_errors(config)
                + _checkpoint_errors(config)
@@ -400,9 +402,10 @@ def _data_flag_errors(config: PretrainConfig) -> list[str]:
             data.tokenizer_model or data.vocab_file):
         errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
                       "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
-    if not data.sft and (data.chat_template
-                         or data.sft_overlong_conversations != "truncate"):
-        errors.append("--chat-template / --sft-overlong-conversations need --sft")
+    if not (data.sft or data.dpo) and data.chat_template:
+        errors.append("--chat-template needs --sft or --dpo")
+    if not data.sft and data.sft_overlong_conversations != "truncate":
+        errors.append("--sft-overlong-conversations needs --sft")
     return errors
 
 
@@ -548,22 +551,49 @@ def platform_notes(config: PretrainConfig, preset: ModelPreset, te_available: bo
     return notes
 
 
+def _dpo_errors(config: PretrainConfig) -> list[str]:
+    """--dpo and its loss flags."""
+    from megatron_trillion.training.arguments import DPOArgs
+
+    dpo, errors = config.dpo, []
+    if not config.data.dpo:
+        given = [f"--{name.replace('_', '-')}" for name in DPOArgs.__dataclass_fields__
+                 if getattr(dpo, name) != getattr(DPOArgs(), name)]
+        if given:
+            errors.append(f"{', '.join(given)} need --dpo")
+        return errors
+    if config.data.sft:
+        errors.append("--sft and --dpo are two runs: SFT first (its checkpoint is --dpo's "
+                      "--load), then DPO")
+    if dpo.dpo_beta <= 0:
+        errors.append(f"--dpo-beta must be > 0, got {dpo.dpo_beta}")
+    if dpo.dpo_max_length_ratio is not None and dpo.dpo_max_length_ratio < 1:
+        errors.append(f"--dpo-max-length-ratio is longer over shorter response length, so "
+                      f">= 1; got {dpo.dpo_max_length_ratio}")
+    if dpo.dpo_reference_load and not os.path.isdir(dpo.dpo_reference_load):
+        errors.append(f"--dpo-reference-load {dpo.dpo_reference_load}: no such directory")
+    return errors
+
+
 def _sft_errors(config: PretrainConfig) -> list[str]:
-    """--sft: chat JSONL data through a tokenizer with character offsets, document masking."""
+    """--sft / --dpo: chat JSONL data through a tokenizer with character offsets, document
+    masking."""
     data = config.data
+    kind = f"--{config.kind}"
     errors: list[str] = []
     if data.mock_data:
-        errors.append("--sft trains on chat JSONL (--data-path); --mock-data has no conversations")
+        errors.append(f"{kind} trains on chat JSONL (--data-path); --mock-data has no "
+                      "conversations")
     if data.tokenizer_type not in ("HuggingFaceTokenizer", "GPT2BPETokenizer"):
-        errors.append(f"--sft needs --tokenizer-type HuggingFaceTokenizer or GPT2BPETokenizer "
+        errors.append(f"{kind} needs --tokenizer-type HuggingFaceTokenizer or GPT2BPETokenizer "
                       f"(chat templates are rendered to text and tokenized with character "
                       f"offsets), got {data.tokenizer_type}")
     if data.attention_masking == MASKING_NONE:
-        errors.append("--sft packs conversations as separate attention blocks; "
+        errors.append(f"{kind} packs conversations as separate attention blocks; "
                       "--attention-masking none would let them attend to each other")
     if config.anneal.anneal_data_path:
         errors.append("--anneal-data-path is a pretraining mixture switch; it does not apply "
-                      "to --sft")
+                      f"to {kind}")
     if data.chat_template and not os.path.isfile(data.chat_template):
         errors.append(f"--chat-template {data.chat_template}: no such file")
     return errors
