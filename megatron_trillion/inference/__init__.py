@@ -1,1 +1,2 @@
-"""Loading a trained checkpoint for inference in one process, and greedy generation."""
+"""Loading a trained checkpoint for inference, and the generation engine (batched, KV-cached
+sampling with log-probabilities)."""

@@ -1,17 +1,13 @@
-"""Greedy generation from a megatron-trillion checkpoint, in one CPU/GPU process.
+"""Loading a megatron-trillion checkpoint for inference, and the chat template to talk to it.
 
-The checkpoint is loaded at TP1 x PP1 whatever layout saved it (megatron-core reshards by
+The checkpoint is loaded at the current layout (TP1 x PP1 in one process) whatever layout saved it (megatron-core reshards by
 global keys), the model is rebuilt from the preset stored in the checkpoint, and the tokenizer
-from the run configuration stored beside it.
+from the run configuration stored beside it. Generation itself is ``inference.engine``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
-
-from megatron_trillion.errors import UserError
+from typing import Optional
 
 
 def load_for_inference(checkpoint_root: str, iteration: Optional[int] = None, log=print):
@@ -52,27 +48,3 @@ def chat_format(tokenizer, run_config: dict):
     if not template:
         template, _ = resolve_chat_template(None, run_config.get("tokenizer_model"))
     return ChatFormat(template, tokenizer)
-
-
-@torch.no_grad()
-def greedy_generate(model, token_ids: list[int], max_new_tokens: int,
-                    eod: Optional[int] = None, stop: Sequence[int] = ()) -> list[int]:
-    """Append up to ``max_new_tokens`` argmax tokens (stops at ``eod`` or any of ``stop``)."""
-    from megatron_trillion.models.vocab import unpadded_vocab_size
-
-    if not token_ids:
-        raise UserError("the prompt encodes to no tokens")
-    from megatron_trillion.platform.device import compute_device
-
-    device = compute_device()
-    tokens = list(token_ids)
-    for _ in range(max_new_tokens):
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        positions = torch.arange(len(tokens), device=device).unsqueeze(0)
-        logits = model(ids, positions, None)
-        # Only the tokenizer's ids: the rows padded for TP are not tokens.
-        next_id = int(logits[0, -1, :unpadded_vocab_size(model)].argmax())
-        tokens.append(next_id)
-        if next_id == eod or next_id in stop:
-            break
-    return tokens[len(token_ids):]

@@ -333,7 +333,8 @@ class XLDACoreAttention(MegatronModule):
               extra_mask: Optional[Tensor], causal: bool = True) -> Tensor:
         """SDPA over [..., H, S, d] with causal (bottom-right) + optional window/extra masks."""
         dropout_p = self.dropout_p if self.training else 0.0
-        window = self.window_left if causal else None
+        # The window also bounds a decode step's single query (no_mask: the KV-cache path).
+        window = self.window_left
         needs_window = window is not None and sk > window + 1
         if causal and sq == sk and extra_mask is None and not needs_window:
             return self._run_sdpa(q, k, v, None, True, dropout_p)
