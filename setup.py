@@ -23,6 +23,8 @@ setup(
         "numba>=0.60",  # the sample-index builder's compiled loop (data/sample_index.py)
         "jinja2>=3.1",  # chat templates (--sft), rendered as transformers renders them
         "tensorboard",
+        "math-verify==0.9.0",  # MATH answer equivalence (rewards/answers.py)
+        "langdetect==1.0.9",  # IFEval's response-language check, as IFEval decides it
     ],
     extras_require={
         # megatron-core 0.16.1's own range (its dev extra); the Dockerfile's NGC image has it.

@@ -239,3 +239,37 @@ def test_bad_command_lines(tmp_path, capsys):
     for argv, message in cases:
         assert eval_main(argv + ["--source-language", "en", "--target-language", "ko"]) == 2
         assert message in capsys.readouterr().err, argv
+
+
+def test_readme_glob_command_as_written(tmp_path):
+    """The README's --lm-eval-samples command, run by a shell as written: the glob after ``en=``
+    reaches the tool unexpanded, so the tool expands it; a glob matching several files is refused
+    naming them."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(repo, "README.md"), encoding="utf-8").read()
+    command = re.search(r"python tools/eval_consistency\.py --source-language en[^`]*"
+                        r"--lm-eval-samples en=[^`]*?\n(?=```)", readme).group(0)
+    command = command.replace("python tools/", f"{sys.executable} {repo}/tools/", 1)
+    run_dir = tmp_path / "out" / "hf_model__"  # lm-eval writes under out/<model name>/
+    run_dir.mkdir(parents=True)
+    shutil.copy(EN_SAMPLES, run_dir)
+    shutil.copy(KO_SAMPLES, run_dir)
+    env = dict(os.environ, PYTHONPATH=repo)
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "E(T)->K(T)" in done.stdout
+
+    second = tmp_path / "out" / "other_model__"
+    second.mkdir()
+    shutil.copy(KO_SAMPLES, second)
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2
+    assert "'ko=out/*/samples_global_mmlu_ko_*.jsonl' matches 2 files, expected one" in done.stderr
+    assert "out/other_model__/samples_global_mmlu_ko_stem" in done.stderr

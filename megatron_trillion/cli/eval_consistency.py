@@ -17,13 +17,12 @@ two languages:
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import glob
 import sys
 from typing import Optional, Sequence
 
 from megatron_trillion.errors import UserError
-from megatron_trillion.evaluation import consistency
+from megatron_trillion.evaluation import consistency, write_results
 from megatron_trillion.platform.single_process import run_tool
 
 
@@ -68,6 +67,20 @@ def _user_errors(args) -> list[str]:
     return errors
 
 
+def _expand(item: str, path: str) -> str:
+    """The one file a LANG=GLOB names: the shell leaves a glob after ``LANG=`` unexpanded (it is
+    one word that does not start with the pattern), so the tool expands it."""
+    if not glob.has_magic(path):
+        return path
+    matches = sorted(glob.glob(path))
+    if not matches:
+        raise UserError(f"--lm-eval-samples {item!r}: no file matches")
+    if len(matches) > 1:
+        raise UserError(f"--lm-eval-samples {item!r} matches {len(matches)} files, expected one: "
+                        f"{', '.join(matches)}")
+    return matches[0]
+
+
 def _samples_by_language(items: Sequence[str], languages: Sequence[str]) -> dict:
     paths: dict[str, list[str]] = {language: [] for language in languages}
     for item in items:
@@ -77,7 +90,7 @@ def _samples_by_language(items: Sequence[str], languages: Sequence[str]) -> dict
         if language not in paths:
             raise UserError(f"--lm-eval-samples {item!r}: {language!r} is neither "
                              f"--source-language nor --target-language")
-        paths[language].append(path)
+        paths[language].append(_expand(item, path))
     for language, files in paths.items():
         if not files:
             raise UserError(f"--lm-eval-samples has no file for {language!r}")
@@ -116,13 +129,7 @@ def evaluate(args) -> None:
     print(consistency.format_table(
         metrics, f"cross-lingual consistency {languages[0]} -> {languages[1]} ({origin})"))
     if args.output:
-        directory = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{args.output}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, args.output)  # never a half-written results file
+        write_results(metrics, args.output)
 
 
 if __name__ == "__main__":

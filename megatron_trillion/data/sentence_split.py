@@ -44,8 +44,11 @@ def _is_abbreviation(text: str, start: int, dot_end: int) -> bool:
     return lowered in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
 
 
-def split_sentences(text: str, keep_newlines: bool = False) -> list[str]:
-    """Splits `text` into sentences (see the module docstring for the rules)."""
+def split_sentences(text: str, keep_newlines: bool = False, *,
+                    lowercase_continues: bool = True) -> list[str]:
+    """Splits `text` into sentences (see the module docstring for the rules).
+    ``lowercase_continues=False`` drops the lowercase-next-word rule: punkt applies that cue
+    only to words it has seen, so on short or unusual text (IFEval's) it splits there."""
     sentences = []
     start = 0
     for match in _BOUNDARY.finditer(text):
@@ -55,7 +58,7 @@ def split_sentences(text: str, keep_newlines: bool = False) -> list[str]:
             next_char = text[match.end() : match.end() + 1]
             if ender.rstrip(_CLOSERS).endswith(".") and ender.rstrip(_CLOSERS) == ".":
                 if _is_abbreviation(text, start, match.start("latin")) or (
-                    next_char.isalpha() and next_char.islower()
+                    lowercase_continues and next_char.isalpha() and next_char.islower()
                 ):
                     continue
             if not next_char:
