@@ -1,6 +1,7 @@
 """GRPO's arithmetic (posttraining.grpo) and the RLVR prompt reader (posttraining.rlvr_data)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -175,12 +176,15 @@ def _write(path, lines):
     return str(path)
 
 
-def test_rlvr_prompts_in_both_layouts_with_the_system_prompt(tmp_path):
+def test_rlvr_prompts_in_both_layouts_with_the_system_prompt(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def words(response, truth):\n    return float(len(response.split()) == truth)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     path = _write(tmp_path / "rl_en.jsonl", [
         '{"prompt": "2+3?", "ground_truth": "5", "verifier": "gsm8k"}',
         '',
         '{"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": '
-        '"Write 3 words"}], "ground_truth": {"num_words": 3}, "verifier": "mypkg.r:words"}',
+        '"Write 3 words"}], "ground_truth": 3, "verifier": "my_rewards:words", "id": 7}',
     ])
     first, second = read_rlvr_prompts([(path, "en")])
     assert first.where == f"{path}:1" and second.where == f"{path}:3"
@@ -188,15 +192,22 @@ def test_rlvr_prompts_in_both_layouts_with_the_system_prompt(tmp_path):
                                             {"role": "user", "content": "2+3?"}]
     assert first.conversation() == [{"role": "user", "content": "2+3?"}]
     assert second.conversation("Think.")[0]["content"] == "Own."
-    assert second.ground_truth == {"num_words": 3} and second.verifier == "mypkg.r:words"
-    assert second.language == "en"
+    assert second.ground_truth == 3 and second.verifier == "my_rewards:words"
+    assert second.language == "en" and second.record["id"] == 7
+    # the rewards are the registry's verifiers
+    from megatron_trillion.posttraining.scoring import verifier_score
+
+    assert verifier_score(first, "2 + 3 = 5. The answer is 5.") == 1.0
+    assert verifier_score(first, "The answer is 6.") == 0.0
+    assert verifier_score(second, "one two three") == 1.0
 
 
 @pytest.mark.parametrize("line, problem", [
     ('{"prompt": "x", "verifier": "gsm8k"}', 'no "ground_truth"'),
     ('{"prompt": "x", "ground_truth": null, "verifier": "gsm8k"}', 'no "ground_truth"'),
+    ('{"prompt": "x", "ground_truth": "seven", "verifier": "gsm8k"}', "is not a number"),
     ('{"prompt": "x", "ground_truth": "1"}', '"verifier" must be'),
-    ('{"prompt": "x", "ground_truth": "1", "verifier": "a:b:c"}', "module:function"),
+    ('{"prompt": "x", "ground_truth": "1", "verifier": "no_such_module_q:f"}', "cannot import"),
     ('{"prompt": "x", "ground_truth": "1", "verifier": "nope"}', "unknown verifier 'nope'"),
     ('{"ground_truth": "1", "verifier": "gsm8k"}', 'exactly one of "messages" and "prompt"'),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
@@ -209,18 +220,8 @@ def test_rlvr_prompts_in_both_layouts_with_the_system_prompt(tmp_path):
 def test_bad_rlvr_lines_are_refused_naming_file_and_line(tmp_path, line, problem):
     good = '{"prompt": "q", "ground_truth": "1", "verifier": "gsm8k"}'
     path = _write(tmp_path / "rl.jsonl", [good, line])
-
-    def known(name):
-        return None if name in ("gsm8k", "a:b:c") or ":" in name else f"unknown verifier {name!r}"
-
-    with pytest.raises(UserError, match=rf"rl\.jsonl:2: .*{_escape(problem)}"):
-        read_rlvr_prompts([(path, "en")], check_verifier=known)
-
-
-def _escape(text):
-    import re
-
-    return re.escape(text)
+    with pytest.raises(UserError, match=rf"rl\.jsonl:2: .*{re.escape(problem)}"):
+        read_rlvr_prompts([(path, "en")])
 
 
 def test_bad_utf8_and_empty_files_are_refused(tmp_path):
@@ -293,7 +294,7 @@ def test_packed_responses_score_as_if_alone_and_the_first_epoch_ratio_is_one(tin
     assert values["ratio"] == 1.0 and values["clip fraction"] == 0.0 and int(count) == 6
     assert torch.equal(batch["old_logprobs"].reshape(-1), packed.detach())  # for epoch 2
     # sum of advantage * 1 over the response tokens: 2 * 2/3 - 4 * 1/3 = 0
-    assert float(loss_sum) == pytest.approx(0.0, abs=1e-6)
+    assert loss_sum.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_reference_weights_swap_in_and_back_bit_for_bit(tiny_model):
@@ -319,3 +320,78 @@ def test_reference_weights_swap_in_and_back_bit_for_bit(tiny_model):
         with torch.no_grad():
             for p, s in zip(tiny_model.parameters(), start):
                 p.copy_(s)
+
+
+# --------------------------------------------------------------------------------------------
+# rollouts from the generation engine on the training model
+
+
+class _IdText:
+    """A tokenizer stand-in: a response's text is its ids."""
+
+    eod = 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_prompt_order_is_a_fresh_permutation_per_pass_and_depends_on_the_position_only():
+    from megatron_trillion.posttraining.rollout import prompt_order
+
+    first = [prompt_order(5, 7, p) for p in range(5)]
+    second = [prompt_order(5, 7, p) for p in range(5, 10)]
+    assert sorted(first) == sorted(second) == [0, 1, 2, 3, 4] and first != second
+    assert prompt_order(5, 7, 8) == second[3]
+
+
+def test_a_rollout_step_samples_scores_and_matches_the_trainers_log_probabilities(tiny_model):
+    from megatron_trillion.inference.engine import GenerationEngine
+    from megatron_trillion.posttraining.grpo_objective import grpo_objective, report_fields
+    from megatron_trillion.posttraining.rlvr_data import RLVRPrompt
+    from megatron_trillion.posttraining.rollout import (
+        GRPOBatches,
+        RolloutConfig,
+        _generating,
+    )
+
+    # The training model of a masked (document) run with an MTP head, as --grpo builds it.
+    assert tiny_model.mtp_process
+    with _generating(tiny_model) as generating:
+        engine = GenerationEngine(generating.core, _IdText(), 64, eos_token_ids=(0,))
+    prompts = [RLVRPrompt(({"role": "user", "content": c},), "x", "even", lang, f"f:{i}")
+               for i, (c, lang) in enumerate([("a", "en"), ("b", "ko"), ("c", "ko")])]
+
+    def even_first_token(prompt, text):
+        return float(int(text.split()[0]) % 2 == 0)
+
+    fields = report_fields(["even"], ["en", "ko"])
+    source = GRPOBatches([tiny_model], engine, prompts, [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                         RolloutConfig(samples_per_prompt=4, max_new_tokens=6, seed=3),
+                         even_first_token, fields, capacity=64, pad_token=0, epochs=2,
+                         state={"prompts": "fp"})
+    batches = source.for_step(0, 2)
+    rollout = source.last_rollout
+    assert tiny_model.training and tiny_model.mtp_process  # restored after sampling
+    for result, prompt, rewards in zip(rollout.results, rollout.prompts, rollout.rewards):
+        assert len(result.completions) == 4
+        assert rewards.tolist() == [even_first_token(prompt, c.text)
+                                    for c in result.completions]
+    kept = rollout.advantages.kept_groups()
+    response_tokens = sum(len(c.token_ids) for g in kept for c in rollout.results[g].completions)
+    assert sum(float(b["loss_mask"].sum()) for b in batches) == response_tokens
+    assert sorted(i for b in batches for i in b["indices"]) == sorted(kept)
+
+    objective = grpo_objective(GRPOLossConfig(), fields)
+    output, loss_func = objective.forward_step(iter(batches), tiny_model)
+    _, _, report = loss_func(output)
+    values = objective.values(report["grpo loss"].tolist())
+    # On CPU in fp32 the engine's log-probabilities are the trainer's (KV cache vs packed).
+    assert values["drift max"] < 1e-5 and values["ratio"] == 1.0
+    assert values["reward"] == pytest.approx(float(rollout.rewards.mean()))
+    assert values["dropped groups"] == rollout.advantages.dropped / 2
+    assert values["response length max"] == max(len(c.token_ids) for r in rollout.results
+                                                for c in r.completions)
+    # The second epoch trains on the same rollout; its statistics are not counted twice.
+    again = source.for_step(2, 2)
+    assert again is batches and float(again[0]["rollout_report"].abs().sum()) == 0.0
+    assert source.state_dict(4) == {"kind": "grpo", "consumed_samples": 4, "prompts": "fp"}

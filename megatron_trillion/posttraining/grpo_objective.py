@@ -34,6 +34,7 @@ from megatron_trillion.posttraining.grpo import (
     reduce_token_losses,
     token_losses,
 )
+from megatron_trillion.training.objective import Objective
 
 GRPO_LOSS = "grpo loss"
 
@@ -42,7 +43,8 @@ ROLLOUT_FIELDS = (
     "steps",  # 1 per step (carried by DP rank 0): divides the per-step maxima and times
     "groups", "dropped groups", "responses", "response tokens", "cut responses",
     "length max", "drift sum", "drift tokens", "drift max",
-    "generation seconds", "scoring seconds", "training seconds",
+    # The rest of an iteration's time (its log line's elapsed ms) is training.
+    "generation seconds", "scoring seconds", "logprob pass seconds",
 )
 
 
@@ -76,7 +78,7 @@ def grpo_metrics(fields: Sequence[str], report: Sequence[float]) -> dict:
     out["responses cut"] = ratio(value["cut responses"], value["responses"])
     out["drift mean"] = ratio(value["drift sum"], value["drift tokens"])
     out["drift max"] = ratio(value["drift max"], steps)
-    for part in ("generation", "scoring", "training"):
+    for part in ("generation", "scoring", "logprob pass"):
         out[f"time/{part} s"] = ratio(value[f"{part} seconds"], steps)
     for name in fields:
         if name.startswith("reward sum ["):
@@ -125,9 +127,21 @@ def grpo_forward_step(config: GRPOLossConfig, fields: Sequence[str], data_iterat
     ``fields`` with ``functools.partial``)."""
     host = next(data_iterator)
     batch = to_device(host)
-    output = model(*_model_inputs(batch), labels=batch["labels"], loss_mask=batch["loss_mask"],
+    # No loss mask for the model: an MTP block (if any) does not learn from sampled answers.
+    output = model(*_model_inputs(batch), labels=batch["labels"],
+                   loss_mask=torch.zeros_like(batch["loss_mask"]),
                    packed_seq_params=batch["packed_seq_params"])
     return output, functools.partial(grpo_loss_func, config, fields, host, batch)
+
+
+def grpo_objective(config: GRPOLossConfig, fields: Sequence[str]) -> Objective:
+    """GRPO as the loop's objective; ``fields``: ``report_fields`` of the run's verifiers and
+    languages."""
+    fields = tuple(fields)
+    return Objective(kind="grpo", loss_name=GRPO_LOSS,
+                     forward_step=functools.partial(grpo_forward_step, config, fields),
+                     fields=fields, metrics=functools.partial(grpo_metrics, fields),
+                     trains_mtp=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +193,12 @@ class ReferencePolicy:
             yield
         finally:
             self._swap()
+
+    def exchange(self) -> None:
+        """Swap the model's weights with the stored ones (kept swapped). A resumed run stores
+        its own weights, loads the reference checkpoint into the model, then exchanges: the
+        model holds its weights again and this object the reference's."""
+        self._swap()
 
     def _swap(self) -> None:
         with torch.no_grad():

@@ -14,16 +14,13 @@ the run with its ``file:line``.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from megatron_trillion.data.chat_template import ROLES
 from megatron_trillion.data.jsonl import read_jsonl
 from megatron_trillion.errors import UserError
 
-_VERIFIER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-_USER_VERIFIER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _LAYOUT = ('expected {"messages": [...] | "prompt": "...", "ground_truth": ..., '
            '"verifier": "name" | "module:function"}')
 
@@ -35,6 +32,7 @@ class RLVRPrompt:
     verifier: str
     language: str
     where: str  # file:line
+    record: dict = field(default_factory=dict, compare=False, repr=False)  # the line as read
 
     def conversation(self, system_prompt: Optional[str] = None) -> list[dict]:
         """The messages to generate from: ``system_prompt`` (``--system-prompt-file``) goes
@@ -43,20 +41,6 @@ class RLVRPrompt:
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
         return messages
-
-
-def verifier_form_problem(name: Any) -> Optional[str]:
-    """What is wrong with a verifier name's form (a registry name or ``module:function``),
-    or None."""
-    if not isinstance(name, str) or not name:
-        return '"verifier" must be a non-empty string'
-    if ":" in name:
-        if not _USER_VERIFIER.match(name):
-            return f'"verifier" {name!r}: a user verifier is written module:function'
-        return None
-    if not _VERIFIER_NAME.match(name):
-        return f'"verifier" {name!r} is not a verifier name'
-    return None
 
 
 def _messages(record: dict) -> tuple:
@@ -89,9 +73,10 @@ def _messages(record: dict) -> tuple:
 
 
 def parse_rlvr_record(record: Any, where: str, language: str,
-                      check_verifier: Callable[[str], Optional[str]]) -> RLVRPrompt:
+                      check: Callable[[str, Any], Optional[str]]) -> RLVRPrompt:
     """One parsed line -> RLVRPrompt, or UserError naming ``where`` and the problem.
-    ``check_verifier(name)`` returns what is wrong with a verifier name, or None."""
+    ``check(verifier, ground_truth)`` says what is wrong with the verifier name or the ground
+    truth for it (None: nothing)."""
     try:
         if not isinstance(record, dict):
             raise ValueError(f"not a JSON object; {_LAYOUT}")
@@ -100,20 +85,29 @@ def parse_rlvr_record(record: Any, where: str, language: str,
         if truth is None or (isinstance(truth, str) and not truth.strip()):
             raise ValueError('no "ground_truth" (the verifier has nothing to check against)')
         name = record.get("verifier")
-        problem = verifier_form_problem(name) or check_verifier(name)
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError('"verifier" must be a non-empty string (a verifier name or '
+                             'module:function)')
+        problem = check(name, truth)
         if problem:
             raise ValueError(problem)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from exc
-    return RLVRPrompt(messages, truth, name, language, where)
+    return RLVRPrompt(messages, truth, name, language, where, record)
+
+
+def _registry_check(name: str, ground_truth: Any) -> Optional[str]:
+    from megatron_trillion.posttraining.scoring import verifier_problem
+
+    return verifier_problem(name, ground_truth)
 
 
 def read_rlvr_file(path: str, language: str,
-                   check_verifier: Callable[[str], Optional[str]] = lambda name: None
+                   check: Callable[[str, Any], Optional[str]] = _registry_check
                    ) -> list[RLVRPrompt]:
     """Every prompt of one RLVR JSONL file (UserError at the first bad line, or when the file
-    has no prompt)."""
-    prompts = [parse_rlvr_record(record, where, language, check_verifier)
+    has no prompt); verifier names and ground truths are checked by the verifier registry."""
+    prompts = [parse_rlvr_record(record, where, language, check)
                for where, record in read_jsonl(path, f"; {_LAYOUT}")]
     if not prompts:
         raise UserError(f"{path}: no prompts in the file")
@@ -121,10 +115,10 @@ def read_rlvr_file(path: str, language: str,
 
 
 def read_rlvr_prompts(files: Sequence[tuple[str, str]],
-                      check_verifier: Callable[[str], Optional[str]] = lambda name: None
+                      check: Callable[[str, Any], Optional[str]] = _registry_check
                       ) -> list[RLVRPrompt]:
     """``[(path, language), ...]`` -> all their prompts, file after file."""
     out: list[RLVRPrompt] = []
     for path, language in files:
-        out.extend(read_rlvr_file(path, language, check_verifier))
+        out.extend(read_rlvr_file(path, language, check))
     return out
