@@ -213,6 +213,8 @@ def _policy_tensors(model):
     (e.g. MoE expert biases), of each chunk."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
+        while hasattr(chunk, "module"):  # DDP's own `buffers` are its gradient buffers
+            chunk = chunk.module
         seen = set()
         for tensor in list(chunk.parameters()) + [b for b in chunk.buffers()
                                                    if b.is_floating_point()]:

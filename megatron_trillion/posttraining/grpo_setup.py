@@ -44,6 +44,9 @@ def grpo_config_errors(config) -> list[str]:
     if config.parallel.pipeline_model_parallel_size > 1:
         errors.append("--grpo samples with the generation engine, which runs without pipeline "
                       "parallelism: use --pipeline-model-parallel-size 1 (TP, DP and EP work)")
+    if config.parallel.sequence_parallel:
+        errors.append("--grpo samples with the generation engine, which runs without sequence "
+                      "parallelism (prompts of any length): drop --sequence-parallel")
     if config.parallel.context_parallel_size > 1:
         errors.append("--grpo samples with the generation engine, which has no context "
                       "parallelism: use --context-parallel-size 1")

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from megatron_trillion.posttraining.rlvr_data import RLVRPrompt
-from megatron_trillion.posttraining.rollout import RolloutConfig, sample_and_score
+from megatron_trillion.posttraining.rollout import RolloutConfig, sample_and_score, sampler_seed
 
 HISTOGRAM_BINS = 10
 
@@ -47,13 +47,14 @@ def measure_pass_rates(engine, prompts: Sequence[RLVRPrompt], prompt_ids: Sequen
                        low: float, high: float, chunk: int = 64,
                        progress: Callable[[int], None] = lambda done: None) -> Selection:
     """Pass rates of ``prompts`` from ``config.samples_per_prompt`` samples each (``chunk``
-    prompts per engine call, seeded by ``config.seed`` and the chunk's first index: the same
-    flags sample the same answers). ``low <= pass rate <= high`` is kept."""
+    prompts between progress reports; each prompt seeded by ``config.seed`` and its index: the
+    same flags sample the same answers). ``low <= pass rate <= high`` is kept."""
     rates: list[float] = []
     for start in range(0, len(prompts), chunk):
         part = slice(start, start + chunk)
-        rollout = sample_and_score(engine, prompts[part], prompt_ids[part], config,
-                                   config.seed + start, score)
+        seeds = [sampler_seed(config.seed, i)
+                 for i in range(start, min(start + chunk, len(prompts)))]
+        rollout = sample_and_score(engine, prompts[part], prompt_ids[part], config, seeds, score)
         rates.extend(rollout.rewards.mean(dim=1).tolist())
         progress(len(rates))
     kept = [i for i, rate in enumerate(rates) if low <= rate <= high]

@@ -7,10 +7,11 @@ order, DP rank ``r`` taking the ``r``-th contiguous ``B / DP`` of them. So the p
 consumed-prompts counter alone, and a resumed run takes the same prompts as a straight one.
 
 How they are sampled: with the generation engine on the training model itself (its local
-TP shard, no second copy that goes stale), in eval mode, at PP1. The sampler's seed is derived
-from ``--seed`` and the position of the rank's first prompt, so a resumed run samples the same
-responses as a straight one without storing any generator state; the TP ranks of a DP group
-sample the same tokens (the engine's samples do not depend on TP).
+TP shard, no second copy that goes stale), in eval mode, at PP1. Each prompt's sampler seed is
+derived from ``--seed`` and the prompt's position, so a resumed run samples the same responses
+as a straight one without storing any generator state, and the samples are the same at any DP
+size; the TP ranks of a DP group sample the same tokens (the engine's samples do not depend on
+TP).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def prompt_order(num_prompts: int, seed: int, position: int) -> int:
 
 
 def sampler_seed(seed: int, position: int) -> int:
-    """The generation seed of the rollout that starts at prompt ``position``."""
+    """The generation seed of the prompt at ``position`` of the prompt order."""
     digest = hashlib.sha256(f"grpo/{seed}/{position}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -110,17 +111,23 @@ class Rollout:
 
 
 def sample_and_score(engine, prompts: Sequence[RLVRPrompt], prompt_ids: Sequence[list[int]],
-                     config: RolloutConfig, seed: int,
+                     config: RolloutConfig, seeds: Sequence[int],
                      score: Callable[[RLVRPrompt, str], float]) -> Rollout:
     """G responses for each prompt from ``engine`` (``inference.engine.GenerationEngine``),
-    each scored by its prompt's verifier (``score(prompt, response text) -> [0, 1]``)."""
+    each scored by its prompt's verifier (``score(prompt, response text) -> [0, 1]``).
+
+    A prompt's samples come from its own seed (``seeds[i]``, one engine call per prompt, its G
+    rows together), so they do not depend on which prompts share its rank: the same at any DP
+    size, as the engine's are at any TP size."""
     from megatron_trillion.inference.engine import SamplingParams
 
-    params = SamplingParams(max_new_tokens=config.max_new_tokens,
-                            temperature=config.temperature, top_p=config.top_p,
-                            num_samples=config.samples_per_prompt, seed=seed)
     start = time.perf_counter()
-    results = engine.generate([list(ids) for ids in prompt_ids], params) if prompts else []
+    results = []
+    for ids, seed in zip(prompt_ids, seeds):
+        params = SamplingParams(max_new_tokens=config.max_new_tokens,
+                                temperature=config.temperature, top_p=config.top_p,
+                                num_samples=config.samples_per_prompt, seed=seed)
+        results += engine.generate([list(ids)], params)
     generated = time.perf_counter()
     rewards = torch.tensor([[float(score(prompt, c.text)) for c in result.completions]
                             for prompt, result in zip(prompts, results)],
@@ -209,7 +216,7 @@ class GRPOBatches:
         with _generating(self.model):
             rollout = sample_and_score(self.engine, [self.prompts[i] for i in chosen],
                                        [self.prompt_ids[i] for i in chosen], self.config,
-                                       sampler_seed(self.config.seed, positions.start),
+                                       [sampler_seed(self.config.seed, p) for p in positions],
                                        self.score)
         self.last_rollout = rollout
         batches = rollout_micro_batches(rollout, self.capacity, self.pad_token)

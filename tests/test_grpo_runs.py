@@ -1,0 +1,132 @@
+"""``pretrain --grpo`` through the real entry point (slow): TP2 and DP2 give the losses of one
+process on the same rollouts, a resumed run continues exactly, the KL reference is reloaded on
+resume, and the log carries the rollout's figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from multiprocess import run_distributed
+
+STEPS = 3
+PARALLEL_STEPS = 2
+# A reward a random tiny model earns about half the time, so most groups differ.
+REWARDS = "def odd_length(response, ground_truth):\n    return float(len(response) % 2)\n"
+
+
+def _argv(world: dict, steps: int, save: str, *extra: str) -> list[str]:
+    return ["--preset", "tiny-tri-7b", "--grpo", "--tokenizer-model", world["tokenizer"],
+            "--data-path", world["en"], world["ko"], "--seq-length", "64",
+            "--global-batch-size", "2", "--train-iters", str(steps), "--lr", "3e-3",
+            "--grpo-samples-per-prompt", "4", "--grpo-max-new-tokens", "6", "--seed", "5",
+            "--no-progress-bar", "--save", save, *extra]
+
+
+def _train(argv: list[str]) -> dict:
+    import sys
+
+    # the user verifier's directory (the forked ranks do not read PYTHONPATH again)
+    sys.path.insert(0, os.path.dirname(argv[argv.index("--data-path") + 1]))
+    from megatron_trillion.pretrain import pretrain, quiet_known_warnings
+    from megatron_trillion.training.arguments import parse_args
+
+    quiet_known_warnings()
+    losses, lines = [], []
+    pretrain(parse_args(argv), log=lines.append,
+             on_step=lambda state, result: losses.append(result["grpo loss"]))
+    return {"losses": losses, "lines": lines}
+
+
+def _serial_runs(world: dict) -> dict:
+    from megatron_trillion.platform.distributed import destroy_distributed
+
+    out = {}
+    kl = ("--grpo-kl-coeff", "0.1", "--grpo-truncated-is-cap", "2")
+    plan = [("base", _argv(world, 1, world["base"])),
+            ("straight", _argv(world, STEPS, world["straight"], "--load", world["base"],
+                               "--finetune", "--save-interval", "2", *kl))]
+    for name, argv in plan:
+        out[name] = _train(argv)
+        destroy_distributed()
+    # the checkpoint of step 2, resumed in a directory of its own (the straight run went on)
+    shutil.copytree(world["straight"], world["resumed"])
+    with open(os.path.join(world["resumed"], "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("2")
+    shutil.rmtree(os.path.join(world["resumed"], f"iter_{STEPS:07d}"))
+    out["resumed"] = _train(_argv(world, STEPS, world["resumed"], "--load", world["resumed"],
+                                  *kl))
+    return out
+
+
+def _parallel(world: dict, name: str, layout: tuple) -> dict:
+    return _train(_argv(world, PARALLEL_STEPS, os.path.join(world["parallel"], name), "--load",
+                        world["base"], "--finetune", "--grpo-kl-coeff", "0.1",
+                        "--grpo-truncated-is-cap", "2", *layout))
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tmp_path_factory):
+    from megatron_trillion.data.sample_corpus import write_sample_corpus
+    from megatron_trillion.data.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
+
+    root = tmp_path_factory.mktemp("grpo")
+    tokenizer = str(root / "tok")
+    train_tokenizer(TokenizerTrainingConfig(
+        inputs=(str(write_sample_corpus(root / "corpus.jsonl", docs_per_lang=30)),),
+        output_dir=tokenizer, vocab_size=600, heldout_docs=0, tensor_model_parallel_size=2))
+    (root / "toy_rewards.py").write_text(REWARDS)
+    files = {}
+    for lang, text in (("en", "What is {a} plus {b}?"), ("ko", "{a} 더하기 {b}는?")):
+        path = root / f"rl_{lang}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": text.format(a=a, b=a + 1),
+                                            "ground_truth": str(2 * a + 1),
+                                            "verifier": "toy_rewards:odd_length"},
+                                           ensure_ascii=False) + "\n" for a in range(4)))
+        files[lang] = str(path)
+    world = {"tokenizer": tokenizer, **files, **{k: str(root / k) for k in (
+        "base", "straight", "resumed", "parallel")}}
+    (serial,) = run_distributed(_serial_runs, 1, timeout=600, world=world)
+    tp2 = run_distributed(_parallel, 2, timeout=600, world=world, name="tp2",
+                          layout=("--tensor-model-parallel-size", "2"))
+    dp2 = run_distributed(_parallel, 2, timeout=600, world=world, name="dp2",
+                          layout=("--use-distributed-optimizer",))
+    print(f"GRPO figures: straight losses {serial['straight']['losses']}, resumed "
+          f"{serial['resumed']['losses']}, TP2 {tp2[0]['losses']}, DP2 {dp2[0]['losses']}")
+    return {"serial": serial, "tp2": tp2, "dp2": dp2}
+
+
+@pytest.mark.slow
+def test_tp2_and_dp2_give_the_losses_of_one_process_on_the_same_rollouts(grpo_runs):
+    serial = grpo_runs["serial"]["straight"]["losses"][:PARALLEL_STEPS]
+    assert all(np.isfinite(serial)), serial  # the groups were not all dropped
+    for layout in ("tp2", "dp2"):
+        for rank in grpo_runs[layout]:
+            np.testing.assert_allclose(rank["losses"], serial, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_exactly_with_its_reference_reloaded(grpo_runs):
+    straight = grpo_runs["serial"]["straight"]
+    resumed = grpo_runs["serial"]["resumed"]
+    assert len(resumed["losses"]) == 1
+    np.testing.assert_allclose(resumed["losses"], straight["losses"][2:], rtol=0, atol=1e-6)
+    for run in (straight, resumed):
+        assert any("GRPO reference policy: " in line and "base" in line
+                   for line in run["lines"]), run["lines"]
+
+
+@pytest.mark.slow
+def test_the_log_line_reports_rewards_drift_and_the_time_split(grpo_runs):
+    lines = [line for line in grpo_runs["serial"]["straight"]["lines"]
+             if line.startswith(" iteration")]
+    assert len(lines) == STEPS
+    for field in ("grpo loss", "kl", "clip fraction", "entropy", "reward [verifier "
+                  "toy_rewards:odd_length]", "reward [language en]", "reward [language ko]",
+                  "dropped groups", "response length max", "responses cut", "drift mean",
+                  "drift max", "time/generation s", "time/scoring s"):
+        assert f"| {field}: " in lines[-1], (field, lines[-1])
