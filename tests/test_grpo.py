@@ -395,3 +395,37 @@ def test_a_rollout_step_samples_scores_and_matches_the_trainers_log_probabilitie
     again = source.for_step(2, 2)
     assert again is batches and float(again[0]["rollout_report"].abs().sum()) == 0.0
     assert source.state_dict(4) == {"kind": "grpo", "consumed_samples": 4, "prompts": "fp"}
+
+
+# --------------------------------------------------------------------------------------------
+# flags
+
+
+def test_grpo_flags_are_checked_up_front(tmp_path):
+    from megatron_trillion.models.presets import get_preset
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.validation import ConfigError, validate
+
+    prompts = _write(tmp_path / "rl_en.jsonl",
+                     ['{"prompt": "q", "ground_truth": "1", "verifier": "gsm8k"}'])
+    config = parse_args([
+        "--grpo", "--data-path", "2", prompts, "--valid-data-path", prompts,
+        "--tensor-model-parallel-size", "2", "--sequence-parallel",
+        "--pipeline-model-parallel-size", "2", "--grpo-samples-per-prompt", "1",
+        "--grpo-temperature", "0", "--grpo-clip-low", "1.5", "--train-iters", "2",
+        "--system-prompt-file", str(tmp_path / "missing.txt")])
+    assert config.kind == "grpo" and config.optimizer.weight_decay == 0.0  # GRPO's defaults
+    with pytest.raises(ConfigError) as info:
+        validate(config, get_preset("tiny-tri-7b"), 4, False)
+    text = str(info.value)
+    for expected in ("--pipeline-model-parallel-size 1", "drop --sequence-parallel",
+                     "--grpo-samples-per-prompt must be >= 2", "--grpo-temperature must be > 0",
+                     "--grpo-clip-low must lie in (0, 1)", "no validation loss",
+                     "missing.txt: no such file", "files without weights"):
+        assert expected in text, text
+    with pytest.raises(ConfigError, match="--grpo-kl-coeff, --grpo-epochs need --grpo"):
+        validate(parse_args(["--mock-data", "--grpo-kl-coeff", "0.1", "--grpo-epochs", "2",
+                             "--train-iters", "2"]), get_preset("tiny-tri-7b"), 1, False)
+    assert parse_args(["--grpo", "--grpo-prompts-per-step", "6"]).batch.global_batch_size == 6
+    with pytest.raises(UserError, match="differ"):
+        parse_args(["--grpo", "--grpo-prompts-per-step", "6", "--global-batch-size", "8"])

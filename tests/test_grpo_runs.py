@@ -60,7 +60,26 @@ def _serial_runs(world: dict) -> dict:
     shutil.rmtree(os.path.join(world["resumed"], f"iter_{STEPS:07d}"))
     out["resumed"] = _train(_argv(world, STEPS, world["resumed"], "--load", world["resumed"],
                                   *kl))
+    destroy_distributed()
+    out["selection"] = _select_prompts(world)
     return out
+
+
+def _select_prompts(world: dict) -> dict:
+    import contextlib
+    import io
+
+    from megatron_trillion.cli.select_rlvr_prompts import main
+
+    stdout = io.StringIO()
+    output = os.path.join(os.path.dirname(world["base"]), "selected.jsonl")
+    with contextlib.redirect_stdout(stdout):
+        status = main(["--load", world["base"], "--data-path", world["en"], world["ko"],
+                       "--output", output, "--samples-per-prompt", "4", "--max-new-tokens",
+                       "6", "--min-pass-rate", "0.25", "--max-pass-rate", "0.75"])
+    with open(output, encoding="utf-8") as f:
+        kept = [json.loads(line) for line in f]
+    return {"status": status, "stdout": stdout.getvalue(), "kept": kept}
 
 
 def _parallel(world: dict, name: str, layout: tuple) -> dict:
@@ -130,3 +149,19 @@ def test_the_log_line_reports_rewards_drift_and_the_time_split(grpo_runs):
                   "dropped groups", "response length max", "responses cut", "drift mean",
                   "drift max", "time/generation s", "time/scoring s"):
         assert f"| {field}: " in lines[-1], (field, lines[-1])
+
+
+@pytest.mark.slow
+def test_prompt_selection_keeps_the_band_and_prints_the_histogram(grpo_runs):
+    selection = grpo_runs["serial"]["selection"]
+    assert selection["status"] == 0
+    lines = selection["stdout"].splitlines()
+    rows = [line for line in lines if line.startswith("  [")]
+    assert len(rows) == 10 and sum(int(row.split()[2]) for row in rows) == 8, lines
+    counts = [int(row.split()[2]) for row in rows]
+    rates = [record["pass_rate"] for record in selection["kept"]]
+    assert all(0.25 <= rate <= 0.75 for rate in rates)
+    # 4 samples: pass rates 0, .25, .5, .75, 1 fall in bins 0, 2, 5, 7, 9; the band keeps 2, 5, 7
+    assert len(rates) == counts[2] + counts[5] + counts[7]
+    assert counts[0] + counts[9] + len(rates) == 8
+    assert f"kept {len(rates)} of 8 prompts" in selection["stdout"]
