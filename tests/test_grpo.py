@@ -429,3 +429,35 @@ def test_grpo_flags_are_checked_up_front(tmp_path):
     assert parse_args(["--grpo", "--grpo-prompts-per-step", "6"]).batch.global_batch_size == 6
     with pytest.raises(UserError, match="differ"):
         parse_args(["--grpo", "--grpo-prompts-per-step", "6", "--global-batch-size", "8"])
+
+
+def test_the_tri_7b_grpo_recipe_validates_at_its_world_size(tmp_path):
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from megatron_trillion.training.arguments import parse_args
+    from megatron_trillion.training.build import resolve_model_preset
+    from megatron_trillion.training.validation import validate
+
+    recipe = Path(__file__).resolve().parent.parent / "examples" / "tri_7b" / "grpo.sbatch"
+    data, init = tmp_path / "data", tmp_path / "dpo"
+    data.mkdir()
+    init.mkdir()
+    for name in ("rlvr_en.jsonl", "rlvr_ko.jsonl", "system_prompt.txt"):
+        (data / name).write_text("x\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(["bash", str(recipe)], capture_output=True, text=True, timeout=60,
+                            env={**env, "DRY_RUN": "1", "DATA_DIR": str(data),
+                                 "INIT_CHECKPOINT": str(init),
+                                 "CKPT_DIR": str(tmp_path / "ckpt"),
+                                 "TOKENIZER": str(tmp_path / "tok")})
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout.strip())
+    flags = command[command.index("-m") + 2:]
+    assert flags[flags.index("--load") + 1] == str(init) and "--finetune" in flags
+    config = parse_args(flags)
+    shape = validate(config, resolve_model_preset(config), 8, transformer_engine_available=True)
+    assert config.kind == "grpo" and shape.global_batch_size == 48
+    assert shape.parallel.tensor == 2 and shape.data_parallel_size == 4

@@ -514,7 +514,8 @@ POST_TRAINING_DEFAULTS = {
     "dpo": {"lr_decay_style": "linear", "min_lr": 0.0, "lr_warmup_fraction": 0.1,
             "weight_decay": 0.0},
     # open-instruct's GRPO: a constant learning rate, no weight decay
-    "grpo": {"lr_decay_style": "constant", "lr_warmup_fraction": 0.0, "weight_decay": 0.0},
+    "grpo": {"lr_decay_style": "constant", "min_lr": 0.0, "lr_warmup_fraction": 0.0,
+             "weight_decay": 0.0},
 }
 _WARMUP_FLAGS = ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction")
 
