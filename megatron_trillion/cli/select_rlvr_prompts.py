@@ -79,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids = encode_prompts(prompts, chat, system_prompt, engine.max_sequence_length)
         config = RolloutConfig(samples_per_prompt=args.samples_per_prompt,
                                max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                               stop_token_ids=tuple(chat.end_of_turn_ids()))
         selection = measure_pass_rates(
             engine, prompts, ids, config, verifier_score, args.min_pass_rate,
             args.max_pass_rate, chunk=args.prompts_per_batch,

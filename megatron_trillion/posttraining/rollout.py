@@ -59,6 +59,7 @@ class RolloutConfig:
     seed: int = 1234
     system_prompt: Optional[str] = None
     scale_rewards_by_std: bool = False  # --grpo-scale-rewards-by-std
+    stop_token_ids: tuple = ()  # besides the engine's EOS: the chat template's end of turn
 
 
 def encode_prompts(prompts: Sequence[RLVRPrompt], chat, system_prompt: Optional[str],
@@ -126,7 +127,8 @@ def sample_and_score(engine, prompts: Sequence[RLVRPrompt], prompt_ids: Sequence
     for ids, seed in zip(prompt_ids, seeds):
         params = SamplingParams(max_new_tokens=config.max_new_tokens,
                                 temperature=config.temperature, top_p=config.top_p,
-                                num_samples=config.samples_per_prompt, seed=seed)
+                                num_samples=config.samples_per_prompt, seed=seed,
+                                stop_token_ids=tuple(config.stop_token_ids))
         results += engine.generate([list(ids)], params)
     generated = time.perf_counter()
     rewards = torch.tensor([[float(score(prompt, c.text)) for c in result.completions]

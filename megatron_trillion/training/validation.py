@@ -404,8 +404,8 @@ def _data_flag_errors(config: PretrainConfig) -> list[str]:
             data.tokenizer_model or data.vocab_file):
         errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
                       "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
-    if not (data.sft or data.dpo) and data.chat_template:
-        errors.append("--chat-template needs --sft or --dpo")
+    if not (data.sft or data.dpo or data.grpo) and data.chat_template:
+        errors.append("--chat-template needs --sft, --dpo or --grpo")
     if not data.sft and data.sft_overlong_conversations != "truncate":
         errors.append("--sft-overlong-conversations needs --sft")
     return errors
