@@ -5,6 +5,9 @@
         --languages en                      # chat JSONL for pretrain --sft
     # a parallel multiple-choice set for tools/eval_consistency.py instead of the corpus:
     python tools/make_sample_corpus.py --output parallel.jsonl --parallel-items 200
+    # preference pairs for pretrain --dpo (chosen: in the prompt's language; rejected: not)
+    python tools/make_sample_corpus.py --output dpo/prefs_ko.jsonl --preferences 300 \
+        --languages ko en
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from megatron_trillion.data.sample_corpus import (
     write_parallel_items,
     write_sample_conversations,
     write_sample_corpus,
+    write_sample_preferences,
 )
 from megatron_trillion.errors import UserError
 from megatron_trillion.platform.single_process import run_tool
@@ -43,15 +47,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--parallel-items", type=int, default=None, metavar="N",
                         help="write N parallel en/ko/ja multiple-choice items instead of the "
                         "corpus")
+    parser.add_argument("--preferences", type=int, default=None, metavar="N",
+                        help="write N preference pairs ({\"prompt\", \"chosen\", "
+                        "\"rejected\"} per line, for --dpo) instead of the corpus: prompts in "
+                        "the first --languages language, chosen answers in it, rejected ones in "
+                        "the others")
     args = parser.parse_args(argv)
     return run_tool(lambda: write(args))
 
 
 def write(args) -> None:
     """Writes the parallel items, the conversations or the corpus the flags ask for."""
-    if args.conversations is not None and args.parallel_items is not None:
-        raise UserError("--conversations and --parallel-items are exclusive")
-    if args.parallel_items is not None:
+    chosen = [name for name in ("conversations", "parallel_items", "preferences")
+              if getattr(args, name) is not None]
+    if len(chosen) > 1:
+        raise UserError(" and ".join(f"--{name.replace('_', '-')}" for name in chosen)
+                        + " are exclusive")
+    if args.preferences is not None:
+        if args.preferences < 1:
+            raise UserError("--preferences must be >= 1")
+        path = write_sample_preferences(args.output, args.preferences, args.seed,
+                                        tuple(args.languages))
+    elif args.parallel_items is not None:
         if args.parallel_items < 1:
             raise UserError("--parallel-items must be >= 1")
         path = write_parallel_items(args.output, num_items=args.parallel_items, seed=args.seed,

@@ -370,17 +370,17 @@ def write_parallel_items(path: str | Path, num_items: int = 100, seed: int = 123
 def iter_sample_preferences(num: int = 300, seed: int = 1234,
                             languages: tuple[str, ...] = LANGUAGES) -> Iterator[dict]:
     """Preference pairs ``{"prompt", "chosen", "rejected", "lang"}`` (TRL's shape),
-    deterministically: the prompt asks in one language to repeat a sentence; the chosen answer
-    repeats it, the rejected one answers with a sentence of another language (so a model must
-    learn to answer in the prompt's language). One language: the rejected answer is another
-    sentence of the same language."""
+    deterministically: the prompt asks in the first of ``languages`` to repeat a sentence; the
+    chosen answer repeats it, the rejected one answers with a sentence of one of the other
+    languages (so a model must learn to answer in the prompt's language). One language: the
+    rejected answer is another sentence of the same language."""
     unknown = [lang for lang in languages if lang not in _SENTENCE_MAKERS]
     if unknown:
         raise ValueError(f"sample preferences have no material for languages {unknown}")
     rng = random.Random(f"{seed}-preferences")
-    for index in range(num):
-        lang = languages[index % len(languages)]
-        others = [other for other in languages if other != lang] or [lang]
+    lang = languages[0]
+    others = [other for other in languages if other != lang] or [lang]
+    for _ in range(num):
         sentence = _SENTENCE_MAKERS[lang](rng)
         wrong = _SENTENCE_MAKERS[rng.choice(others)](rng)
         while wrong == sentence:

@@ -145,10 +145,10 @@ def read_conversations(path: str):
     return good
 
 
-def _raise(errors: list[str]) -> None:
+def _raise(errors: list[str], what: str = "SFT data") -> None:
     shown = errors[:_MAX_REPORTED_ERRORS]
     more = len(errors) - len(shown)
-    raise SFTDataError("bad SFT data:\n  " + "\n  ".join(shown)
+    raise SFTDataError(f"bad {what}:\n  " + "\n  ".join(shown)
                        + (f"\n  ... and {more} more" if more else ""))
 
 

@@ -108,7 +108,7 @@ def read_pairs(path: str) -> list[Pair]:
             except ValueError as exc:
                 errors.append(f"{path}:{number}: {exc}")
     if errors:
-        _raise(errors)
+        _raise(errors, "preference data")
     if not good:
         raise SFTDataError(f"{path}: no preference pairs in the file")
     return good
@@ -178,7 +178,7 @@ def tokenize_pairs(path: str, chat: ChatFormat, seq_length: int,
             lengths.append(len(ids))
             lines.append(pair.line)
     if errors:
-        _raise(errors)
+        _raise(errors, "preference data")
     if not lengths:
         raise SFTDataError(f"{path}: no pair is left to train on ({dropped} longer than "
                            f"--seq-length {seq_length}, {filtered} removed by "

@@ -35,7 +35,9 @@ def reference_tables(config, preset, model: list, data, tokenizer_fingerprint,
                 config.dpo.dpo_reference_load, model, None, model_signature(preset),
                 load_optimizer=False, load_rng=False, log=log)
 
-        if loaded_now:
+        if loaded_now and checkpoint_identity(load, config.checkpoint.ckpt_step) == identity:
+            load_reference = None  # the model already holds the reference weights
+        elif loaded_now:
             def restore() -> None:
                 checkpointing.load_checkpoint(
                     load, model, None, model_signature(preset), load_optimizer=False,
