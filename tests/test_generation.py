@@ -56,7 +56,7 @@ def test_sampling_frequencies_match_the_intended_distribution(temperature, top_k
     from megatron_trillion.inference.engine import SamplingParams, sample_tokens
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    draws = 40_000
+    draws = 20_000
     uniforms = torch.rand(draws, generator=torch.Generator().manual_seed(0))
     tokens, logprobs = sample_tokens(LOGITS.expand(draws, -1), params, uniforms)
     intended = _intended(temperature, top_k, top_p)
@@ -140,7 +140,8 @@ def _train_and_export(workdir: str, tokenizer: str) -> None:
         "--preset", "tiny-tri-21b", "--mock-data", "--data-cache-path",
         os.path.join(workdir, "cache"), "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", tokenizer, "--seq-length", str(SEQ), "--micro-batch-size", "2",
-        "--global-batch-size", "2", "--lr", "2e-2", "--train-iters", "2", "--seed", "3",
+        "--global-batch-size", "2", "--lr", "2e-2", "--train-iters", "1", "--seed", "3",
+        "--vocab-size", str(VOCAB),
         "--no-progress-bar", "--save", ckpt]), log=lambda line: None)
     export_checkpoint(ExportConfig(load=ckpt, save=os.path.join(workdir, "hf"), dtype="fp32"),
                       progress=False, log=lambda line: None)
@@ -187,9 +188,26 @@ def _engine_checks(workdir: str, tensor: int) -> dict:
         out[f"{name}_finish"] = [c.finish_reason for r in results for c in r.completions]
         out[f"{name}_sampled_logprobs"] = [c.sampled_logprobs for r in results
                                            for c in r.completions]
-    # a prompt's samples do not depend on the batch around it
-    alone = engine.generate(PROMPTS[1:2], sampled)
-    out["alone_same"] = _tokens(alone) == out["sampled"][2:4]
+    # stops: a stop token is kept in the tokens (not the text), a stop string is cut
+    full = engine.generate(PROMPTS[:1], greedy)[0].completions[0]
+    stop_id = full.token_ids[3]
+    word = tokenizer.decode([stop_id])
+    by_token = engine.generate(PROMPTS[:1], SamplingParams(
+        max_new_tokens=16, stop_token_ids=(stop_id,)))[0].completions[0]
+    by_string = engine.generate(PROMPTS[:1], SamplingParams(
+        max_new_tokens=16, stop_strings=(word,)))[0].completions[0]
+    out["stops"] = {"full": full.token_ids, "full_text": full.text, "stop_id": stop_id,
+                    "word": word, "by_token": by_token.token_ids, "by_token_text": by_token.text,
+                    "by_token_finish": by_token.finish_reason, "by_string": by_string.token_ids,
+                    "by_string_text": by_string.text,
+                    "by_string_finish": by_string.finish_reason,
+                    "by_string_decoded": tokenizer.decode(by_string.token_ids),
+                    "before_stop_token": tokenizer.decode(
+                        full.token_ids[:full.token_ids.index(stop_id)])}
+    # a row's samples do not depend on the batch around it (nor on its left padding)
+    one_by_one = GenerationEngine(engine.model, tokenizer, engine.max_sequence_length,
+                                  max_batch_size=1)
+    out["alone_same"] = _tokens(one_by_one.generate(PROMPTS, sampled)) == out["sampled"]
     # the position limit: a 40-token prompt gets the remaining 8 tokens
     long = engine.generate([list(range(1, 41))], SamplingParams(max_new_tokens=100))
     out["long"] = (len(long[0].completions[0].token_ids), long[0].completions[0].finish_reason)
@@ -315,6 +333,15 @@ def test_cached_uncached_and_teacher_forced_agree(single_rank):
     assert all(lp == 0.0 for lps in r["greedy_sampled_logprobs"] for lp in lps)
     assert all(lp <= 0.0 for lps in r["sampled_sampled_logprobs"] for lp in lps)
     assert r["alone_same"]
+    stops = r["stops"]
+    cut = stops["full"].index(stops["stop_id"]) + 1
+    assert stops["by_token"] == stops["full"][:cut] and stops["by_token_finish"] == "stop"
+    assert stops["by_token_text"] == stops["before_stop_token"]   # the stop token's text is out
+    assert stops["by_string_finish"] == "stop"
+    assert stops["by_string"] == stops["full"][:len(stops["by_string"])]
+    assert stops["word"] in stops["by_string_decoded"] and stops["word"] not in \
+        stops["by_string_text"]
+    assert stops["full_text"].startswith(stops["by_string_text"])
     assert r["long"] == (SEQ - 40, "length")
     assert r["sliding_window"]["same"]
     assert r["sliding_window"]["logprob_error"] <= 1e-5
@@ -357,11 +384,29 @@ def test_generate_tool(single_rank):
 # tensor parallel
 
 
+def _tp2_then_pp2(workdir: str) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_trillion.errors import UserError
+    from megatron_trillion.inference.engine import load_engine
+    from megatron_trillion.platform.distributed import ParallelSizes, initialize_distributed
+
+    out = _engine_checks(workdir, tensor=2)
+    parallel_state.destroy_model_parallel()
+    initialize_distributed(ParallelSizes(pipeline=2), seed=1)
+    try:
+        load_engine(os.path.join(workdir, "ckpt"), log=lambda line: None)
+    except UserError as exc:
+        out["pp_error"] = str(exc)
+    return out
+
+
 @pytest.mark.slow
-def test_tp2_logprobs_and_same_samples_as_tp1(single_rank):
+def test_tp2_logprobs_and_same_samples_as_tp1_and_pp_is_refused(single_rank):
     workdir, tp1 = single_rank
-    ranks = run_distributed(_engine_checks, 2, timeout=600, workdir=workdir, tensor=2)
+    ranks = run_distributed(_tp2_then_pp2, 2, timeout=600, workdir=workdir)
     for r in ranks:
+        assert r["pp_error"].startswith("generation runs without pipeline parallelism")
         for name in ("greedy", "sampled"):
             assert r[f"{name}_uncached_same"], name
             assert r[f"{name}_logprob_error"] <= 1e-5, (name, r[f"{name}_logprob_error"])

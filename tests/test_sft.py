@@ -306,11 +306,7 @@ def _serial_then_probe_and_merge(workdir: str, tokenizer: str, parallel_ckpt: st
     from megatron_trillion.convert.export import ExportConfig, export_checkpoint
     from megatron_trillion.convert.merge import merge_checkpoints
     from megatron_trillion.data.packed_batch import collate_packed
-    from megatron_trillion.inference.generate import (
-        chat_format,
-        greedy_generate,
-        load_for_inference,
-    )
+    from megatron_trillion.inference.engine import SamplingParams, load_engine
     from megatron_trillion.pretrain import main
     from megatron_trillion.training.checkpointing import CheckpointError
 
@@ -353,12 +349,11 @@ def _serial_then_probe_and_merge(workdir: str, tokenizer: str, parallel_ckpt: st
     out["probe"] = probe
 
     # chatting through the checkpoint's template (tools/generate.py --chat)
-    model, tokenizer_obj, run_config = load_for_inference(serial_ckpt)
-    chat = chat_format(tokenizer_obj, run_config)
-    new = greedy_generate(model, chat.prompt_ids([{"role": "user",
-                                                   "content": "apple river song"}]),
-                          8, stop=chat.end_of_turn_ids())
-    out["answer"] = tokenizer_obj.decode([t for t in new if t not in chat.end_of_turn_ids()])
+    engine, _, chat, _ = load_engine(serial_ckpt)
+    prompt = chat.prompt_ids([{"role": "user", "content": "apple river song"}])
+    (result,) = engine.generate([prompt], SamplingParams(
+        max_new_tokens=8, stop_token_ids=tuple(chat.end_of_turn_ids())))
+    out["answer"] = result.completions[0].text
 
     # merging across saved layouts: TP1 (serial) and TP2 x PP2 (parallel run)
     exports = {}

@@ -14,7 +14,7 @@ def _padded_against_unpadded() -> dict:
     import torch
     from megatron.core import tensor_parallel
 
-    from megatron_trillion.inference.generate import greedy_generate
+    from megatron_trillion.inference.engine import GenerationEngine, SamplingParams
     from megatron_trillion.models.config import build_model
     from megatron_trillion.models.init import initialize_weights
     from megatron_trillion.models.presets import resolve_preset
@@ -57,7 +57,9 @@ def _padded_against_unpadded() -> dict:
     # Generation from a model that would prefer a padded id: it still emits only real ids.
     with torch.no_grad():
         padded.output_layer.weight[VOCAB:] = 10.0
-    out["generated"] = greedy_generate(padded.eval(), [5, 17, 300], max_new_tokens=4)
+    (result,) = GenerationEngine(padded.eval(), None, 16, ()).generate(
+        [[5, 17, 300]], SamplingParams(max_new_tokens=4))
+    out["generated"] = result.completions[0].token_ids
     return out
 
 

@@ -8,6 +8,8 @@ How a batch runs:
 * prompts of different lengths are **left-padded** to one length; an attention mask hides the
   padding keys from every real query (a padding query sees only itself, so no softmax row is
   empty). RoPE is relative, so the shift the padding gives a prompt's positions changes no score.
+  (With a core attention other than ``XLDACoreAttention``, e.g. Transformer Engine's on GPU,
+  rows are batched by prompt length instead, unpadded: see ``pads_prompts``.)
 * the prompt is run once (prefill) and every new token once (decode) through megatron-core's
   ``StaticInferenceContext`` path of ``GPTModel``: each attention layer appends its keys and
   values to the context's per-layer cache, so a new token costs the same however long the
@@ -190,6 +192,15 @@ class GenerationEngine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch_size = max(1, int(max_batch_size))
         self.kv_cache = kv_cache
+        from megatron_trillion.models.xlda_attention import XLDACoreAttention
+
+        # Left padding needs a core attention that applies an arbitrary key mask at prefill and
+        # decode (ours does; TE's follows the layer's mask type, which megatron-core sets to
+        # no_mask when decoding): with another one, rows only share a batch with rows of the
+        # same prompt length, which need no padding.
+        self.pads_prompts = all(isinstance(m, XLDACoreAttention)
+                                for name, m in model.named_modules()
+                                if name.endswith("core_attention"))
 
     # -----------------------------------------------------------------------------------------
 
@@ -219,9 +230,14 @@ class GenerationEngine:
             bar = tqdm(total=sum(r.budget for r in rows), desc="generating", unit="token",
                        dynamic_ncols=True)
         try:
+            groups = [rows] if self.pads_prompts else [
+                [r for r in rows if len(r.prompt) == n] for n in sorted({len(r.prompt)
+                                                                         for r in rows})]
             with torch.no_grad():
-                for start in range(0, len(rows), self.max_batch_size):
-                    self._run(rows[start:start + self.max_batch_size], params, stop_ids, bar)
+                for group in groups:
+                    for start in range(0, len(group), self.max_batch_size):
+                        self._run(group[start:start + self.max_batch_size], params, stop_ids,
+                                  bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -312,9 +328,11 @@ class GenerationEngine:
         the last position anyway."""
         queries = tokens.size(1)
         keys = pad.size(1)
-        mask = pad[:, None, None, :].expand(-1, 1, queries, keys)
-        if queries > 1:
-            mask = mask & ~_diagonal(queries, keys, pad.device)
+        mask = None
+        if self.pads_prompts:
+            mask = pad[:, None, None, :].expand(-1, 1, queries, keys)
+            if queries > 1:
+                mask = mask & ~_diagonal(queries, keys, pad.device)
         if context is None:
             logits = self.model(tokens, positions, mask, runtime_gather_output=True)
         else:
