@@ -43,6 +43,10 @@ def test_gsm8k_from_responses_equals_hand_count(tmp_path, capsys):
     assert results["samples"][2] == {"id": 2, "score": 0.0, "reason": "answer 1000, expected 999",
                                      "response": "The answer is 1,000."}
     assert "exact_match" in capsys.readouterr().out
+    # --limit: the first items only; responses to the others are left out, not refused
+    assert eval_main(["--task", "gsm8k", "--data", data, "--responses", responses, "--limit", "2",
+                      "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["score"] == 1.0
 
 
 def test_pass_at_k_from_several_responses_per_id(tmp_path):
@@ -222,10 +226,3 @@ def test_hf_model_generates_and_scores(tiny_hf_model, tmp_path):
     assert eval_main(["--task", "gsm8k", "--data", data, "--responses", responses,
                       "--output", str(rescored)]) == 0
     assert json.loads(rescored.read_text())["samples"] == generated["samples"]
-    # sampling: --num-samples responses per item
-    sampled = tmp_path / "sampled.json"
-    assert eval_main(["--task", "gsm8k", "--data", data, "--model", tiny_hf_model,
-                      "--max-new-tokens", "4", "--num-samples", "2", "--temperature", "1",
-                      "--no-progress-bar", "--output", str(sampled)]) == 0
-    assert [(s["id"], s["sample"]) for s in json.loads(sampled.read_text())["samples"]] == [
-        (0, 0), (0, 1), (1, 0), (1, 1)]

@@ -40,6 +40,8 @@ def test_gsm8k_ground_truth_must_be_a_number():
     for bad in ("#### twelve", "#### 12 and 13", None, ""):
         with pytest.raises(UserError):
             answers.gsm8k_ground_truth(bad)
+    with pytest.raises(UserError, match="verifier 'gsm8k' on sample d.jsonl:4: the ground truth"):
+        get_verifier("gsm8k")("12", "#### twelve", sample="d.jsonl:4")
 
 
 @pytest.mark.parametrize("response, truth, expected", [
@@ -451,6 +453,13 @@ def test_ko_ifeval_each_type_passes_and_fails():
         truth = {"instruction_id_list": [instruction_id], "kwargs": [kwargs]}
         assert verifier(good, truth).score == 1.0, (instruction_id, good)
         assert verifier(bad, truth).score == 0.0, (instruction_id, bad)
+    # "{language}로 작성하세요" for other languages: the script decides, kana tells ja from zh
+    for text, language in [("今日は良い天気です。", "ja"), ("今天天气很好。", "zh"),
+                           ("오늘은 날씨가 좋습니다.", "ko"), ("Today is a nice day.", "en")]:
+        for asked in ("ko", "ja", "zh", "en"):
+            truth = {"instruction_id_list": ["language:response_language"],
+                     "kwargs": [{"language": asked}]}
+            assert verifier(text, truth).score == float(asked == language), (text, asked)
     with pytest.raises(UserError, match="Ko-IFEval has Table 15's 22 types, no change_case"):
         verifier.parse_ground_truth({"instruction_id_list": ["change_case:english_capital"],
                                      "kwargs": [{}]})

@@ -108,9 +108,11 @@ def evaluate(args) -> None:
     """Loads the items, generates (or reads) the responses, scores, prints and writes."""
     task = generative.TASKS[args.task]
     samples = generative.load_samples(task, args.data, args.prompt_template, args.verifier,
-                                      args.limit)
+                                      None if args.responses else args.limit)
     if args.responses:
-        responses = generative.load_responses(args.responses, samples)
+        # all items are read, so a response to one past --limit is told from an unknown id
+        samples, skipped = samples[:args.limit], tuple(samples[args.limit or len(samples):])
+        responses = generative.load_responses(args.responses, samples, skipped)
         origin = args.responses
     elif args.load:
         responses = generate_megatron(args, [s.prompt for s in samples])
@@ -158,7 +160,7 @@ def generate_hf(args, prompts: list[str]) -> list[list[str]]:
     sampling = {"do_sample": False}
     if args.temperature > 0:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
-                    "top_k": args.top_k or None}
+                    "top_k": args.top_k}  # 0: off (None would mean transformers' 50)
     eos = model.generation_config.eos_token_id
     torch.manual_seed(args.seed)
     responses = []

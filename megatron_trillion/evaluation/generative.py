@@ -97,16 +97,21 @@ def load_samples(task: Task, path: str, template: Optional[str] = None,
     return samples
 
 
-def load_responses(path: str, samples: list[Sample]) -> list[list[str]]:
+def load_responses(path: str, samples: list[Sample],
+                   skipped: tuple[Sample, ...] = ()) -> list[list[str]]:
     """Responses made elsewhere (``{"id": ..., "response": ...}`` per line, several lines per id
-    for pass@k), in the samples' order. Every sample needs the same number of responses."""
+    for pass@k), in the samples' order. Every sample needs the same number of responses;
+    responses to ``skipped`` items (past ``--limit``) are left out."""
     index = {str(s.id): i for i, s in enumerate(samples)}
+    left_out = {str(s.id) for s in skipped}
     responses: list[list[str]] = [[] for _ in samples]
     for where, record in read_jsonl(path):
         if not isinstance(record, dict) or "id" not in record or not isinstance(
                 record.get("response"), str):
             raise UserError(f"{where}: expected {{\"id\": ..., \"response\": \"...\"}}")
         position = index.get(str(record["id"]))
+        if position is None and str(record["id"]) in left_out:
+            continue
         if position is None:
             raise UserError(f"{where}: id {record['id']!r} is not in the data")
         responses[position].append(record["response"])

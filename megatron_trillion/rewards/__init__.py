@@ -76,7 +76,10 @@ class Verifier:
 def _checked(name, function, user, response, ground_truth, sample) -> tuple[float, str]:
     where = f"verifier {name!r} on sample {sample}" if sample else f"verifier {name!r}"
     if not user:
-        return function(response, ground_truth)
+        try:
+            return function(response, ground_truth)
+        except UserError as exc:  # a ground truth that does not parse
+            raise UserError(f"{where}: {exc}") from exc
     try:
         result = function(response, ground_truth)
     except Exception as exc:

@@ -150,6 +150,7 @@ class _Worker:
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
         self._pending = b""
+        self._owner = os.getpid()
 
     def _start(self) -> None:
         helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_helper.py")
@@ -185,10 +186,18 @@ class _Worker:
     def equivalent(self, expected: str, answer: str, timeout_s: float) -> Optional[bool]:
         """True / False, or None when the comparison took longer than ``timeout_s``."""
         with self._lock:
+            if self._owner != os.getpid():
+                # a forked child (a data-loader worker) must not share its parent's pipes
+                self._process, self._pending, self._owner = None, b"", os.getpid()
             if self._process is None or self._process.poll() is not None:
                 self._stop()
                 self._start()
-            self._process.stdin.write(json.dumps([expected, answer]).encode() + b"\n")
+            try:
+                self._process.stdin.write(json.dumps([expected, answer]).encode() + b"\n")
+            except BrokenPipeError:  # the helper died since the check above: once more
+                self._stop()
+                self._start()
+                self._process.stdin.write(json.dumps([expected, answer]).encode() + b"\n")
             line = self._read_line(timeout_s)
             if line is None:
                 self._stop()

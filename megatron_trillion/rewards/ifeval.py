@@ -268,8 +268,9 @@ def _korean_language(text: str, a: dict) -> bool:
     if wanted is None:  # a Latin-script language: its script, then which one (langdetect)
         share = sum(1 for s in scripts if s == "latin") / len(scripts)
         return share >= SCRIPT_SHARE and _detect_language(text) in (None, language)
-    if language == "zh" and "kana" in scripts:
-        return False  # Japanese mixes kana into its Han characters; Chinese has none
+    # Japanese mixes kana into its Han characters; Chinese has none
+    if (language == "zh") == ("kana" in scripts) and language in ("zh", "ja"):
+        return False
     return sum(1 for s in scripts if s in wanted) / len(scripts) >= SCRIPT_SHARE
 
 

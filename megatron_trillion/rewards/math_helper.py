@@ -5,6 +5,7 @@ comparison overruns its time."""
 
 import json
 import logging
+import os
 import sys
 
 
@@ -17,7 +18,22 @@ def equivalent(expected: str, answer: str) -> bool:
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
 
 
+def _die_with_parent() -> None:
+    """A comparison stuck in sympy's C code never returns to Python: have Linux kill this
+    process when the thread that started it goes (the caller then starts a new one), so a
+    killed caller leaves no helper spinning."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        parent = os.getppid()
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            sys.exit(0)
+
+
 def main() -> None:
+    _die_with_parent()
     # math-verify warns that its own (signal-based) timeout is off: the caller bounds the time.
     logging.disable(logging.WARNING)
     import math_verify  # noqa: F401  (before "ready", so the first answer is timed fairly)
