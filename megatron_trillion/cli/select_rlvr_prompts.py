@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--chat-template", default=None,
+                        help="Jinja chat template file, as pretrain --grpo takes it (default: "
+                        "the tokenizer's own, else the built-in template)")
     parser.add_argument("--system-prompt-file", default=None,
                         help="system prompt of every rollout prompt without its own")
     parser.add_argument("--prompts-per-batch", type=int, default=64,
@@ -57,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
 
     def select() -> None:
+        from megatron_trillion.data.chat_template import ChatFormat, resolve_chat_template
         from megatron_trillion.inference.engine import load_engine
         from megatron_trillion.posttraining.prompt_selection import measure_pass_rates
         from megatron_trillion.posttraining.rollout import RolloutConfig, encode_prompts
@@ -72,10 +76,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.path.realpath(args.output) in inputs:
             raise UserError(f"--output {args.output} is one of the --data-path files")
         system_prompt = read_system_prompt(args.system_prompt_file)
-        engine, tokenizer, chat, run_config = load_engine(args.load)
-        if chat is None:
-            raise UserError(f"{args.load}: the checkpoint has no chat template to render the "
-                            "prompts with (train with --sft first)")
+        engine, tokenizer, _, run_config = load_engine(args.load)
+        if not hasattr(tokenizer, "backend"):
+            raise UserError(f"{args.load}: the checkpoint's tokenizer cannot render chat "
+                            "prompts (a HuggingFaceTokenizer or GPT2BPETokenizer run is needed)")
+        # the template pretrain --grpo renders the rollout prompts with, so the pass rates
+        # measured here are those of the training prompts
+        template, _ = resolve_chat_template(args.chat_template,
+                                            run_config.get("tokenizer_model"))
+        chat = ChatFormat(template, tokenizer)
         ids = encode_prompts(prompts, chat, system_prompt, engine.max_sequence_length)
         config = RolloutConfig(samples_per_prompt=args.samples_per_prompt,
                                max_new_tokens=args.max_new_tokens,
