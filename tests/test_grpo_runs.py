@@ -62,7 +62,32 @@ def _serial_runs(world: dict) -> dict:
                                   *kl))
     destroy_distributed()
     out["selection"] = _select_prompts(world)
+    out["bad data"] = _bad_data(world)
     return out
+
+
+def _bad_data(world: dict) -> dict:
+    """A prompt file with an unknown verifier on line 3: refused before any step or save."""
+    from megatron_trillion.errors import UserError
+    from megatron_trillion.platform.distributed import destroy_distributed
+
+    root = os.path.dirname(world["base"])
+    bad = os.path.join(root, "bad_en.jsonl")
+    with open(world["en"], encoding="utf-8") as f:
+        lines = f.readlines()
+    lines[2] = lines[2].replace("toy_rewards:odd_length", "no_such_verifier")
+    with open(bad, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    argv = _argv(world, 1, os.path.join(root, "bad_save"))
+    argv[argv.index("--data-path") + 1:argv.index("--data-path") + 3] = [bad]
+    try:
+        _train(argv)
+        message = None
+    except UserError as exc:
+        message = str(exc)
+    finally:
+        destroy_distributed()
+    return {"message": message, "saved": os.path.exists(os.path.join(root, "bad_save"))}
 
 
 def _select_prompts(world: dict) -> dict:
@@ -165,3 +190,11 @@ def test_prompt_selection_keeps_the_band_and_prints_the_histogram(grpo_runs):
     assert len(rates) == counts[2] + counts[5] + counts[7]
     assert counts[0] + counts[9] + len(rates) == 8
     assert f"kept {len(rates)} of 8 prompts" in selection["stdout"]
+
+
+@pytest.mark.slow
+def test_a_bad_prompt_line_stops_the_run_before_it_trains_or_saves(grpo_runs):
+    bad = grpo_runs["serial"]["bad data"]
+    assert bad["message"] is not None and "bad_en.jsonl:3: unknown verifier " \
+        "'no_such_verifier'" in bad["message"], bad
+    assert not bad["saved"]
