@@ -10,8 +10,9 @@ held-out addition prompts before and after GRPO.
 4. ``pretrain --grpo --load sft --finetune`` on the training prompts, same verifier;
 5. the held-out reward of the GRPO checkpoint.
 
-Prints both rewards side by side and the wall time of each stage (the machine's other load
-inflates them). Not a test: it takes minutes.
+Prints both rewards side by side and the wall and CPU time of each stage (the machine's other
+load inflates the wall time; the CPU time is what 2 idle cores would share). Not a test: it
+takes minutes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -66,6 +68,11 @@ def _held_out_reward(checkpoint: str, pairs) -> float:
         destroy_distributed()
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sft-iters", type=int, default=150)
@@ -86,8 +93,8 @@ def main() -> None:
     os.makedirs(root, exist_ok=True)
     held_out = _pairs(2, 64)
     train = _pairs(1, 600, exclude=frozenset(held_out))
-    times = {}
-    start = time.perf_counter()
+    times, cpu = {}, {}
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     corpus = write_sample_corpus(os.path.join(root, "corpus.jsonl"), docs_per_lang=30)
     with open(corpus, "a", encoding="utf-8") as f:  # digits and the answer format
         for a, b in train[:200]:
@@ -106,9 +113,10 @@ def main() -> None:
             f.write(json.dumps({"prompt": _question(a, b), "ground_truth": str(a + b),
                                 "verifier": "gsm8k"}) + "\n")
     times["tokenizer and data"] = time.perf_counter() - start
+    cpu["tokenizer and data"] = _cpu_seconds() - cpu_start
     common = ["--preset", "tiny-tri-7b", "--tokenizer-model", tokenizer, "--seq-length", "64",
               "--seed", "3", "--no-progress-bar", "--log-interval", "10"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     pretrain(parse_args(common + [
         "--sft", "--data-path", os.path.join(root, "sft_en.jsonl"),
         "--data-cache-path", os.path.join(root, "cache"), "--micro-batch-size", "4",
@@ -116,8 +124,10 @@ def main() -> None:
         "--lr-warmup-iters", "10", "--save", os.path.join(root, "sft")]), log=print)
     destroy_distributed()
     times["sft"] = time.perf_counter() - start
+    cpu["sft"] = _cpu_seconds() - cpu_start
     before = _held_out_reward(os.path.join(root, "sft"), held_out)
-    start = time.perf_counter()
+    print(f"held-out exact-match reward after SFT: {before:.3f}", flush=True)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     pretrain(parse_args(common + [
         "--grpo", "--data-path", os.path.join(root, "rl_en.jsonl"),
         "--load", os.path.join(root, "sft"), "--finetune",
@@ -126,10 +136,12 @@ def main() -> None:
         "--save", os.path.join(root, "grpo")]), log=print)
     destroy_distributed()
     times["grpo"] = time.perf_counter() - start
+    cpu["grpo"] = _cpu_seconds() - cpu_start
     after = _held_out_reward(os.path.join(root, "grpo"), held_out)
     print(f"\nheld-out exact-match reward ({len(held_out)} prompts, greedy): "
           f"SFT {before:.3f} -> GRPO {after:.3f} (x{after / max(before, 1e-9):.2f})")
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print("CPU time: " + ", ".join(f"{k} {v:.0f} s" for k, v in cpu.items()))
 
 
 if __name__ == "__main__":

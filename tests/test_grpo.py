@@ -413,6 +413,7 @@ def test_grpo_flags_are_checked_up_front(tmp_path):
         "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--pipeline-model-parallel-size", "2", "--grpo-samples-per-prompt", "1",
         "--grpo-temperature", "0", "--grpo-clip-low", "1.5", "--train-iters", "2",
+        "--grpo-epochs", "2", "--save-interval", "3",
         "--system-prompt-file", str(tmp_path / "missing.txt")])
     assert config.kind == "grpo" and config.optimizer.weight_decay == 0.0  # GRPO's defaults
     with pytest.raises(ConfigError) as info:
@@ -421,7 +422,8 @@ def test_grpo_flags_are_checked_up_front(tmp_path):
     for expected in ("--pipeline-model-parallel-size 1", "drop --sequence-parallel",
                      "--grpo-samples-per-prompt must be >= 2", "--grpo-temperature must be > 0",
                      "--grpo-clip-low must lie in (0, 1)", "no validation loss",
-                     "missing.txt: no such file", "files without weights"):
+                     "missing.txt: no such file", "files without weights",
+                     "--save-interval 3 must be a multiple of --grpo-epochs 2"):
         assert expected in text, text
     with pytest.raises(ConfigError, match="--grpo-kl-coeff, --grpo-epochs need --grpo"):
         validate(parse_args(["--mock-data", "--grpo-kl-coeff", "0.1", "--grpo-epochs", "2",

@@ -16,7 +16,9 @@ from multiprocess import run_distributed
 STEPS = 3
 PARALLEL_STEPS = 2
 # A reward a random tiny model earns about half the time, so most groups differ.
-REWARDS = "def odd_length(response, ground_truth):\n    return float(len(response) % 2)\n"
+REWARDS = ("def odd_length(response, ground_truth):\n    return float(len(response) % 2)\n"
+           "def odd_length_unless_same(response, ground_truth):\n"
+           "    return 1.0 if ground_truth == 'same' else float(len(response) % 2)\n")
 
 
 def _argv(world: dict, steps: int, save: str, *extra: str) -> list[str]:
@@ -61,9 +63,58 @@ def _serial_runs(world: dict) -> dict:
     out["resumed"] = _train(_argv(world, STEPS, world["resumed"], "--load", world["resumed"],
                                   *kl))
     destroy_distributed()
+    out["all dropped"] = _all_dropped(world)
     out["selection"] = _select_prompts(world)
     out["bad data"] = _bad_data(world)
     return out
+
+
+def _all_dropped(world: dict) -> dict:
+    """One prompt per step: step 1's rewards differ, step 2's are all equal (its one group is
+    dropped). The weights saved after each step, the steps' results and the log."""
+    import torch
+
+    from megatron_trillion.platform.distributed import (
+        destroy_distributed,
+        initialize_single_process,
+    )
+    from megatron_trillion.posttraining.rollout import prompt_order
+    from megatron_trillion.training.checkpointing import load_model
+
+    root = os.path.dirname(world["base"])
+    lines = [None, None]
+    seed = 5  # _argv's
+    for step, truth in enumerate(("differ", "same")):
+        lines[prompt_order(2, seed, step)] = json.dumps({
+            "prompt": f"What is {step} plus 1?", "ground_truth": truth,
+            "verifier": "toy_rewards:odd_length_unless_same"}) + "\n"
+    data = os.path.join(root, "dropped_en.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    save = os.path.join(root, "dropped")
+    argv = _argv(world, 2, save, "--load", world["base"], "--finetune", "--save-interval", "1")
+    argv[argv.index("--data-path") + 1:argv.index("--data-path") + 3] = [data]
+    argv[argv.index("--global-batch-size") + 1] = "1"
+    results, lines = [], []
+    from megatron_trillion.pretrain import pretrain
+    from megatron_trillion.training.arguments import parse_args
+
+    pretrain(parse_args(argv), log=lines.append,
+             on_step=lambda state, result: results.append(
+                 {k: result[k] for k in ("skipped", "updated", "dropped groups")}))
+    destroy_distributed()
+    initialize_single_process()
+    try:
+        weights = [load_model(save, step, log=lambda line: None)[0].state_dict()
+                   for step in (1, 2)]
+    finally:
+        destroy_distributed()
+    differing = [name for name, tensor in weights[0].items()
+                 if torch.is_tensor(tensor) and tensor.is_floating_point()
+                 and not torch.equal(tensor, weights[1][name])]
+    return {"results": results, "lines": lines, "differing": differing,
+            "compared": sum(torch.is_tensor(t) and t.is_floating_point()
+                            for t in weights[0].values())}
 
 
 def _bad_data(world: dict) -> dict:
@@ -174,6 +225,21 @@ def test_the_log_line_reports_rewards_drift_and_the_time_split(grpo_runs):
                   "dropped groups", "response length max", "responses cut", "drift mean",
                   "drift max", "time/generation s", "time/scoring s"):
         assert f"| {field}: " in lines[-1], (field, lines[-1])
+
+
+@pytest.mark.slow
+def test_a_step_whose_groups_are_all_dropped_leaves_the_weights_as_they_were(grpo_runs):
+    dropped = grpo_runs["serial"]["all dropped"]
+    first, second = dropped["results"]
+    assert not first["skipped"] and first["updated"] and first["dropped groups"] == 0, first
+    assert second["skipped"] and not second["updated"] and second["dropped groups"] == 1, second
+    # Adam's momentum from step 1 would move every weight at step 2 if it stepped
+    assert dropped["compared"] > 0 and dropped["differing"] == [], dropped["differing"]
+    log = [line for line in dropped["lines"] if line.startswith(" iteration")]
+    assert "number of skipped iterations:   1 | number of nan iterations:   0" in log[-1], log
+    assert "| dropped groups: 1" in log[-1], log
+    assert any(line.startswith(" skipped iteration 2: no loss tokens") for line in
+               dropped["lines"]), dropped["lines"]
 
 
 @pytest.mark.slow

@@ -64,6 +64,14 @@ def grpo_config_errors(config) -> list[str]:
         errors.append(f"--grpo-top-p must lie in (0, 1], got {g.grpo_top_p}")
     if g.grpo_epochs < 1:
         errors.append(f"--grpo-epochs must be >= 1, got {g.grpo_epochs}")
+    if g.grpo_epochs > 1:
+        for name, interval in (("--save-interval", config.checkpoint.save_interval),
+                               ("--exit-interval", config.training.exit_interval)):
+            if interval and interval % g.grpo_epochs:
+                errors.append(
+                    f"{name} {interval} must be a multiple of --grpo-epochs {g.grpo_epochs}: "
+                    "a run resumed inside a rollout samples that rollout again from its "
+                    "resumed weights, which is not an exact continuation")
     if g.grpo_prompts_per_step is not None and g.grpo_prompts_per_step < 1:
         errors.append(f"--grpo-prompts-per-step must be >= 1, got {g.grpo_prompts_per_step}")
     errors += loss_config(config).problems()
@@ -146,6 +154,12 @@ def build_grpo(config, preset, shape, model: list, tokenizer, chat, resumed: Opt
                             "their lines or order) changed since the checkpoint, so the resumed "
                             "run would not take the prompts a straight run takes; add "
                             "--finetune to start a new GRPO run from its weights")
+        steps = int(before.get("consumed_samples", 0)) // shape.global_batch_size
+        if steps % g.grpo_epochs:
+            log(f" WARNING: the checkpoint was saved after epoch {steps % g.grpo_epochs} of "
+                f"{g.grpo_epochs} of a rollout (an exit or a signal): its remaining epochs "
+                "train on that rollout sampled again from the resumed weights, so this run "
+                "does not continue the stopped one exactly")
     reference = None
     identity = _reference_identity(config, resumed)
     state["reference"] = identity
