@@ -433,6 +433,14 @@ def test_grpo_flags_are_checked_up_front(tmp_path):
         parse_args(["--grpo", "--grpo-prompts-per-step", "6", "--global-batch-size", "8"])
 
 
+def test_a_resume_inside_a_rollout_is_announced_as_inexact():
+    from megatron_trillion.posttraining.grpo_setup import inexact_resume_warning
+
+    assert inexact_resume_warning(12, 4, 3) is None  # after 3 steps: a rollout boundary
+    assert "after epoch 1 of 3 of a rollout" in inexact_resume_warning(16, 4, 3)
+    assert inexact_resume_warning(8, 4, 1) is None
+
+
 def test_the_tri_7b_grpo_recipe_validates_at_its_world_size(tmp_path):
     import os
     import shlex

@@ -95,6 +95,18 @@ def grpo_config_errors(config) -> list[str]:
     return errors
 
 
+def inexact_resume_warning(consumed_prompts: int, prompts_per_step: int,
+                           epochs: int) -> Optional[str]:
+    """The warning of a resume from a checkpoint saved between the epochs of a rollout (None at
+    a rollout boundary, where the resume is exact)."""
+    done = consumed_prompts // prompts_per_step % epochs
+    if not done:
+        return None
+    return (f" WARNING: the checkpoint was saved after epoch {done} of {epochs} of a rollout "
+            "(an exit or a signal): its remaining epochs train on that rollout sampled again "
+            "from the resumed weights, so this run does not continue the stopped one exactly")
+
+
 def read_system_prompt(path: Optional[str]) -> Optional[str]:
     """The text of ``--system-prompt-file`` (None without one)."""
     if not path:
@@ -154,12 +166,10 @@ def build_grpo(config, preset, shape, model: list, tokenizer, chat, resumed: Opt
                             "their lines or order) changed since the checkpoint, so the resumed "
                             "run would not take the prompts a straight run takes; add "
                             "--finetune to start a new GRPO run from its weights")
-        steps = int(before.get("consumed_samples", 0)) // shape.global_batch_size
-        if steps % g.grpo_epochs:
-            log(f" WARNING: the checkpoint was saved after epoch {steps % g.grpo_epochs} of "
-                f"{g.grpo_epochs} of a rollout (an exit or a signal): its remaining epochs "
-                "train on that rollout sampled again from the resumed weights, so this run "
-                "does not continue the stopped one exactly")
+        warning = inexact_resume_warning(int(before.get("consumed_samples", 0)),
+                                         shape.global_batch_size, g.grpo_epochs)
+        if warning:
+            log(warning)
     reference = None
     identity = _reference_identity(config, resumed)
     state["reference"] = identity
