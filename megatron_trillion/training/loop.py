@@ -186,7 +186,7 @@ def train_step(run: Run, batches: list) -> StepResult:
         run.optimizer, run.guard, run.state.iteration + 1, loss,
         # Gathered only for a step to skip (a collective that every rank reaches then).
         samples=functools.partial(_step_sample_refs, batches, run.train_batches.dataset),
-        loss_count=report[1],  # none: nothing to learn, the step is skipped
+        loss_count=report[1],  # 0 (no loss token): nothing to learn, the step is skipped
     )
     if not decision.proceed:
         restore_expert_bias(expert_bias)
