@@ -41,6 +41,7 @@ setup(
             "megatron-trillion-build-data-index=megatron_trillion.cli.build_data_index:main",
             "megatron-trillion-selftest=megatron_trillion.selftest:main",
             "megatron-trillion-merge=megatron_trillion.cli.merge_checkpoints:main",
+            "megatron-trillion-select-rlvr-prompts=megatron_trillion.cli.select_rlvr_prompts:main",
             "megatron-trillion-make-preference-pairs="
             "megatron_trillion.cli.make_preference_pairs:main",
         ]

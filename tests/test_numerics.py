@@ -48,6 +48,20 @@ def test_raises_after_n_consecutive_bad_steps_naming_iteration_and_limit():
     assert "ja: docs [3, 4]; en: docs [5]" in message
 
 
+def test_a_step_without_loss_tokens_is_skipped_but_is_no_numerical_problem():
+    guard = NumericsGuard(max_consecutive_bad_steps=2)
+    assert guard.check(1, 0.7, 1.0, loss_count=torch.tensor(12.0)).proceed
+    assert not guard.check(2, math.nan, 1.0).proceed
+    empty = guard.check(3, 0.0, 0.0, [SampleRef("en", (4,))], loss_count=torch.tensor(0.0))
+    assert not empty.proceed and not empty.nonfinite
+    assert "no loss tokens" in empty.reason
+    # counted as skipped, neither resetting nor extending the run of non-finite steps
+    assert guard.total_skipped_steps == 2 and guard.consecutive_bad_steps == 1
+    with pytest.raises(NonFiniteTrainingError) as err:
+        guard.check(4, math.nan, 1.0, loss_count=0)
+    assert "skipped iteration 3" not in str(err.value)
+
+
 def test_state_round_trip():
     guard = NumericsGuard(max_consecutive_bad_steps=4)
     guard.check(1, math.nan, 1.0, [SampleRef("en", (9,))])

@@ -45,7 +45,7 @@ PINNED = [
     "--tokenizer-model", "--tiktoken-pattern", "--vocab-file", "--merge-file", "--vocab-size",
     "--attention-masking", "--xlda-block-scope", "--xlda-mixing-prob", "--anchor-language",
     "--lang-alpha", "--lang-beta", "--sft", "--chat-template", "--sft-overlong-conversations",
-    "--dpo",
+    "--dpo", "--grpo",
     "--eval-interval", "--eval-iters", "--log-interval", "--log-throughput",
     "--logging-level", "--tensorboard-dir", "--wandb-project", "--wandb-exp-name",
     "--no-progress-bar", "--device-peak-tflops", "--moe-empty-expert-warning-steps",
@@ -55,6 +55,10 @@ PINNED = [
     "--no-load-rng", "--finetune", "--exit-signal-handler", "--async-save", "--ckpt-format",
     "--ckpt-step", "--ckpt-keep-last", "--dpo-loss", "--dpo-beta", "--dpo-sft-loss-weight",
     "--dpo-reference-load", "--dpo-max-length-ratio",
+    "--grpo-prompts-per-step", "--grpo-samples-per-prompt", "--grpo-max-new-tokens",
+    "--grpo-temperature", "--grpo-top-p", "--grpo-kl-coeff", "--grpo-clip-low",
+    "--grpo-clip-high", "--grpo-epochs", "--grpo-scale-rewards-by-std",
+    "--grpo-truncated-is-cap", "--system-prompt-file",
 ]
 
 # Megatron-LM flags that are recognised and refused with a reason (see REFUSED_FLAGS).

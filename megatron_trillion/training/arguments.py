@@ -366,6 +366,9 @@ class DataArgs:
     dpo: bool = flag(False, "direct preference optimisation: --data-path/--valid-data-path are "
                      "preference JSONL files ({\"chosen\": [...], \"rejected\": [...]} or "
                      "{\"prompt\", \"chosen\", \"rejected\"} per line), --load the SFT model")
+    grpo: bool = flag(False, "RLVR with GRPO: --data-path files are prompt JSONL ({\"messages\": "
+                      "[...] | \"prompt\": ..., \"ground_truth\": ..., \"verifier\": ...} per "
+                      "line), rollouts are sampled from the model being trained")
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,31 @@ class DPOArgs:
     dpo_max_length_ratio: Optional[float] = flag(
         None, "drop pairs whose longer response has more than this many times the tokens of "
               "the shorter (counted in the log per language)")
+
+
+@dataclass(frozen=True)
+class GRPOArgs:
+    grpo_prompts_per_step: Optional[int] = flag(
+        None, "prompts per rollout batch (one optimizer step per --grpo-epochs); the global "
+        "batch size of a --grpo run, counted in prompts (default --global-batch-size)")
+    grpo_samples_per_prompt: int = flag(16, "responses sampled per prompt (the group size G)")
+    grpo_max_new_tokens: int = flag(256, "most tokens of a sampled response")
+    grpo_temperature: float = flag(1.0, "sampling temperature of the rollouts")
+    grpo_top_p: float = flag(1.0, "nucleus sampling threshold of the rollouts")
+    grpo_kl_coeff: float = flag(0.0, "weight of the k3 KL penalty against the starting "
+                                "weights (0: no reference policy is kept)")
+    grpo_clip_low: float = flag(0.2, "lower clip bound of the importance ratio (1 - this)")
+    grpo_clip_high: float = flag(0.2, "upper clip bound of the importance ratio (1 + this; "
+                                 "DAPO raises it, e.g. 0.28)")
+    grpo_epochs: int = flag(1, "optimizer steps on each rollout batch")
+    grpo_scale_rewards_by_std: bool = flag(
+        False, "divide advantages by the group's reward standard deviation (GRPO's paper; "
+        "default: reward minus the group mean only)")
+    grpo_truncated_is_cap: Optional[float] = flag(
+        None, "truncated importance sampling: weight each token's policy term by "
+        "min(p_trainer / p_sampler, CAP), correcting sampler-vs-trainer drift")
+    system_prompt_file: Optional[str] = flag(
+        None, "system prompt of the rollout prompts that bring none of their own (UTF-8 text)")
 
 
 @dataclass(frozen=True)
@@ -460,10 +488,13 @@ class PretrainConfig:
     profiling: ProfilingArgs
     checkpoint: CheckpointArgs
     dpo: DPOArgs = DPOArgs()
+    grpo: GRPOArgs = GRPOArgs()
 
     @property
     def kind(self) -> str:
-        """What the run trains for: "pretraining", "sft" or "dpo"."""
+        """What the run trains for: "pretraining", "sft", "dpo" or "grpo"."""
+        if self.data.grpo:
+            return "grpo"
         return "dpo" if self.data.dpo else "sft" if self.data.sft else "pretraining"
 
 
@@ -472,6 +503,7 @@ GROUPS = {
     "training": TrainingArgs, "optimizer": OptimizerArgs, "schedule": ScheduleArgs,
     "anneal": AnnealArgs, "data": DataArgs, "eval": EvalArgs, "logging": LoggingArgs,
     "profiling": ProfilingArgs, "checkpoint": CheckpointArgs, "dpo": DPOArgs,
+    "grpo": GRPOArgs,
 }
 
 # Post-training is not pretraining: what SFT and DPO default to where the flag is not given
@@ -481,6 +513,9 @@ POST_TRAINING_DEFAULTS = {
     "sft": {"lr_decay_style": "linear", "min_lr": 0.0, "lr_warmup_fraction": 0.03},
     "dpo": {"lr_decay_style": "linear", "min_lr": 0.0, "lr_warmup_fraction": 0.1,
             "weight_decay": 0.0},
+    # open-instruct's GRPO: a constant learning rate, no weight decay
+    "grpo": {"lr_decay_style": "constant", "min_lr": 0.0, "lr_warmup_fraction": 0.0,
+             "weight_decay": 0.0},
 }
 _WARMUP_FLAGS = ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction")
 
@@ -488,7 +523,8 @@ _WARMUP_FLAGS = ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction")
 def _with_post_training_defaults(given: dict) -> dict:
     """``given`` (the flags and config keys a user set) plus the post-training defaults of its
     run kind for the ones not set."""
-    kind = "dpo" if given.get("dpo") else "sft" if given.get("sft") else None
+    kind = ("grpo" if given.get("grpo") else "dpo" if given.get("dpo")
+            else "sft" if given.get("sft") else None)
     if kind is None:
         return given
     out = dict(given)
@@ -498,6 +534,14 @@ def _with_post_training_defaults(given: dict) -> dict:
         out.setdefault(key, value)
     # no anneal switch unless asked: the anneal weight decay is the stable one
     out.setdefault("anneal_weight_decay", out.get("weight_decay", OptimizerArgs.weight_decay))
+    if kind == "grpo" and out.get("grpo_prompts_per_step") is not None:
+        # A GRPO step's global batch is its prompts: one number, two spellings.
+        given_batch = out.get("global_batch_size")
+        if given_batch is not None and given_batch != out["grpo_prompts_per_step"]:
+            raise UserError(f"--grpo-prompts-per-step {out['grpo_prompts_per_step']} and "
+                            f"--global-batch-size {given_batch} differ: a --grpo run's global "
+                            "batch is its prompts per step; give one")
+        out["global_batch_size"] = out["grpo_prompts_per_step"]
     return out
 
 

@@ -102,7 +102,7 @@ class DataSplits:
 
 def _path_parser(data):
     """--sft reads chat JSONL files (whole: --split divides indexed datasets by documents)."""
-    if not (getattr(data, "sft", False) or getattr(data, "dpo", False)):
+    if not any(getattr(data, kind, False) for kind in ("sft", "dpo", "grpo")):
         return parse_data_path
     if data.split:
         raise UserError("--split divides indexed datasets; with --sft/--dpo give the held-out "

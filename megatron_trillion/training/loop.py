@@ -125,6 +125,7 @@ class StepResult:
     skipped_step: Optional[SkippedStep]  # the skipped step's record (which samples), if any
     updated: bool
     objective: Optional[Objective] = None
+    nonfinite: bool = False  # skipped for a non-finite loss or grad norm (else: no loss token)
 
     def host_values(self) -> dict:
         """For ``Run.on_step``: the objective's logged values under their names (Megatron-LM's
@@ -186,13 +187,15 @@ def train_step(run: Run, batches: list) -> StepResult:
         run.optimizer, run.guard, run.state.iteration + 1, loss,
         # Gathered only for a step to skip (a collective that every rank reaches then).
         samples=functools.partial(_step_sample_refs, batches, run.train_batches.dataset),
+        loss_count=report[1],  # 0 (no loss token): nothing to learn, the step is skipped
     )
     if not decision.proceed:
         restore_expert_bias(expert_bias)
     grad_norm = float(grad_norm) if grad_norm is not None else None  # megatron-core's float
     return StepResult(loss=loss, loss_report=report, grad_norm=grad_norm,
                       skipped=not decision.proceed, skipped_step=decision.skipped,
-                      updated=bool(updated), objective=run.objective)
+                      updated=bool(updated), objective=run.objective,
+                      nonfinite=decision.nonfinite)
 
 
 def _sample_refs(batches: list, dataset: Any = None) -> tuple:
@@ -288,7 +291,10 @@ def train(run: Run) -> TrainState:
             batches = run.train_batches.for_step(state.consumed_samples, global_batch)
             totals.add_local_flops(run.step_flops(batches))  # host arithmetic on host data
             result = train_step(run, batches)
-            if not result.skipped:  # Megatron-LM: a skipped step's loss is not averaged in
+            # Megatron-LM: a non-finite step's loss is not averaged in. A step without loss
+            # tokens adds none, but its report's other sums count (e.g. GRPO's rewards and
+            # dropped groups).
+            if not result.nonfinite:
                 totals.add_loss(result.loss_report)
 
             previous = run.scheduler.num_steps
@@ -297,7 +303,7 @@ def train(run: Run) -> TrainState:
             routing.record()  # MoE load per layer, on the device (collective over PP)
             if result.skipped:
                 state.skipped_iterations += 1
-                state.nan_iterations += 1
+                state.nan_iterations += int(result.nonfinite)
                 if result.skipped_step is not None:  # which batch, so it can be found
                     say(f" {result.skipped_step.describe()}")
             run.scheduler.step(global_batch)

@@ -1,17 +1,28 @@
-"""The NaN/inf guard: skip a step whose loss or grad norm is not finite, stop after N in a row.
+"""The NaN/inf guard: skip a step whose loss or grad norm is not finite, stop after N in a row;
+and skip a step that has nothing to learn from.
 
 Public interface (the training loop calls these)::
 
     SampleRef(dataset: str, document_ids: tuple[int, ...])   # what one step trained on
     NumericsGuard(max_consecutive_bad_steps=5)
-        .check(iteration, loss, grad_norm, samples=(), group=None) -> StepDecision
-            # StepDecision.proceed is False for a step to skip; raises NonFiniteTrainingError
-            # when this is the N-th bad step in a row
+        .check(iteration, loss, grad_norm, samples=(), group=None, loss_count=None)
+            -> StepDecision
+            # StepDecision.proceed is False for a step to skip (.nonfinite says why); raises
+            # NonFiniteTrainingError when this is the N-th non-finite step in a row
         .consecutive_bad_steps, .total_skipped_steps, .skipped_steps (list[SkippedStep])
         .state_dict() / .load_state_dict(state)
-    guarded_optimizer_step(optimizer, guard, iteration, loss, samples=(), group=None)
+    guarded_optimizer_step(optimizer, guard, iteration, loss, samples=(), group=None,
+                           loss_count=None)
         -> (StepDecision, update_successful, grad_norm, num_zeros_in_grad)
-            # a megatron-core MegatronOptimizer step that never applies a non-finite update
+            # a megatron-core MegatronOptimizer step that never applies a non-finite update,
+            # nor one without a loss token
+
+Why a step without loss tokens (``loss_count`` 0 over the global batch, e.g. a GRPO rollout
+whose groups all had equal rewards) is skipped too: its gradients are zero, but Adam's
+momentum (and weight decay) would still move the weights and the step count would advance
+its bias correction. Skipping it leaves weights and optimizer state as they were. It is
+counted and logged as a skipped step, but it is not a numerical problem: it neither counts
+toward nor resets the consecutive non-finite steps.
 
 Why the decision is all-reduced: with pipeline parallelism only the last stage has the loss,
 and every rank must skip the same step (a rank that steps while another skips desynchronises
@@ -69,6 +80,12 @@ class StepDecision:
     reason: str = ""
     """Why the step is skipped ("" when it proceeds)."""
     skipped: Optional[SkippedStep] = None
+    nonfinite: bool = False
+    """Skipped for a non-finite loss or grad norm (False: for having no loss token)."""
+
+
+NO_LOSS_TOKENS = ("no loss tokens in the global batch (nothing to learn, e.g. every GRPO "
+                  "group's rewards were equal)")
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -97,6 +114,17 @@ def _nonfinite_flag(values: Sequence[Any]) -> torch.Tensor:
     return flag
 
 
+def _empty_flag(loss_count: Any) -> torch.Tensor:
+    """[1] (int32, on the compute device) when ``loss_count`` is known and 0, else [0]."""
+    from megatron_trillion.platform.device import compute_device
+
+    device = compute_device()
+    if loss_count is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    count = torch.as_tensor(loss_count).detach().float().to(device).reshape(1)
+    return (count == 0).to(torch.int32)
+
+
 @dataclass
 class NumericsGuard:
     """Counts non-finite steps; see the module docstring.
@@ -116,23 +144,27 @@ class NumericsGuard:
                              f"{self.max_consecutive_bad_steps}")
 
     def check(self, iteration: int, loss: Any, grad_norm: Any,
-              samples: Any = (), group: Any = None) -> StepDecision:
+              samples: Any = (), group: Any = None, loss_count: Any = None) -> StepDecision:
         """Decide whether step ``iteration`` may update the weights.
 
         ``samples`` is a sequence of :class:`SampleRef` or a callable returning one, called
         only when the step is skipped (on every rank of ``group``).
 
         ``loss`` / ``grad_norm`` may be floats, 0-d tensors or None (a pipeline stage without
-        the loss). With torch.distributed initialised the decision is agreed over ``group``
-        (a collective: every rank of the group must call ``check`` for the same iteration).
+        the loss); ``loss_count`` likewise: the global batch's loss tokens (None: not known),
+        0 skips the step. With torch.distributed initialised the decision is agreed over
+        ``group`` (a collective: every rank of the group must call ``check`` for the same
+        iteration).
         """
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        nonfinite = empty = False
         if distributed:
             # Decided on the device: the loss is not copied to the host for a good step; the
-            # agreed flag is the one value read (every rank must know now whether to step).
-            flag = _nonfinite_flag((loss, grad_norm))
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-            if not flag.item():
+            # agreed flags are the one value read (every rank must know now whether to step).
+            flags = torch.cat([_nonfinite_flag((loss, grad_norm)), _empty_flag(loss_count)])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+            nonfinite, empty = (bool(v) for v in flags.tolist())
+            if not nonfinite and not empty:
                 self.consecutive_bad_steps = 0
                 return StepDecision(proceed=True)
         loss_f, norm_f = _as_float(loss), _as_float(grad_norm)
@@ -141,24 +173,32 @@ class NumericsGuard:
             reasons.append(f"loss is {loss_f}")
         if norm_f is not None and not math.isfinite(norm_f):
             reasons.append(f"grad norm is {norm_f}")
-        if distributed and not reasons:
+        if nonfinite and not reasons:
             reasons.append("another rank saw a non-finite loss or grad norm")
-        if not reasons:
+        if not distributed:
+            empty = bool(_empty_flag(loss_count).item())
+        if not reasons and not empty:
             self.consecutive_bad_steps = 0
             return StepDecision(proceed=True)
 
-        reason = ", ".join(reasons)
         if callable(samples):
             # Lazily built (e.g. gathered over DP: a collective, reached by every rank here
             # because the decision above is agreed) only for a step that is skipped.
             samples = samples()
+        if not reasons:  # nothing to learn: not a numerical problem (see the module docstring)
+            skipped = SkippedStep(iteration, loss_f, norm_f, NO_LOSS_TOKENS, tuple(samples))
+            self.total_skipped_steps += 1
+            self.skipped_steps.append(skipped)
+            return StepDecision(proceed=False, reason=NO_LOSS_TOKENS, skipped=skipped)
+        reason = ", ".join(reasons)
         skipped = SkippedStep(iteration, loss_f, norm_f, reason, tuple(samples))
         self.consecutive_bad_steps += 1
         self.total_skipped_steps += 1
         self.skipped_steps.append(skipped)
         if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
+            nonfinite_steps = [s for s in self.skipped_steps if s.reason != NO_LOSS_TOKENS]
             recent = "\n  ".join(s.describe() for s in
-                                 self.skipped_steps[-self.consecutive_bad_steps:])
+                                 nonfinite_steps[-self.consecutive_bad_steps:])
             raise NonFiniteTrainingError(
                 f"stopping at iteration {iteration}: {self.consecutive_bad_steps} consecutive "
                 f"steps had a non-finite loss or grad norm (limit "
@@ -166,7 +206,7 @@ class NumericsGuard:
                 f"{recent}\nLower --lr, check the data of the listed documents, or resume from "
                 "an earlier checkpoint."
             )
-        return StepDecision(proceed=False, reason=reason, skipped=skipped)
+        return StepDecision(proceed=False, reason=reason, skipped=skipped, nonfinite=True)
 
     def state_dict(self) -> dict:
         return {
@@ -191,8 +231,9 @@ class NumericsGuard:
 
 
 def guarded_optimizer_step(optimizer: Any, guard: NumericsGuard, iteration: int, loss: Any,
-                           samples: Any = (), group: Any = None):
-    """Step a megatron-core optimizer unless the loss or grad norm is non-finite.
+                           samples: Any = (), group: Any = None, loss_count: Any = None):
+    """Step a megatron-core optimizer unless the loss or grad norm is non-finite or the global
+    batch has no loss token (``loss_count`` 0).
 
     Returns ``(decision, update_successful, grad_norm, num_zeros_in_grad)``; on a skipped
     step the gradients are zeroed, nothing is updated and the last three are
@@ -207,7 +248,8 @@ def guarded_optimizer_step(optimizer: Any, guard: NumericsGuard, iteration: int,
             )
     optimizer.prepare_grads()
     grad_norm = optimizer.get_grad_norm()
-    decision = guard.check(iteration, loss, grad_norm, samples, group=group)
+    decision = guard.check(iteration, loss, grad_norm, samples, group=group,
+                           loss_count=loss_count)
     if not decision.proceed:
         optimizer.zero_grad()
         return decision, False, grad_norm, None

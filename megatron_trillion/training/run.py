@@ -207,28 +207,35 @@ def pretrain(config: PretrainConfig, log=print, on_step=None) -> tuple[TrainStat
             raise UserError(f"--load {config.checkpoint.load} holds a {resumed} run's "
                             f"checkpoint and this is a {current} run: add --finetune to start "
                             "from its weights")
-    dataset = data.train_dataset(
-        common, past_anneal_boundary=(anneal is not None
-                                      and scheduler.num_steps >= anneal.start_step), log=say)
-    # The ranks of one context-parallel group read the same samples, each keeping its share.
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
-    cp_split = context_parallel_split(config, preset, shape)
     tokens_per_microbatch = (config.batch.micro_batch_size * shape.seq_length
                              // shape.parallel.context)  # THD: ~1/CP of one row of B*S tokens
-    prepare = lambda dataset: None  # noqa: E731
-    if config.kind == "dpo":
-        from megatron_trillion.posttraining.setup import reference_tables
+    if config.kind == "grpo":  # rollouts sampled from the model itself, no dataset
+        from megatron_trillion.posttraining.grpo_setup import build_grpo
 
-        tables = reference_tables(config, preset, model, data, fingerprint, common, cp_split,
-                                  tokens_per_microbatch, say)
-        tables.attach(dataset)
-        prepare = tables.attach
-    batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
-                          shape.data_parallel_size, cp_split,
-                          prefetch=config.data.num_workers > 0, collate=data.collate)
-    eval_batches = data.eval_batches(dp_rank, say, cp_split, prepare)
-    if config.kind == "dpo":
-        tables.finish()  # the policy's weights again, if the reference was another model
+        batches, objective = build_grpo(config, preset, shape, model, tokenizer, chat, common,
+                                        say)
+        eval_batches = {}
+    else:
+        dataset = data.train_dataset(
+            common, past_anneal_boundary=(anneal is not None
+                                          and scheduler.num_steps >= anneal.start_step), log=say)
+        # The ranks of one context-parallel group read the same samples, each keeping its share.
+        dp_rank = ps.get_data_parallel_rank(with_context_parallel=False)
+        cp_split = context_parallel_split(config, preset, shape)
+        prepare = lambda dataset: None  # noqa: E731
+        if config.kind == "dpo":
+            from megatron_trillion.posttraining.setup import reference_tables
+
+            tables = reference_tables(config, preset, model, data, fingerprint, common, cp_split,
+                                      tokens_per_microbatch, say)
+            tables.attach(dataset)
+            prepare = tables.attach
+        batches = StepBatches(dataset, config.batch.micro_batch_size, dp_rank,
+                              shape.data_parallel_size, cp_split,
+                              prefetch=config.data.num_workers > 0, collate=data.collate)
+        eval_batches = data.eval_batches(dp_rank, say, cp_split, prepare)
+        if config.kind == "dpo":
+            tables.finish()  # the policy's weights again, if the reference was another model
     if scheduler.mtp_loss_scaling is not None and preset.mtp_num_layers:
         set_mtp_loss_scaling_factor(model, scheduler.mtp_loss_scaling)
 

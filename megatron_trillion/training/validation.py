@@ -14,6 +14,7 @@ from megatron_trillion.data.attention_blocks import MASKING_NONE, MASKING_XLDA, 
 from megatron_trillion.errors import UserError
 from megatron_trillion.models.presets import ModelPreset
 from megatron_trillion.platform.distributed import ParallelSizes, validate_parallel_sizes
+from megatron_trillion.posttraining.grpo_setup import grpo_config_errors
 from megatron_trillion.training.arguments import BatchArgs, PretrainConfig
 from megatron_trillion.training.model_flags import model_flag_errors, preset_field_flag
 from megatron_trillion.training.schedules import (
@@ -110,6 +111,7 @@ def validate(config: PretrainConfig, preset: ModelPreset, world_size: int,
                + (_sft_errors(config) if config.kind != "pretraining"
                   else _blend_errors(config, splits))
                + _dpo_errors(config)
+               + grpo_config_errors(config)
                + kernel_errors(config, te)
                + _interval_errors(config)
                + _checkpoint_errors(config)
@@ -403,8 +405,8 @@ def _data_flag_errors(config: PretrainConfig) -> list[str]:
             data.tokenizer_model or data.vocab_file):
         errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model "
                       "(or --vocab-file/--merge-file for GPT2BPETokenizer)")
-    if not (data.sft or data.dpo) and data.chat_template:
-        errors.append("--chat-template needs --sft or --dpo")
+    if not (data.sft or data.dpo or data.grpo) and data.chat_template:
+        errors.append("--chat-template needs --sft, --dpo or --grpo")
     if not data.sft and data.sft_overlong_conversations != "truncate":
         errors.append("--sft-overlong-conversations needs --sft")
     return errors
