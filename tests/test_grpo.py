@@ -454,7 +454,7 @@ def test_the_tri_7b_grpo_recipe_validates_at_its_world_size(tmp_path):
     recipe = Path(__file__).resolve().parent.parent / "examples" / "tri_7b" / "grpo.sbatch"
     data, init = tmp_path / "data", tmp_path / "dpo"
     data.mkdir()
-    init.mkdir()
+    (init / "iter_0000001").mkdir(parents=True)  # a --load to start from holds a checkpoint
     for name in ("rlvr_en.jsonl", "rlvr_ko.jsonl", "system_prompt.txt"):
         (data / name).write_text("x\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
