@@ -447,6 +447,28 @@ def rank_zero_first(read: Callable[[], list], what: str) -> list:
     return result if result is not None else read()
 
 
+def pack_sources(sources: Sequence[DataSource], tokenized: Sequence[TokenizedFile],
+                 seq_length: int, seed: int, kind: Optional[str] = None
+                 ) -> tuple[list[SFTSource], str]:
+    """Each file's conversations packed into samples (a seed per file), and a fingerprint of the
+    source list (``kind`` tells datasets of other objectives over the same files apart)."""
+    built = []
+    for source, data in zip(sources, tokenized):
+        ptr, items = pack_conversations(data.positions(seq_length), seq_length,
+                                        seed + zlib.crc32(source.path_prefix.encode()))
+        built.append(SFTSource(source.path_prefix, source.language, source.weight, data, ptr,
+                               items))
+    described = [[s.weight, os.path.abspath(s.path_prefix), s.language] for s in sources]
+    fingerprint = hashlib.sha256(json.dumps(
+        described if kind is None else [kind, described]).encode()).hexdigest()[:16]
+    return built, fingerprint
+
+
+def pad_id(chat: ChatFormat) -> int:
+    """The id padding fills a sample's tail with: the tokenizer's pad, else its end of document."""
+    return chat.tokenizer.pad if chat.tokenizer.pad is not None else chat.tokenizer.eod
+
+
 def build_sft_dataset(sources: Sequence[DataSource], chat: ChatFormat, seq_length: int,
                       num_samples: int, *, seed: int = 1234, overlong: str = "truncate",
                       cache_dir: Optional[str] = None,
@@ -461,17 +483,9 @@ def build_sft_dataset(sources: Sequence[DataSource], chat: ChatFormat, seq_lengt
     files = [source.path_prefix for source in sources]
     tokenized = rank_zero_first(
         lambda: _tokenize_all(files, chat, seq_length, overlong, cache_dir), "the SFT data")
-    built = []
-    for source, data in zip(sources, tokenized):
-        ptr, items = pack_conversations(data.positions(seq_length), seq_length,
-                                        seed + zlib.crc32(source.path_prefix.encode()))
-        built.append(SFTSource(source.path_prefix, source.language, source.weight, data, ptr,
-                               items))
-    fingerprint = hashlib.sha256(json.dumps(
-        [[s.weight, os.path.abspath(s.path_prefix), s.language] for s in sources]
-    ).encode()).hexdigest()[:16]
-    pad = chat.tokenizer.pad if chat.tokenizer.pad is not None else chat.tokenizer.eod
-    dataset = SFTPackedDataset(built, seq_length, int(num_samples), seed, pad, fingerprint)
+    built, fingerprint = pack_sources(sources, tokenized, seq_length, seed)
+    dataset = SFTPackedDataset(built, seq_length, int(num_samples), seed, pad_id(chat),
+                               fingerprint)
     for line in dataset.describe():
         log(line)
     return dataset

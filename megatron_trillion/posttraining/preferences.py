@@ -20,9 +20,7 @@ only on the data, template, tokenizer, ``--seq-length`` and ``--seed``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -34,10 +32,10 @@ from megatron_trillion.data.jsonl import parse_jsonl
 from megatron_trillion.data.sft import (
     SFTDataError,
     SFTPackedDataset,
-    SFTSource,
     TokenizedFile,
     _raise,
-    pack_conversations,
+    pack_sources,
+    pad_id,
 )
 
 _CACHE_VERSION = 1
@@ -289,17 +287,9 @@ def build_preference_dataset(sources: Sequence[DataSource], chat: ChatFormat, se
 
     tokenized = rank_zero_first(lambda: [tokenize(s.path_prefix) for s in sources],
                                 "the preference data")
-    built = []
-    for source, data in zip(sources, tokenized):
-        ptr, items = pack_conversations(data.positions(seq_length), seq_length,
-                                        seed + zlib.crc32(source.path_prefix.encode()))
-        built.append(SFTSource(source.path_prefix, source.language, source.weight, data, ptr,
-                               items))
-    fingerprint = hashlib.sha256(json.dumps(
-        ["dpo", [[s.weight, os.path.abspath(s.path_prefix), s.language] for s in sources]]
-    ).encode()).hexdigest()[:16]
-    pad = chat.tokenizer.pad if chat.tokenizer.pad is not None else chat.tokenizer.eod
-    dataset = PreferenceDataset(built, seq_length, int(num_samples), seed, pad, fingerprint)
+    built, fingerprint = pack_sources(sources, tokenized, seq_length, seed, kind="dpo")
+    dataset = PreferenceDataset(built, seq_length, int(num_samples), seed, pad_id(chat),
+                                fingerprint)
     for line in dataset.describe():
         log(line)
     return dataset
