@@ -121,7 +121,10 @@ def _empty_flag(loss_count: Any) -> torch.Tensor:
     device = compute_device()
     if loss_count is None:
         return torch.zeros(1, dtype=torch.int32, device=device)
-    count = torch.as_tensor(loss_count).detach().float().to(device).reshape(1)
+    if torch.is_tensor(loss_count):
+        count = loss_count.detach().float().to(device).reshape(1)
+    else:  # a host number: created on the device (as_tensor would take the default device)
+        count = torch.tensor([float(loss_count)], device=device)
     return (count == 0).to(torch.int32)
 
 
