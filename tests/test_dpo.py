@@ -1,6 +1,7 @@
 """DPO (--dpo): the loss formulas (TRL's, hand-worked numbers), preference data in both JSONL
 shapes with bad lines named by file:line, the length filter, and (slow) the real entry point:
-the reference cache at TP2xPP2xDP2 equals one process's, the loss curve too, packed pairs give
+the reference cache at TP2xPP2xDP2 (and Trinity at EP2) equals one process's, the loss curve
+too, --dpo-reference-load is the reference rather than --load, packed pairs give
 the log-probabilities of one pair per sequence, a cache is reused or rebuilt by its key, and a
 toy preference task trains."""
 
