@@ -1,6 +1,7 @@
 """DPO (--dpo): the loss formulas (TRL's, hand-worked numbers), preference data in both JSONL
 shapes with bad lines named by file:line, the length filter, and (slow) the real entry point:
-the reference cache at TP2xPP2xDP2 equals one process's, the loss curve too, packed pairs give
+the reference cache at TP2xPP2xDP2 (and Trinity at EP2) equals one process's, the loss curve
+too, --dpo-reference-load is the reference rather than --load, packed pairs give
 the log-probabilities of one pair per sequence, a cache is reused or rebuilt by its key, and a
 toy preference task trains."""
 
@@ -384,6 +385,57 @@ def test_toy_preference_task_trains(dpo_runs):
     values = _validation_values(serial["lines"], STEPS)
     assert values["rewards/accuracy [en]"] >= 0.9 and values["rewards/accuracy [ko]"] >= 0.9
     assert values["rewards/margin"] > 0
+
+
+def _trinity_serial_and_reference_load(argv: list[str], save: str) -> dict:
+    """One process on tiny-trinity (saving iterations 1 and 2), then a run whose policy starts
+    from iteration 1 (``--load``) and whose reference is iteration 2 (``--dpo-reference-load``)."""
+    from megatron.core import parallel_state as ps
+
+    serial = _train(argv + ["--save", save, "--save-interval", "1"])
+    ps.destroy_model_parallel()
+    steps = argv.index("--train-iters") + 1
+    other = _train(argv[:steps] + ["1"] + argv[steps + 1:]
+                   + ["--load", save, "--ckpt-step", "1", "--finetune",
+                      "--dpo-reference-load", save])
+    return {"values": serial["values"], "reference": serial["reference"],
+            "other": {"values": other["values"], "reference": other["reference"],
+                      "lines": [l for l in other["lines"] if "reference log-prob" in l]}}
+
+
+@pytest.mark.slow
+def test_ep2_dpo_matches_one_process_and_a_reference_other_than_load(tokenizer, tmp_path):
+    """Trinity (MoE) at EP2 gives the reference cache and loss curve of one process; with
+    --dpo-reference-load the reference is that checkpoint, not --load's weights."""
+    from megatron_trillion.data.sample_corpus import write_sample_preferences
+
+    workdir = str(tmp_path)
+    for name, count, seed, language in (("prefs_en", 9, 1, "en"), ("prefs_ko", 7, 2, "ko"),
+                                        ("valid_en", 2, 3, "en"), ("valid_ko", 2, 4, "ko")):
+        write_sample_preferences(os.path.join(workdir, f"{name}.jsonl"), count, seed=seed,
+                                 languages=(language, "ja"))
+    argv = lambda cache, *extra: _dpo_argv(workdir, tokenizer, 2, os.path.join(  # noqa: E731
+        workdir, cache), "--preset", "tiny-trinity", "--global-batch-size", "4", *extra)
+    (serial,) = run_distributed(_trinity_serial_and_reference_load, 1, timeout=600,
+                                argv=argv("cache_serial"), save=os.path.join(workdir, "ckpt"))
+    expert = run_distributed(_parallel, 2, timeout=600,
+                             argv=argv("cache_ep", "--expert-model-parallel-size", "2"))
+    table = serial["reference"]
+    for rank in expert:
+        np.testing.assert_allclose(rank["reference"], table, rtol=0, atol=1e-6 * max(
+            1.0, float(np.abs(table).max())))
+        np.testing.assert_allclose([v["dpo loss"] for v in rank["values"]],
+                                   [v["dpo loss"] for v in serial["values"]], rtol=0, atol=1e-5)
+    assert serial["values"][0]["dpo loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+    other = serial["other"]
+    # a new cache (its key is the reference checkpoint's), other values than the initial
+    # weights', and the policy (iteration 1) is not the reference (iteration 2) at step 1
+    assert other["lines"] and not any("read from" in l for l in other["lines"]), other["lines"]
+    assert other["reference"].shape == table.shape
+    assert float(np.abs(other["reference"] - table).max()) > 1e-3
+    assert abs(other["values"][0]["dpo loss"] - math.log(2)) > 1e-4
+    assert abs(other["values"][0]["rewards/margin"]) > 1e-4
 
 
 def _validation_values(lines: list, iteration: int) -> dict:
