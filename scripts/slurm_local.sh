@@ -45,9 +45,13 @@ write_conf() {
   # proctrack/linuxproc and task/none: no cgroups needed (containers, CI runners).
   # JobRequeue=1: batch jobs may be requeued (the recipes requeue themselves on the
   # pre-timeout signal). No accounting daemon: jobs are watched with squeue/scontrol.
+  # cred_expire=20: a requeued job may start again 20 s after its last segment (default 120 s).
+  # Starting it earlier (scontrol update StartTime=now) races the node's revocation of the old
+  # segment's credential: slurmctld then kills it as "non-startable" and it is never requeued.
   text="ClusterName=local
 SlurmctldHost=${node}
 AuthType=auth/munge
+AuthInfo=cred_expire=20
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=${STATE}
