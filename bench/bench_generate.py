@@ -8,8 +8,12 @@ check), exports it with tools/convert_checkpoint.py's exporter, then measures in
               x --new-tokens greedy tokens: ours (``inference.engine``, KV cache) vs
               transformers' ``generate(use_cache=True)`` on the export; best of --repeats,
               interleaved
-  flatness    our time per new token (mean over 16 steps) once 64, 256 and 1,024 tokens have
-              been generated, as a ratio to the one at 64: a working cache keeps it flat
+  flatness    time per new token (mean over 16 steps) once 64, 256 and 1,024 tokens have been
+              generated, as a ratio to the one at 64, ours and transformers', for each of
+              --flat-rows (default 1 and 16 rows). A working cache keeps it flat while the step
+              is dominated by the weights; once a batch's cache outweighs them (16 rows x 1,024
+              tokens of fp32 keys and values: 64 MB against tiny-tri-7b's 5 MB of weights), each
+              step must read the whole cache, and the time grows with it for any KV cache
 On a shared machine, wall-clock times swing with other load; the ratios are what to read, and
 ``--clock cpu`` times with this process's CPU time (all its threads) instead, which other
 processes disturb far less (with ``--threads 1`` it is the single-thread time).
@@ -86,25 +90,37 @@ def theirs(hf, batch: list[list[int]], new_tokens: int) -> float:
     return len(batch) * new_tokens / elapsed
 
 
-def step_times(engine, batch: list[list[int]], new_tokens: int) -> list[float]:
-    """Seconds of each decode forward (index i: i + 1 tokens generated before it)."""
-    from megatron_trillion.inference.engine import SamplingParams
-
+def _timed_calls(owner, name: str, run) -> list[float]:
+    """Seconds of each call of ``owner.<name>`` while ``run()`` runs."""
     times: list[float] = []
-    forward = engine._forward
+    method = getattr(owner, name)
 
-    def timed(*args):
+    def timed(*args, **kwargs):
         start = clock()
-        out = forward(*args)
+        out = method(*args, **kwargs)
         times.append(clock() - start)
         return out
 
-    engine._forward = timed
+    setattr(owner, name, timed)
     try:
-        engine.generate(batch, SamplingParams(max_new_tokens=new_tokens))
+        run()
     finally:
-        del engine._forward
+        delattr(owner, name)
+    return times
+
+
+def step_times(engine, batch: list[list[int]], new_tokens: int) -> list[float]:
+    """Seconds of each of our decode forwards (index i: i + 1 tokens generated before it)."""
+    from megatron_trillion.inference.engine import SamplingParams
+
+    times = _timed_calls(engine, "_forward", lambda: engine.generate(
+        batch, SamplingParams(max_new_tokens=new_tokens)))
     return times[1:]  # the first call is the prefill
+
+
+def hf_step_times(hf, batch: list[list[int]], new_tokens: int) -> list[float]:
+    """The same for transformers' ``generate`` (each model forward of its loop)."""
+    return _timed_calls(hf, "forward", lambda: theirs(hf, batch, new_tokens))[1:]
 
 
 def main(argv=None) -> int:
@@ -113,12 +129,14 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--flat-rows", type=int, default=16,
-                        help="rows of the time-per-token measurement")
+    parser.add_argument("--flat-rows", type=int, nargs="+", default=[1, 16],
+                        help="rows (batch sizes) of the time-per-token measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall-clock time, or this process's CPU time")
     args = parser.parse_args(argv)
+    if min(args.flat_rows) < 1:
+        parser.error("--flat-rows takes batch sizes of at least 1")
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:
@@ -152,19 +170,31 @@ def main(argv=None) -> int:
                   f"transformers {rates['transformers'][-1]:.1f}", file=sys.stderr, flush=True)
         best = {name: max(values) for name, values in rates.items()}
 
-        times = step_times(engine, batch[:args.flat_rows], max(POINTS) + WINDOW)
-        per_token = {n: sum(times[n - 1:n - 1 + WINDOW]) / WINDOW for n in POINTS}
+        steps = max(POINTS) + WINDOW
+        flat_batch = prompts(max(args.flat_rows), engine.vocab_size)
+        per_token = {}
+        for rows in args.flat_rows:
+            for name, times in (("ours", step_times(engine, flat_batch[:rows], steps)),
+                                ("transformers", hf_step_times(hf, flat_batch[:rows], steps))):
+                per_token[name, rows] = {n: sum(times[n - 1:n - 1 + WINDOW]) / WINDOW
+                                         for n in POINTS}
 
     print(f"{args.preset}, fp32, CPU threads={torch.get_num_threads()}, {args.clock} clock, "
           f"{args.prompts} prompts x {args.new_tokens} new tokens, best of {args.repeats}\n")
     print(f"{'generator':<14}{'tokens/s':>10}{'x transformers':>16}")
     for name in ("ours", "transformers"):
         print(f"{name:<14}{best[name]:>10.1f}{best[name] / best['transformers']:>16.2f}")
-    rows = min(args.flat_rows, args.prompts)
-    print(f"\ntime per new token ({rows} rows, mean of {WINDOW} steps)")
-    print(f"{'generated':<14}{'ms/step':>10}{'x at 64':>16}")
+    print(f"\ntime per new token (ms per decode step, mean of {WINDOW} steps; x: ratio to the "
+          f"step at {POINTS[0]})")
+    columns = [(name, rows) for rows in args.flat_rows for name in ("ours", "transformers")]
+    print(f"{'generated':<11}" + "".join(f"{f'{name}, {rows} row' + 's' * (rows > 1):>24}"
+                                         for name, rows in columns))
     for n in POINTS:
-        print(f"{n:<14}{per_token[n] * 1e3:>10.2f}{per_token[n] / per_token[POINTS[0]]:>16.2f}")
+        cells = []
+        for key in columns:
+            ms, base = per_token[key][n] * 1e3, per_token[key][POINTS[0]] * 1e3
+            cells.append(f"{ms:>16.2f} {ms / base:>5.2f}x")
+        print(f"{n:<11}" + "".join(f"{c:>24}" for c in cells))
     return 0
 
 

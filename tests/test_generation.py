@@ -212,6 +212,59 @@ def _engine_checks(workdir: str, tensor: int) -> dict:
     long = engine.generate([list(range(1, 41))], SamplingParams(max_new_tokens=100))
     out["long"] = (len(long[0].completions[0].token_ids), long[0].completions[0].finish_reason)
     out["rope_lengths"] = _rope_lengths(engine)
+    if tensor == 1:
+        out["shortcuts_bitwise"] = _shortcuts_bitwise(engine)
+    return out
+
+
+def _shortcuts_bitwise(engine) -> dict:
+    """The engine's shortcuts give megatron-core's bits: the linears' no-autograd TP1 path (a
+    forward without autograd against one recording it, which takes megatron-core's path), and
+    the rotated cache's shared cos/sin RoPE against megatron-core's apply_rotary_pos_emb."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from unittest import mock
+
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    model = engine.model
+    layer = model.decoder.layers[0]
+    out = {"layers": len(model.decoder.layers), "classes": [type(m).__name__ for m in (
+        layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+        layer.mlp.linear_fc1, layer.mlp.linear_fc2)]}
+    tokens = torch.tensor([PROMPTS[0]])
+    positions = torch.arange(tokens.size(1)).unsqueeze(0)
+    calls = []
+
+    def counted(original):
+        def forward(self, *args, **kwargs):
+            calls.append(type(self).__name__)
+            return original(self, *args, **kwargs)
+        return forward
+
+    # megatron-core's forwards, counted: the output layer's alone without autograd
+    with mock.patch.object(ColumnParallelLinear, "forward",
+                           counted(ColumnParallelLinear.forward)), \
+            mock.patch.object(RowParallelLinear, "forward", counted(RowParallelLinear.forward)):
+        with torch.no_grad():
+            plain = model(tokens, positions, None, runtime_gather_output=True)
+        out["megatron_calls_no_grad"] = len(calls)
+        with torch.enable_grad():
+            recorded = model(tokens, positions, None, runtime_gather_output=True)
+        out["megatron_calls_grad"] = len(calls) - out["megatron_calls_no_grad"]
+    out["linears"] = torch.equal(plain, recorded.detach())
+    attention = layer.self_attention
+    freqs = model.rotary_pos_emb(64)
+    context = StaticInferenceContext(1, 64)
+    gen = torch.Generator().manual_seed(0)
+    same = []
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.randn(5, 2, 3, freqs.size(-1), generator=gen).to(dtype)
+        for start in (0, 7, 7):   # the second 7 reads the shared cos/sin
+            same.append(torch.equal(attention._rotate(t, freqs, start, start + 5, context),
+                                    apply_rotary_pos_emb(t, freqs[start:start + 5],
+                                                         config=attention.config)))
+    out["rope"] = same
     return out
 
 
@@ -228,16 +281,18 @@ def _rope_lengths(engine) -> list[int]:
 
     lengths: set[int] = set()
 
-    def recording(original):
-        def apply(t, *args, **kwargs):
-            lengths.add(t.shape[0])
-            return original(t, *args, **kwargs)
+    def recording(original, tensor_at=0):
+        def apply(*args, **kwargs):
+            lengths.add(args[tensor_at].shape[0])
+            return original(*args, **kwargs)
         return apply
 
+    attention = rotated_cache_attention.RotatedCacheSelfAttention
     with mock.patch.object(mcore_attention, "apply_rotary_pos_emb",
                            recording(mcore_attention.apply_rotary_pos_emb)), \
             mock.patch.object(rotated_cache_attention, "apply_rotary_pos_emb",
-                              recording(rotated_cache_attention.apply_rotary_pos_emb)):
+                              recording(rotated_cache_attention.apply_rotary_pos_emb)), \
+            mock.patch.object(attention, "_rotate", recording(attention._rotate, 1)):
         engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=4))
     return sorted(lengths)
 
@@ -353,6 +408,17 @@ def test_greedy_equals_transformers_generate_on_the_export(single_rank):
 def test_decode_steps_rotate_only_the_new_keys(single_rank):
     _, r = single_rank
     assert r["rope_lengths"] == [1, len(PROMPTS[2])]
+
+
+def test_shortcuts_give_megatron_cores_bits(single_rank):
+    _, r = single_rank
+    assert r["shortcuts_bitwise"]["classes"] == ["NoGradColumnParallelLinear",
+                                                 "NoGradRowParallelLinear"] * 2
+    assert r["shortcuts_bitwise"]["linears"]
+    assert r["shortcuts_bitwise"]["megatron_calls_no_grad"] == 1     # the output layer
+    assert r["shortcuts_bitwise"]["megatron_calls_grad"] == \
+        4 * r["shortcuts_bitwise"]["layers"] + 1
+    assert r["shortcuts_bitwise"]["rope"] == [True] * 6
 
 
 def test_dropping_finished_rows_keeps_the_cache_layout():

@@ -34,6 +34,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
     get_gpt_mtp_block_spec_for_backend,
 )
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -48,6 +49,10 @@ from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.models.afmoe import sandwich_layer_spec
 from megatron_trillion.models.mtp_recompute import use_packed_recompute_mtp_layers
 from megatron_trillion.models.mtp_roll import use_vectorised_packed_roll
+from megatron_trillion.models.no_grad_linear import (
+    NoGradColumnParallelLinear,
+    NoGradRowParallelLinear,
+)
 from megatron_trillion.models.norms import TorchNorm
 from megatron_trillion.models.rotated_cache_attention import RotatedCacheSelfAttention
 from megatron_trillion.models.te_attention_guard import pass_pad_between_seqs, require_packed_thd
@@ -113,6 +118,13 @@ def _layer_spec(config: TransformerConfig, num_experts: Optional[int], impl: str
                              (attention, "q_layernorm"), (attention, "k_layernorm")):
             if getattr(owner, field) is WrappedTorchNorm:
                 setattr(owner, field, TorchNorm)
+        # Generation (no autograd, TP1) skips megatron-core's per-call autograd wrappers.
+        for owner in (attention, getattr(spec.submodules.mlp, "submodules", None)):
+            for field in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+                if getattr(owner, field, None) is ColumnParallelLinear:
+                    setattr(owner, field, NoGradColumnParallelLinear)
+                elif getattr(owner, field, None) is RowParallelLinear:
+                    setattr(owner, field, NoGradRowParallelLinear)
         norm = TorchNorm
     # Generation's static KV cache then holds rotated keys: a decode step rotates only its own.
     if spec.submodules.self_attention.module is SelfAttention:

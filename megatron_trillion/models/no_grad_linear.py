@@ -1,0 +1,60 @@
+"""Column/row-parallel linears whose forward without autograd, at TP1, is the plain matmul.
+
+megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` route every forward through
+autograd Functions (copy to / reduce from the tensor-parallel region, the linear with gradient
+accumulation) and a process-group lookup that warns on every call. With one TP rank and no
+gradient being recorded all of that computes exactly ``input @ weight.t()`` (+ bias), yet it costs
+~25 us of Python per call: on CPU, a sixth of a small model's KV-cached decode step (generation,
+GRPO rollouts). megatron-core's answer to per-step overhead is CUDA graphs, which the CPU has not.
+
+These subclasses run the same two ops (``torch.matmul(input, weight.t())``, then ``+ bias``, in
+megatron-core's order, so the numbers are bitwise the same) when ``torch.is_grad_enabled()`` is
+False and the layer has one TP rank. Everything else (training, TP > 1, sequence parallelism,
+CPU offloading, deferred embedding gradients) is megatron-core's forward unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+__all__ = ["NoGradColumnParallelLinear", "NoGradRowParallelLinear"]
+
+
+def _plain(layer) -> bool:
+    """True where megatron-core's forward would compute just the matmul (and bias)."""
+    return (not torch.is_grad_enabled() and layer.tp_group.size() == 1
+            and layer.config._cpu_offloading_context is None)
+
+
+class NoGradColumnParallelLinear(ColumnParallelLinear):
+    """``ColumnParallelLinear``; without autograd at TP1, the plain matmul (module docstring)."""
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        if (weight is not None or self.config.defer_embedding_wgrad_compute
+                or not _plain(self)):
+            return super().forward(input_, weight, runtime_gather_output)
+        output = torch.matmul(input_, self.weight.t())
+        if self.skip_bias_add:
+            return output, self.bias
+        if self.bias is not None:
+            output = output + self.bias
+        return output, None
+
+
+class NoGradRowParallelLinear(RowParallelLinear):
+    """``RowParallelLinear``; without autograd at TP1, the plain matmul (module docstring)."""
+
+    def forward(self, input_: torch.Tensor):
+        if not _plain(self):
+            return super().forward(input_)
+        output = torch.matmul(input_, self.weight.t())
+        if self.skip_bias_add:
+            return output, self.bias
+        if self.bias is not None:
+            output = output + self.bias
+        return output, None
