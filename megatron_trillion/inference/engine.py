@@ -121,13 +121,17 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,
-                  uniforms: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  uniforms: Optional[torch.Tensor],
+                  plain: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids, their log-probability under the sampled distribution) for each row of
     ``logits`` [rows, vocab], by inverse CDF at ``uniforms`` [rows] in [0, 1) (unused, and may
-    be None, for greedy)."""
+    be None, for greedy). ``plain``: ``log_softmax(logits)`` where the caller has it, which is
+    the sampled distribution itself at temperature 1 without top-k/top-p (RL rollouts)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1), torch.zeros(logits.size(0), dtype=torch.float32)
-    logprobs = sampling_logprobs(logits, params)
+    untruncated = params.temperature == 1.0 and params.top_p == 1.0 and \
+        not 0 < params.top_k < logits.size(-1)
+    logprobs = plain if plain is not None and untruncated else sampling_logprobs(logits, params)
     cdf = torch.cumsum(logprobs.double().exp(), dim=-1)
     # right=True: the first id whose cumulative mass exceeds the draw has mass > 0.
     target = (uniforms.double().to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
@@ -279,13 +283,15 @@ class GenerationEngine:
             from megatron.core.inference.contexts import StaticInferenceContext
 
             context = StaticInferenceContext(len(rows), width + steps)
-        logits = self._forward(tokens, positions, pad, context)
+        # Without a padded row the attention needs no mask (the causal one is the layer's own).
+        padded = min(lengths) < width
+        logits = self._forward(tokens, positions, pad if padded else None, context)
         active = list(range(len(rows)))
         while True:
             plain = torch.log_softmax(logits, dim=-1)
             uniforms = None if params.temperature == 0 else torch.cat(
                 [torch.rand(1, generator=rows[i].generator) for i in active])
-            chosen, sampled = sample_tokens(logits, params, uniforms)
+            chosen, sampled = sample_tokens(logits, params, uniforms, plain)
             chosen_list = chosen.tolist()
             plain_chosen = plain.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
             sampled_list = sampled.tolist()
@@ -311,6 +317,7 @@ class GenerationEngine:
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=device)
                 active = [active[slot] for slot in keep]
+                padded = any(len(rows[i].prompt) < width for i in active)
                 chosen, tokens, pad, positions = (x.index_select(0, index)
                                                   for x in (chosen, tokens, pad, positions))
                 if context is not None:
@@ -320,21 +327,21 @@ class GenerationEngine:
             pad = torch.cat([pad, torch.zeros_like(new, dtype=torch.bool)], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             if context is None:
-                logits = self._forward(tokens, positions, pad, None)
+                logits = self._forward(tokens, positions, pad if padded else None, None)
             else:
-                logits = self._forward(new, positions[:, -1:], pad, context)
+                logits = self._forward(new, positions[:, -1:], pad if padded else None, context)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor,
-                 context) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 pad: Optional[torch.Tensor], context) -> torch.Tensor:
         """Logits [rows, vocab] (fp32, the tokenizer's ids) of the last position.
 
-        ``pad`` [rows, keys]: padding keys, hidden from every query but their own position;
-        causality comes from the layer's mask type at prefill, and at decode the one query is
-        the last position anyway."""
+        ``pad`` [rows, keys]: padding keys, hidden from every query but their own position (None
+        where no row is padded); causality comes from the layer's mask type at prefill, and at
+        decode the one query is the last position anyway."""
         queries = tokens.size(1)
-        keys = pad.size(1)
         mask = None
-        if self.pads_prompts:
+        if self.pads_prompts and pad is not None:
+            keys = pad.size(1)
             mask = pad[:, None, None, :].expand(-1, 1, queries, keys)
             if queries > 1:
                 mask = mask & ~_diagonal(queries, keys, pad.device)

@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_trillion.data.attention_blocks import MASKING_NONE
 from megatron_trillion.models.presets import ModelPreset, resolve_preset
 from megatron_trillion.models import afmoe, specs
+from megatron_trillion.models.no_grad_linear import use_no_grad_output_layer
 from megatron_trillion.models.router_balance import configure_expert_bias_update
 
 _PARALLEL_FIELDS = {
@@ -226,6 +227,7 @@ def build_model(
         vp_stage=vp_stage,
     )
     mask_padded_logits(model, p.vocab_size)
+    use_no_grad_output_layer(model)
     # What megatron-core's GPTModel does not express (models.afmoe, models.router_balance).
     if p.sandwich_norm and p.sandwich_post_norm_init != "one":
         afmoe.set_post_norm_init_gain(model, p.post_norm_init_gain)

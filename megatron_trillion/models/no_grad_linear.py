@@ -7,6 +7,9 @@ gradient being recorded all of that computes exactly ``input @ weight.t()`` (+ b
 ~25 us of Python per call: on CPU, a sixth of a small model's KV-cached decode step (generation,
 GRPO rollouts). megatron-core's answer to per-step overhead is CUDA graphs, which the CPU has not.
 
+The decoder layers get them through the local spec (``models.specs``); GPTModel builds its output
+layer itself, so :func:`use_no_grad_output_layer` re-classes that one after construction.
+
 These subclasses run the same two ops (``torch.matmul(input, weight.t())``, then ``+ bias``, in
 megatron-core's order, so the numbers are bitwise the same) when ``torch.is_grad_enabled()`` is
 False and the layer has one TP rank. Everything else (training, TP > 1, sequence parallelism,
@@ -21,7 +24,7 @@ import torch
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["NoGradColumnParallelLinear", "NoGradRowParallelLinear"]
+__all__ = ["NoGradColumnParallelLinear", "NoGradRowParallelLinear", "use_no_grad_output_layer"]
 
 
 def _plain(layer) -> bool:
@@ -35,10 +38,10 @@ class NoGradColumnParallelLinear(ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
-        if (weight is not None or self.config.defer_embedding_wgrad_compute
-                or not _plain(self)):
+        if self.config.defer_embedding_wgrad_compute or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
-        output = torch.matmul(input_, self.weight.t())
+        # weight: the shared embedding, where the output layer is tied to it
+        output = torch.matmul(input_, (self.weight if weight is None else weight).t())
         if self.skip_bias_add:
             return output, self.bias
         if self.bias is not None:
@@ -58,3 +61,12 @@ class NoGradRowParallelLinear(RowParallelLinear):
         if self.bias is not None:
             output = output + self.bias
         return output, None
+
+
+def use_no_grad_output_layer(model) -> None:
+    """Give ``model``'s output layer (megatron-core's ``ColumnParallelLinear``, built inside
+    ``GPTModel``, which takes no class for it) the no-autograd TP1 path of
+    :class:`NoGradColumnParallelLinear`: the subclass adds no state, only that forward."""
+    layer = getattr(model, "output_layer", None)
+    if type(layer) is ColumnParallelLinear:
+        layer.__class__ = NoGradColumnParallelLinear
