@@ -8,7 +8,7 @@ check), exports it with tools/convert_checkpoint.py's exporter, then measures in
               x --new-tokens greedy tokens: ours (``inference.engine``, KV cache) vs
               transformers' ``generate(use_cache=True)`` on the export; best of --repeats,
               interleaved
-  flatness    time per new token (mean over 16 steps) once 64, 256 and 1,024 tokens have been
+  flatness    time per new token (median of 32 steps) once 64, 256 and 1,024 tokens have been
               generated, as a ratio to the one at 64, ours and transformers', for each of
               --flat-rows (default 1 and 16 rows). A working cache keeps it flat while the step
               is dominated by the weights; once a batch's cache outweighs them (16 rows x 1,024
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 import torch  # noqa: E402
 
 POINTS = (64, 256, 1024)
-WINDOW = 16
+WINDOW = 32
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
         for rows in args.flat_rows:
             for name, times in (("ours", step_times(engine, flat_batch[:rows], steps)),
                                 ("transformers", hf_step_times(hf, flat_batch[:rows], steps))):
-                per_token[name, rows] = {n: sum(times[n - 1:n - 1 + WINDOW]) / WINDOW
+                # the median: a step that another process interrupted does not count
+                per_token[name, rows] = {n: statistics.median(times[n - 1:n - 1 + WINDOW])
                                          for n in POINTS}
 
     print(f"{args.preset}, fp32, CPU threads={torch.get_num_threads()}, {args.clock} clock, "
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
     print(f"{'generator':<14}{'tokens/s':>10}{'x transformers':>16}")
     for name in ("ours", "transformers"):
         print(f"{name:<14}{best[name]:>10.1f}{best[name] / best['transformers']:>16.2f}")
-    print(f"\ntime per new token (ms per decode step, mean of {WINDOW} steps; x: ratio to the "
+    print(f"\ntime per new token (ms per decode step, median of {WINDOW} steps; x: ratio to the "
           f"step at {POINTS[0]})")
     columns = [(name, rows) for rows in args.flat_rows for name in ("ours", "transformers")]
     print(f"{'generated':<11}" + "".join(f"{f'{name}, {rows} row' + 's' * (rows > 1):>24}"

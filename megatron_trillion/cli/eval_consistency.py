@@ -99,12 +99,7 @@ def _samples_by_language(items: Sequence[str], languages: Sequence[str]) -> dict
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    errors = _user_errors(args)
-    if errors:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    return run_tool(lambda: evaluate(args))
+    return run_tool(lambda: evaluate(args), argument_errors=_user_errors(args))
 
 
 def evaluate(args) -> None:

@@ -92,16 +92,12 @@ def _user_errors(args) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     errors = _user_errors(args)
-    if errors:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
     if args.load:
         from megatron_trillion.training.checkpointing import CheckpointError
 
         return run_tool(lambda: evaluate(args), process_group=True,
-                        user_errors=(CheckpointError,))
-    return run_tool(lambda: evaluate(args))
+                        user_errors=(CheckpointError,), argument_errors=errors)
+    return run_tool(lambda: evaluate(args), argument_errors=errors)
 
 
 def evaluate(args) -> None:

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from megatron_trillion.errors import UserError
 
 
 def run_tool(body: Callable[[], Optional[int]], *, process_group: bool = False,
-             user_errors: tuple[type[Exception], ...] = ()) -> int:
+             user_errors: tuple[type[Exception], ...] = (),
+             argument_errors: Sequence[str] = ()) -> int:
     """Run a tool's work, ``body``, in this process; returns its exit status (None counts as 0).
+
+    ``argument_errors``: what the tool found wrong with its arguments, all of them; each is
+    printed as an ``error:`` line and ``body`` does not run (exit 2).
 
     Known warnings are quieted before ``body`` imports megatron-core. ``process_group``: ``body``
     runs in a one-rank gloo group, torn down either way (megatron-core's checkpoint reader and
@@ -19,6 +23,10 @@ def run_tool(body: Callable[[], Optional[int]], *, process_group: bool = False,
     """
     from megatron_trillion.platform.warnings import quiet_known_warnings
 
+    if argument_errors:
+        for error in argument_errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     quiet_known_warnings()
     if process_group:
         from megatron_trillion.platform.distributed import initialize_single_process
