@@ -29,8 +29,8 @@ __all__ = ["NoGradColumnParallelLinear", "NoGradRowParallelLinear", "use_no_grad
 
 def _plain(layer) -> bool:
     """True where megatron-core's forward would compute just the matmul (and bias)."""
-    return (not torch.is_grad_enabled() and layer.tp_group.size() == 1
-            and layer.config._cpu_offloading_context is None)
+    return (not torch.is_grad_enabled() and layer.tp_group is not None
+            and layer.tp_group.size() == 1 and layer.config._cpu_offloading_context is None)
 
 
 class NoGradColumnParallelLinear(ColumnParallelLinear):
