@@ -303,6 +303,27 @@ def test_usr1_to_the_job_steps_requeues_the_same_way(tmp_path):
     assert "--container-image" not in (fake / "srun.log").read_text()
 
 
+def test_a_process_that_ends_while_a_trap_runs_keeps_its_own_status():
+    """A trap interrupts bash's `wait` with 128 + the signal; when the waited-for process ends
+    before the next check (here: the trap itself outlasts it), ``wait_for`` still returns the
+    process's own status. The loop it replaced returned 138, so a step that saved and exited
+    cleanly on USR1 was reported as "training failed (status 138)" when the machine was slow."""
+    script = f"""
+source "{LAUNCH}"
+set +e
+( trap 'exit 0' USR1; while :; do sleep 0.05; done ) &
+child=$!
+sleep 0.3   # the child's trap is set
+trap 'kill -USR1 $child; sleep 1' USR1
+( sleep 0.2; kill -USR1 $$ ) &
+wait_for "$child"; echo "ended $?"
+( exit 7 ) &
+wait_for $!; echo "failed $?"
+"""
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["ended 0", "failed 7"], result
+
+
 @pytest.mark.parametrize("restarts, requeued", [("0", True), ("3", False)])
 def test_a_failed_segment_is_requeued_up_to_max_restarts(tmp_path, restarts, requeued):
     ckpt = tmp_path / "ckpt"

@@ -162,10 +162,7 @@ launch_pretrain() {
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${step[@]}" &
   SRUN_PID=$!
   local status=0
-  # `wait` returns early when the trap runs; keep waiting until srun itself has exited.
-  while kill -0 "$SRUN_PID" 2>/dev/null; do
-    if wait "$SRUN_PID"; then status=0; else status=$?; fi
-  done
+  if wait_for "$SRUN_PID"; then status=0; else status=$?; fi
   if [[ -e "$EXIT_SIGNAL_MARK" ]]; then
     REQUEUE=1
     rm -f "$EXIT_SIGNAL_MARK"
@@ -200,6 +197,16 @@ finish_segment() {
   return "$status"
 }
 
+# The exit status of background process $1. A trap that runs during `wait` makes it return
+# 128 + the signal at once, while the process may still run (so wait again), or may have ended
+# meanwhile: then only a last `wait` gives its own status, which bash keeps for it.
+wait_for() {
+  while kill -0 "$1" 2>/dev/null; do
+    wait "$1" || true
+  done
+  wait "$1"
+}
+
 on_pre_timeout() {
   REQUEUE=1
   # Signal the job step's tasks (the per-node wrappers below), not the batch shell.
@@ -216,9 +223,7 @@ node_main() {
   "$@" &
   local agent=$! status=0
   trap 'on_node_signal "$agent"' USR1
-  while kill -0 "$agent" 2>/dev/null; do
-    if wait "$agent"; then status=0; else status=$?; fi
-  done
+  if wait_for "$agent"; then status=0; else status=$?; fi
   return "$status"
 }
 
