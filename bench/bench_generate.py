@@ -10,10 +10,10 @@ check), exports it with tools/convert_checkpoint.py's exporter, then measures in
               interleaved
   flatness    time per new token (median of 32 steps) once 64, 256 and 1,024 tokens have been
               generated, as a ratio to the one at 64, ours and transformers', for each of
-              --flat-rows (default 1 and 16 rows). A working cache keeps it flat while the step
-              is dominated by the weights; once a batch's cache outweighs them (16 rows x 1,024
-              tokens of fp32 keys and values: 64 MB against tiny-tri-7b's 5 MB of weights), each
-              step must read the whole cache, and the time grows with it for any KV cache
+              --flat-rows (default 1 and 16 rows). A working cache keeps it flat while the
+              weights dominate a step; once a batch's cache outweighs them (16 rows x 1,024
+              tokens of fp32 keys and values: 64 MiB, against tiny-tri-7b's 7 MiB of weights),
+              each step must read the whole cache, and its time grows with it for any KV cache
 On a shared machine, wall-clock times swing with other load; the ratios are what to read, and
 ``--clock cpu`` times with this process's CPU time (all its threads) instead, which other
 processes disturb far less (with ``--threads 1`` it is the single-thread time).
