@@ -4,12 +4,12 @@
 One-digit addition ("What is A + B?", 100 pairs). ``pretrain --sft`` on demonstrations that are
 right 2 times in 5 ("The answer is A+B.") and otherwise make one systematic mistake ("The sum is
 A+B+1."), so the start policy is partially right on purpose, as real RLVR starts from imperfect
-demonstrations; then ``pretrain --grpo --load sft --finetune`` (20 steps of 8 prompts x 8
+demonstrations; then ``pretrain --grpo --load sft --finetune`` (30 steps of 8 prompts x 8
 samples, the gsm8k verifier) on 80 of the pairs. Held out: the other 20 pairs (a seeded
 shuffle), never GRPO prompts; SFT saw them with the same 2-in-5 mix. The figure is their
 exact-match reward with greedy decoding.
 
-Seen (two runs, the same figures; CPU fp32): greedy 0.30 after SFT (most greedy answers take
+Seen (three runs, the same figures; CPU fp32): greedy 0.30 after SFT (most greedy answers take
 the likelier, wrong "The sum is A+B+1."), 0.70 after 30 GRPO steps; sampled (8 answers per
 pair, temperature 1) 0.369 -> 0.619; 23 of the 240 groups dropped. The bench at --seed 4 and 5
 (another SFT order) gave 0.15 -> 0.75 and 0.15 -> 0.80. The asserted bounds leave 3 of the 20
