@@ -1,6 +1,7 @@
 """``pretrain --grpo`` through the real entry point (slow): TP2 and DP2 give the losses of one
-process on the same rollouts, a resumed run continues exactly, the KL reference is reloaded on
-resume, and the log carries the rollout's figures."""
+process on the same rollouts, a resumed run continues exactly (also from a save between the
+epochs of a rollout), the KL reference is reloaded on resume, and the log carries the rollout's
+figures."""
 
 from __future__ import annotations
 
@@ -63,10 +64,45 @@ def _serial_runs(world: dict) -> dict:
     out["resumed"] = _train(_argv(world, STEPS, world["resumed"], "--load", world["resumed"],
                                   *kl))
     destroy_distributed()
+    out["inside a rollout"] = _inside_a_rollout(world)
     out["all dropped"] = _all_dropped(world)
     out["selection"] = _select_prompts(world)
     out["bad data"] = _bad_data(world)
     return out
+
+
+def _inside_a_rollout(world: dict) -> dict:
+    """--grpo-epochs 2: a straight run of two rollouts (4 steps); the same run stopped by a
+    signal after epoch 1 of its first rollout (it saves there), then resumed."""
+    import signal
+
+    from megatron_trillion.platform.distributed import destroy_distributed
+    from megatron_trillion.pretrain import pretrain
+    from megatron_trillion.training.arguments import parse_args
+
+    root = os.path.dirname(world["base"])
+    epochs = ("--grpo-epochs", "2", "--grpo-kl-coeff", "0.1")
+    straight = _train(_argv(world, 4, os.path.join(root, "epochs_straight"), "--load",
+                            world["base"], "--finetune", *epochs))
+    destroy_distributed()
+    save = os.path.join(root, "epochs_stopped")
+    stopped = []
+
+    def on_step(state, result):
+        stopped.append(result["grpo loss"])
+        if state.iteration == 1:  # SLURM's pre-timeout signal
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    pretrain(parse_args(_argv(world, 4, save, "--load", world["base"], "--finetune",
+                              "--exit-signal-handler", *epochs)), log=lambda line: None,
+             on_step=on_step)
+    destroy_distributed()
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        saved = int(f.read())
+    resumed = _train(_argv(world, 4, save, "--load", save, *epochs))
+    destroy_distributed()
+    return {"straight": straight["losses"], "stopped": stopped, "saved": saved,
+            "resumed": resumed["losses"], "lines": resumed["lines"]}
 
 
 def _all_dropped(world: dict) -> dict:
@@ -213,6 +249,16 @@ def test_a_resumed_run_continues_exactly_with_its_reference_reloaded(grpo_runs):
     for run in (straight, resumed):
         assert any("GRPO reference policy: " in line and "base" in line
                    for line in run["lines"]), run["lines"]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_between_the_epochs_of_a_rollout_resumes_exactly(grpo_runs):
+    run = grpo_runs["serial"]["inside a rollout"]
+    assert run["saved"] == 1 and len(run["stopped"]) == 1 and len(run["resumed"]) == 3, run
+    assert all(np.isfinite(run["straight"])), run["straight"]
+    np.testing.assert_allclose(run["stopped"] + run["resumed"], run["straight"], rtol=0,
+                               atol=1e-6)
+    assert any("resuming after epoch 1 of 2 of a rollout" in line for line in run["lines"])
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from megatron_trillion.training import numerics
 from megatron_trillion.training.numerics import (
+    NO_LOSS_TOKENS,
     NonFiniteTrainingError,
     NumericsGuard,
     SampleRef,
@@ -72,6 +74,36 @@ def test_state_round_trip():
     restored.check(3, math.nan, 1.0)
     with pytest.raises(NonFiniteTrainingError, match="iteration 4"):
         restored.check(4, math.nan, 1.0)
+
+
+def test_only_the_latest_skip_records_are_kept_and_every_skip_is_counted():
+    """A long GRPO run skips many steps with nothing to learn: the guard (and so every
+    checkpoint) keeps the latest KEPT_SKIP_RECORDS of them, and still the non-finite steps a
+    stop lists, however many empty steps lie between them."""
+    limit = numerics.KEPT_SKIP_RECORDS
+    guard = NumericsGuard(max_consecutive_bad_steps=limit + 8)
+    iteration = 0
+    for _ in range(3 * limit):
+        iteration += 1
+        guard.check(iteration, 0.0, 0.0, [SampleRef("rl", (iteration,))], loss_count=0)
+    for _ in range(limit + 7):  # non-finite, each followed by an empty step
+        iteration += 1
+        guard.check(iteration, math.nan, 1.0)
+        iteration += 1
+        guard.check(iteration, 0.0, 0.0, loss_count=0)
+    assert guard.total_skipped_steps == 3 * limit + 2 * (limit + 7)
+    empty = [s.iteration for s in guard.skipped_steps if s.reason == NO_LOSS_TOKENS]
+    nonfinite = [s.iteration for s in guard.skipped_steps if s.reason != NO_LOSS_TOKENS]
+    assert empty == list(range(iteration - 2 * limit + 2, iteration + 1, 2))
+    assert len(nonfinite) == limit + 7  # all of them: the limit is the stop's run
+    restored = NumericsGuard(max_consecutive_bad_steps=limit + 8)
+    restored.load_state_dict(guard.state_dict())
+    assert restored == guard and len(guard.state_dict()["skipped_steps"]) == 2 * limit + 7
+    with pytest.raises(NonFiniteTrainingError) as err:
+        restored.check(iteration + 1, math.nan, 1.0)
+    listed = str(err.value)
+    assert all(f"skipped iteration {i}:" in listed for i in nonfinite), listed
+    assert f"skipped iteration {iteration + 1}:" in listed
 
 
 def test_invalid_limit():

@@ -64,14 +64,6 @@ def grpo_config_errors(config) -> list[str]:
         errors.append(f"--grpo-top-p must lie in (0, 1], got {g.grpo_top_p}")
     if g.grpo_epochs < 1:
         errors.append(f"--grpo-epochs must be >= 1, got {g.grpo_epochs}")
-    if g.grpo_epochs > 1:
-        for name, interval in (("--save-interval", config.checkpoint.save_interval),
-                               ("--exit-interval", config.training.exit_interval)):
-            if interval and interval % g.grpo_epochs:
-                errors.append(
-                    f"{name} {interval} must be a multiple of --grpo-epochs {g.grpo_epochs}: "
-                    "a run resumed inside a rollout samples that rollout again from its "
-                    "resumed weights, which is not an exact continuation")
     if g.grpo_prompts_per_step is not None and g.grpo_prompts_per_step < 1:
         errors.append(f"--grpo-prompts-per-step must be >= 1, got {g.grpo_prompts_per_step}")
     errors += loss_config(config).problems()
@@ -95,16 +87,10 @@ def grpo_config_errors(config) -> list[str]:
     return errors
 
 
-def inexact_resume_warning(consumed_prompts: int, prompts_per_step: int,
-                           epochs: int) -> Optional[str]:
-    """The warning of a resume from a checkpoint saved between the epochs of a rollout (None at
-    a rollout boundary, where the resume is exact)."""
-    done = consumed_prompts // prompts_per_step % epochs
-    if not done:
-        return None
-    return (f" WARNING: the checkpoint was saved after epoch {done} of {epochs} of a rollout "
-            "(an exit or a signal): its remaining epochs train on that rollout sampled again "
-            "from the resumed weights, so this run does not continue the stopped one exactly")
+def rollout_epochs_done(consumed_prompts: int, prompts_per_step: int, epochs: int) -> int:
+    """How many epochs of its rollout a run had trained when it consumed ``consumed_prompts``
+    (0 at a rollout boundary)."""
+    return consumed_prompts // prompts_per_step % epochs
 
 
 def read_system_prompt(path: Optional[str]) -> Optional[str]:
@@ -166,10 +152,6 @@ def build_grpo(config, preset, shape, model: list, tokenizer, chat, resumed: Opt
                             "their lines or order) changed since the checkpoint, so the resumed "
                             "run would not take the prompts a straight run takes; add "
                             "--finetune to start a new GRPO run from its weights")
-        warning = inexact_resume_warning(int(before.get("consumed_samples", 0)),
-                                         shape.global_batch_size, g.grpo_epochs)
-        if warning:
-            log(warning)
     reference = None
     identity = _reference_identity(config, resumed)
     state["reference"] = identity
@@ -194,7 +176,36 @@ def build_grpo(config, preset, shape, model: list, tokenizer, chat, resumed: Opt
         capacity=config.batch.micro_batch_size * shape.seq_length,
         pad_token=tokenizer.eod, reference=reference, epochs=g.grpo_epochs,
         dp_rank=ps.get_data_parallel_rank(), dp_size=shape.data_parallel_size, state=state)
+    if resumed is not None:
+        _resume_inside_rollout(config, shape, resumed, batches, log)
     return batches, grpo_objective(loss_config(config), fields)
+
+
+def _resume_inside_rollout(config, shape, resumed: dict, batches, log) -> None:
+    """A checkpoint saved between the epochs of a rollout (a signal, --exit-duration-in-mins)
+    holds each rank's batches of that rollout: the resumed run trains its remaining epochs on
+    them, as the stopped run would have. They are per rank, so the layout must be the same."""
+    from megatron_trillion.training import checkpointing
+
+    epochs = config.grpo.grpo_epochs
+    saved_epochs = int(resumed.get("config", {}).get("grpo_epochs", epochs))
+    done = rollout_epochs_done(int(resumed.get("data", {}).get("consumed_samples", 0)),
+                               shape.global_batch_size, saved_epochs)
+    if not done:
+        return
+    where = f"--load {config.checkpoint.load}"
+    if epochs != saved_epochs:
+        raise UserError(f"{where} was saved after epoch {done} of a rollout of {saved_epochs} "
+                        f"epochs: resume it with that --grpo-epochs, not {epochs}")
+    layout, current = list(resumed.get("rng_layout", [])), checkpointing.rank_layout()
+    if layout != current:
+        raise UserError(f"{where} was saved after epoch {done} of {epochs} of a rollout, whose "
+                        f"batches each rank keeps: resume it at its layout (PP, TP, DP) "
+                        f"{layout}, not {current} (or from a checkpoint at a rollout boundary)")
+    path = checkpointing.resolve_checkpoint(config.checkpoint.load, int(resumed["iteration"]),
+                                            log=lambda line: None)
+    batches.restore(checkpointing.load_rank_state(path))
+    log(f" GRPO: resuming after epoch {done} of {epochs} of a rollout, on its saved batches")
 
 
 def _engine(model: list, tokenizer, max_sequence_length: int, chat):

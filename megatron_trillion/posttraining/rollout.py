@@ -164,8 +164,9 @@ class GRPOBatches:
     """``Run.train_batches`` for GRPO: ``for_step(consumed, global_batch)`` makes this rank's
     rollout micro-batches of the step (collective: every rank of the run calls it at the same
     step). With ``epochs`` > 1 a rollout serves that many consecutive steps (its old
-    log-probabilities are the first epoch's); a run resumed between the epochs of a rollout
-    samples it again from the weights it resumes with."""
+    log-probabilities are the first epoch's); a checkpoint saved between the epochs of a
+    rollout keeps each rank's batches of it (``rank_state``, ``restore``), so the resumed run
+    trains its remaining epochs on the same rollout."""
 
     def __init__(self, model, engine, prompts: Sequence[RLVRPrompt],
                  prompt_ids: Sequence[list[int]], config: RolloutConfig,
@@ -189,6 +190,7 @@ class GRPOBatches:
         self.dataset = self  # the loop reads train_batches.dataset (checkpoints, bad steps)
         self.last_rollout: Optional[Rollout] = None
         self._cached: Optional[tuple[int, list[dict]]] = None  # (rollout index, batches)
+        self._global_batch: Optional[int] = None
 
     def share(self, rollout_index: int, global_batch: int) -> range:
         """This rank's positions (in the endless prompt order) of a rollout's prompts."""
@@ -200,6 +202,7 @@ class GRPOBatches:
         return range(first, first + per_rank)
 
     def for_step(self, consumed: int, global_batch: int) -> list[dict]:
+        self._global_batch = global_batch
         step = consumed // global_batch
         index, epoch = divmod(step, self.epochs)
         if epoch and self._cached is not None and self._cached[0] == index:
@@ -266,6 +269,37 @@ class GRPOBatches:
         """What the checkpoint stores under "data": the position is the consumed-prompts count
         (the prompt order and the sampler's seeds follow from it and --seed)."""
         return {"kind": "grpo", "consumed_samples": int(consumed_samples), **self.state}
+
+    def rank_state(self, consumed_samples: int) -> Optional[dict]:
+        """This rank's batches of the rollout whose next epoch is the step after
+        ``consumed_samples`` (None at a rollout boundary): the resumed run trains on them, as
+        the stopped one would have. Plain tensors and lists (the attention blocks as their
+        bounds)."""
+        if self._cached is None or self._global_batch is None:
+            return None
+        index, epoch = divmod(consumed_samples // self._global_batch, self.epochs)
+        if not epoch:
+            return None
+        if self._cached[0] != index:
+            raise RuntimeError(f"the rollout of step {consumed_samples // self._global_batch} "
+                               "is not the one this rank holds")
+        batches = []
+        for batch in self._cached[1]:
+            plain = {k: v for k, v in batch.items() if k != "packed_seq_params"}
+            plain["block bounds"] = batch["packed_seq_params"].cu_seqlens_q.clone()
+            batches.append(plain)
+        return {"rollout": index, "batches": batches}
+
+    def restore(self, rank_state: dict) -> None:
+        """Takes back a ``rank_state`` of a checkpoint saved inside a rollout."""
+        from megatron_trillion.data.packed_batch import packed_seq_params_from_blocks
+
+        batches = []
+        for plain in rank_state["batches"]:
+            batch = {k: v for k, v in plain.items() if k != "block bounds"}
+            batch["packed_seq_params"] = packed_seq_params_from_blocks(plain["block bounds"])
+            batches.append(batch)
+        self._cached = (int(rank_state["rollout"]), batches)
 
     def close(self) -> None:
         """The loop's batch-source interface (nothing runs in the background)."""

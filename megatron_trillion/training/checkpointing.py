@@ -58,6 +58,11 @@ class CheckpointError(ValueError):
     pass
 
 
+# The per-rank object a save may carry besides the RNG states (e.g. a GRPO rollout that later
+# steps still train on).
+RANK_STATE = "rank_state"
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -146,6 +151,12 @@ def _rank_coordinates() -> tuple[tuple, tuple]:
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
               ps.get_data_parallel_rank(with_context_parallel=True))
     return shape, offset
+
+
+def rank_layout() -> list:
+    """This run's (PP, TP, DP) sizes: a checkpoint's per-rank objects load at the layout its
+    common state records as ``rng_layout``."""
+    return list(_rank_coordinates()[0])
 
 
 def _rng_state() -> dict:
@@ -367,9 +378,12 @@ class CheckpointSaver:
             self._queue = AsyncCallsQueue()
 
     def save(self, iteration: int, model_chunks: list, optimizer: Any,
-             common: Mapping[str, Any]) -> str:
-        """Write checkpoint ``iteration``; returns the directory it is (or will be) published as."""
+             common: Mapping[str, Any], rank_state: Any = None) -> str:
+        """Write checkpoint ``iteration``; returns the directory it is (or will be) published as.
+        ``rank_state``: an object of this rank's own (not None on every rank or on none),
+        read back by ``load_rank_state`` at the same layout."""
         from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         # One save in flight at a time: a new one waits for the previous to be published.
         self.wait()
@@ -386,7 +400,10 @@ class CheckpointSaver:
         finish_param_sync(model_chunks)
         state = _sharded_state(model_chunks, optimizer, include_optimizer=True,
                                include_rng=True, is_loading=False)
-        shape, _ = _rank_coordinates()
+        shape, offset = _rank_coordinates()
+        if rank_state is not None:
+            state[RANK_STATE] = ShardedObject(RANK_STATE, rank_state, shape, offset,
+                                              replica_id=0)
         state["common"] = dict(common, rng_layout=list(shape), iteration=iteration)
         request = dist_checkpointing.save(state, partial, async_sharded_save=self.is_async)
         self.last_saved_iteration = iteration
@@ -608,6 +625,24 @@ def load_checkpoint_dir(path: str, model_chunks: list, optimizer: Any,
     log(f" loaded checkpoint {path} (iteration {common.get('iteration')})")
     return CheckpointContents(iteration=int(common.get("iteration", 0)), common=common,
                               path=path)
+
+
+def load_rank_state(path: str) -> Any:
+    """The ``rank_state`` this rank saved in checkpoint directory ``path`` (collective). The
+    caller checks that the checkpoint's layout (``rng_layout`` of its common state) is this
+    run's: each rank reads the object of its own (PP, TP, DP) coordinates."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape, offset = _rank_coordinates()
+    request = {RANK_STATE: ShardedObject(RANK_STATE, None, shape, offset, replica_id=0)}
+    try:
+        return dist_checkpointing.load(request, path, strict="raise_unexpected")[RANK_STATE]
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001  (see load_checkpoint_dir)
+        raise CheckpointError(f"checkpoint {path}: cannot read this rank's saved state: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------

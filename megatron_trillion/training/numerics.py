@@ -9,7 +9,8 @@ Public interface (the training loop calls these)::
             -> StepDecision
             # StepDecision.proceed is False for a step to skip (.nonfinite says why); raises
             # NonFiniteTrainingError when this is the N-th non-finite step in a row
-        .consecutive_bad_steps, .total_skipped_steps, .skipped_steps (list[SkippedStep])
+        .consecutive_bad_steps, .total_skipped_steps, .skipped_steps (list[SkippedStep]: the
+            latest KEPT_SKIP_RECORDS of each kind)
         .state_dict() / .load_state_dict(state)
     guarded_optimizer_step(optimizer, guard, iteration, loss, samples=(), group=None,
                            loss_count=None)
@@ -46,6 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
+
+
+# Records of skipped steps a guard keeps of each kind (steps with nothing to learn; non-finite
+# steps): the latest ones; ``total_skipped_steps`` counts them all.
+KEPT_SKIP_RECORDS = 32
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -190,14 +196,12 @@ class NumericsGuard:
             samples = samples()
         if not reasons:  # nothing to learn: not a numerical problem (see the module docstring)
             skipped = SkippedStep(iteration, loss_f, norm_f, NO_LOSS_TOKENS, tuple(samples))
-            self.total_skipped_steps += 1
-            self.skipped_steps.append(skipped)
+            self._record(skipped)
             return StepDecision(proceed=False, reason=NO_LOSS_TOKENS, skipped=skipped)
         reason = ", ".join(reasons)
         skipped = SkippedStep(iteration, loss_f, norm_f, reason, tuple(samples))
         self.consecutive_bad_steps += 1
-        self.total_skipped_steps += 1
-        self.skipped_steps.append(skipped)
+        self._record(skipped)
         if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
             nonfinite_steps = [s for s in self.skipped_steps if s.reason != NO_LOSS_TOKENS]
             recent = "\n  ".join(s.describe() for s in
@@ -210,6 +214,27 @@ class NumericsGuard:
                 "an earlier checkpoint."
             )
         return StepDecision(proceed=False, reason=reason, skipped=skipped, nonfinite=True)
+
+    def _record(self, skipped: SkippedStep) -> None:
+        """Counts a skipped step and keeps its record, and only the latest records of its kind
+        (a long GRPO run can skip many steps with nothing to learn; every record would
+        otherwise stay in memory and in every checkpoint). The non-finite ones kept always
+        cover the consecutive run the stop message lists."""
+        self.total_skipped_steps += 1
+        self.skipped_steps.append(skipped)
+        self._keep_latest()
+
+    def _keep_latest(self) -> None:
+        dropped = set()
+        for empty in (True, False):
+            limit = KEPT_SKIP_RECORDS if empty else max(KEPT_SKIP_RECORDS,
+                                                        self.max_consecutive_bad_steps)
+            same = [i for i, s in enumerate(self.skipped_steps)
+                    if (s.reason == NO_LOSS_TOKENS) == empty]
+            dropped.update(same[:max(0, len(same) - limit)])
+        if dropped:
+            self.skipped_steps = [s for i, s in enumerate(self.skipped_steps)
+                                  if i not in dropped]
 
     def state_dict(self) -> dict:
         return {
@@ -231,6 +256,7 @@ class NumericsGuard:
                         tuple(SampleRef(d, tuple(ids)) for d, ids in s["samples"]))
             for s in state.get("skipped_steps", [])
         ]
+        self._keep_latest()  # a checkpoint of a version that kept every record
 
 
 def guarded_optimizer_step(optimizer: Any, guard: NumericsGuard, iteration: int, loss: Any,

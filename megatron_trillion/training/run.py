@@ -72,8 +72,11 @@ class PretrainHooks:
         if self.saver.last_saved_iteration == state.iteration:
             return  # e.g. a signal arrived right after a --save-interval save
         chat = self.data.chat
+        # a batch source with state of each rank's own (a GRPO rollout between its epochs)
+        rank_state = getattr(run.train_batches.dataset, "rank_state", None)
         self.saver.save(
             state.iteration, run.model, run.optimizer,
+            rank_state=rank_state(state.consumed_samples) if rank_state else None,
             common={"train_state": state.state_dict(),
                     "scheduler": run.scheduler.state_dict(), "numerics": run.guard.state_dict(),
                     "data": run.train_batches.dataset.state_dict(state.consumed_samples),
