@@ -183,8 +183,10 @@ def _engine_checks(workdir: str, tensor: int) -> dict:
     out: dict = {"vocab": engine.vocab_size, "limit": engine.max_sequence_length}
     greedy = SamplingParams(max_new_tokens=16)
     sampled = SamplingParams(**SAMPLED)
+    kept = {}
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         results = engine.generate(PROMPTS, params)
+        kept[name] = results
         out[name] = _tokens(results)
         out[f"{name}_uncached_same"] = _tokens(uncached.generate(PROMPTS, params)) == out[name]
         out[f"{name}_logprob_error"] = _teacher_forced_error(engine.model, engine.vocab_size,
@@ -218,6 +220,42 @@ def _engine_checks(workdir: str, tensor: int) -> dict:
     out["rope_lengths"] = _rope_lengths(engine)
     if tensor == 1:
         out["shortcuts_bitwise"] = _shortcuts_bitwise(engine)
+        out["growth"] = _cache_growth(engine, out["greedy"], kept["sampled"])
+    return out
+
+
+def _cache_growth(engine, greedy_tokens, sampled_results) -> dict:
+    """A cache that starts with room for 1 token past the prompts and doubles (several copies
+    within 16 tokens) gives the tokens and log-probabilities of the default one (room for 64:
+    no growth at this sequence length); the allocations it made, and one for a row that stops
+    early."""
+    from unittest import mock
+
+    from megatron_trillion.inference.engine import SamplingParams
+    from megatron_trillion.models.rotated_cache_attention import RotatedCacheSelfAttention
+
+    lengths = []
+    allocate = RotatedCacheSelfAttention._allocate_memory
+
+    def recording(self, length, *args):
+        if self.layer_number == 1:
+            lengths.append(length)
+        return allocate(self, length, *args)
+
+    out = {}
+    with mock.patch.object(RotatedCacheSelfAttention, "cache_room", 1), \
+            mock.patch.object(RotatedCacheSelfAttention, "_allocate_memory", recording):
+        out["greedy_same"] = _tokens(engine.generate(
+            PROMPTS, SamplingParams(max_new_tokens=16))) == greedy_tokens
+        results = engine.generate(PROMPTS, SamplingParams(**SAMPLED))
+        out["sampled_same"] = _tokens(results) == _tokens(sampled_results)
+        out["logprob_difference"] = max(
+            abs(a - b) for r, s in zip(results, sampled_results)
+            for c, d in zip(r.completions, s.completions) for a, b in zip(c.logprobs, d.logprobs))
+        lengths.clear()
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=16))
+        out["one_row_lengths"] = list(lengths)
+    out["prompt"] = len(PROMPTS[0])
     return out
 
 
@@ -424,6 +462,17 @@ def test_shortcuts_give_megatron_cores_bits(single_rank):
     assert r["shortcuts_bitwise"]["megatron_calls_grad"] == \
         4 * r["shortcuts_bitwise"]["layers"] + 1                   # + the output layer
     assert r["shortcuts_bitwise"]["rope"] == [True] * 6
+
+
+def test_the_cache_grows_as_generation_goes(single_rank):
+    _, r = single_rank
+    growth = r["growth"]
+    assert growth["greedy_same"] and growth["sampled_same"]
+    assert growth["logprob_difference"] <= 1e-6
+    # one row, 16 new tokens: room for the prompt + 1, then doubling, up to prompt + 16 (the
+    # most this generation can hold), never the model's 48-token limit
+    n = growth["prompt"]
+    assert growth["one_row_lengths"] == [n + 1] * 2 + [2 * (n + 1)] * 2 + [n + 16] * 2  # K, V
 
 
 def test_dropping_finished_rows_keeps_the_cache_layout():

@@ -41,6 +41,9 @@ __all__ = ["RotatedCacheSelfAttention"]
 class RotatedCacheSelfAttention(SelfAttention):
     """``SelfAttention`` with a static KV cache of rotated keys (see the module docstring)."""
 
+    # positions the batch-major cache holds beyond the prompt when first allocated (_reserve)
+    cache_room = 64
+
     def _allocate_memory(self, inference_max_sequence_length, batch_size, dim, dtype):
         from megatron_trillion.models.xlda_attention import XLDACoreAttention
 
@@ -69,6 +72,7 @@ class RotatedCacheSelfAttention(SelfAttention):
         q_pos_emb, k_pos_emb = rotary_pos_emb
         start = inference_context.sequence_len_offset
         end = start + key.size(0)
+        self._reserve(inference_context, end, key.dtype)
         if k_pos_emb is not None:
             key = self._rotate(key, k_pos_emb, start, end, inference_context)
         query, key, value, _, attn_mask_type, block_table = \
@@ -82,6 +86,33 @@ class RotatedCacheSelfAttention(SelfAttention):
             q_pos_emb = None
         q_pos_emb = None if q_pos_emb is None else q_pos_emb[start:end]
         return query, key, value, (q_pos_emb, None), attn_mask_type, block_table
+
+    def _reserve(self, context, end: int, dtype) -> None:
+        """Make this layer's batch-major cache in ``context`` hold positions ``[0, end)``.
+
+        It grows as generation goes (``cache_room`` more tokens at the prefill, then doubling, up
+        to the context's maximum) instead of being allocated whole for the longest possible
+        sequence: the cache read at each step is then one nearly contiguous run per (row,
+        group) while the text is short (a cold strided read of a mostly empty buffer took ~1.6x
+        as long at 64 tokens), and rows that stop early never pay for the longest one's length.
+        Doubling keeps the copies at O(1) per token. Other core attentions keep megatron-core's
+        allocation of the whole length."""
+        from megatron_trillion.models.xlda_attention import XLDACoreAttention
+
+        if not isinstance(self.core_attention, XLDACoreAttention):
+            return
+        memories = context.key_value_memory_dict.get(self.layer_number)
+        capacity = 0 if memories is None else memories[0].size(0)
+        if end <= capacity:
+            return
+        length = min(context.max_sequence_length, max(end + self.cache_room, 2 * capacity))
+        rows = context.max_batch_size if memories is None else memories[0].size(1)
+        grown = (self._allocate_memory(length, rows, self.key_hidden_size, dtype),
+                 self._allocate_memory(length, rows, self.val_hidden_size, dtype))
+        if memories is not None:
+            for new, old in zip(grown, memories):
+                new[:capacity].copy_(old)
+        context.key_value_memory_dict[self.layer_number] = grown
 
     def _plain_rotation(self, t: Tensor, freqs: Tensor) -> bool:
         """True where megatron-core's unfused RoPE of ``t`` is ``t * cos + rotate_half(t) * sin``
