@@ -18,7 +18,8 @@ With the project's CPU core attention (``XLDACoreAttention``) the cache is also 
 batch-major, ``[batch, groups, seq, d]`` behind the ``[seq, batch, groups, d]`` view
 megatron-core indexes: the attention reads each (row, group)'s keys as one contiguous run, where
 the sequence-major layout made the CPU kernel gather them with a stride (about twice the time
-per step at 1,024 cached tokens). Other core attentions (Transformer Engine's) keep the
+per step at 1,024 cached tokens), and grows as generation goes rather than being allocated for the
+longest sequence at once (``_reserve``). Other core attentions (Transformer Engine's) keep the
 sequence-major cache they expect.
 """
 
