@@ -323,10 +323,10 @@ class GenerationEngine:
                 if context is not None:
                     _keep_cache_rows(context, index)
             new = chosen.unsqueeze(-1)
-            tokens = torch.cat([tokens, new], dim=1)
             pad = torch.cat([pad, torch.zeros_like(new, dtype=torch.bool)], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-            if context is None:
+            if context is None:  # the uncached path re-runs the whole sequence
+                tokens = torch.cat([tokens, new], dim=1)
                 logits = self._forward(tokens, positions, pad if padded else None, None)
             else:
                 logits = self._forward(new, positions[:, -1:], pad if padded else None, context)

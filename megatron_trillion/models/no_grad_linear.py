@@ -33,6 +33,17 @@ def _plain(layer) -> bool:
             and layer.tp_group.size() == 1 and layer.config._cpu_offloading_context is None)
 
 
+def _matmul(layer, input_: torch.Tensor, weight: torch.Tensor):
+    """(output, bias to add later) as megatron-core's linear computes them: the matmul, then the
+    bias unless the layer hands it back (``skip_bias_add``)."""
+    output = torch.matmul(input_, weight.t())
+    if layer.skip_bias_add:
+        return output, layer.bias
+    if layer.bias is not None:
+        output = output + layer.bias
+    return output, None
+
+
 class NoGradColumnParallelLinear(ColumnParallelLinear):
     """``ColumnParallelLinear``; without autograd at TP1, the plain matmul (module docstring)."""
 
@@ -41,12 +52,7 @@ class NoGradColumnParallelLinear(ColumnParallelLinear):
         if self.config.defer_embedding_wgrad_compute or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
         # weight: the shared embedding, where the output layer is tied to it
-        output = torch.matmul(input_, (self.weight if weight is None else weight).t())
-        if self.skip_bias_add:
-            return output, self.bias
-        if self.bias is not None:
-            output = output + self.bias
-        return output, None
+        return _matmul(self, input_, self.weight if weight is None else weight)
 
 
 class NoGradRowParallelLinear(RowParallelLinear):
@@ -55,12 +61,7 @@ class NoGradRowParallelLinear(RowParallelLinear):
     def forward(self, input_: torch.Tensor):
         if not _plain(self):
             return super().forward(input_)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        if self.bias is not None:
-            output = output + self.bias
-        return output, None
+        return _matmul(self, input_, self.weight)
 
 
 def use_no_grad_output_layer(model) -> None:
